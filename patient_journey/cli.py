@@ -1,0 +1,220 @@
+"""The ``journey`` command: a thin wrapper over the library (and, for runs, the Prefect flow)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import pyarrow as pa
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from patient_journey.errors import JourneyError
+from patient_journey.settings import DEFAULT_DATA_DIR, load_settings
+
+app = typer.Typer(
+    help="patient-journey: surgical journeys from devices, EHR and outcomes.", no_args_is_help=True
+)
+console = Console()
+DEMO_MARKER = ".journey-demo"
+
+EXAMPLE_QUERIES = {
+    "Episodes": "select count(*) as episodes from surgical_episode",
+    "Episodes by joint and robotic assistance": (
+        "select joint, robotic_assisted, count(*) as episodes, round(avg(or_minutes), 1) as avg_or_minutes, "
+        "round(avg(length_of_stay_days), 2) as avg_los_days from surgical_episode group by all order by all"
+    ),
+    "30/90-day readmission and complication rates": (
+        "select round(avg(readmission_30d::int) * 100, 1) as readmit_30d_pct, "
+        "round(avg(readmission_90d::int) * 100, 1) as readmit_90d_pct, "
+        "round(avg(complication_90d::int) * 100, 1) as complication_90d_pct from surgical_episode"
+    ),
+    "PROM change at 12 months": (
+        "select prom_instrument, count(prom_change_12m) as with_12m, round(avg(prom_change_12m), 1) as mean_change "
+        "from surgical_episode group by all order by all"
+    ),
+}
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _prefect_defaults() -> None:
+    # Prefect's ephemeral server needs longer than its default timeout on small machines.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def print_table(table: pa.Table, output: OutputFormat = OutputFormat.table, title: str | None = None) -> None:
+    if output is OutputFormat.csv:
+        import pyarrow.csv as pacsv
+
+        sink = pa.BufferOutputStream()
+        pacsv.write_csv(table, sink)
+        sys.stdout.write(sink.getvalue().to_pybytes().decode())
+        return
+    if output is OutputFormat.json:
+        import orjson
+
+        sys.stdout.write(orjson.dumps(table.to_pylist(), default=str).decode() + "\n")
+        return
+    view = Table(title=title)
+    for name in table.column_names:
+        view.add_column(name)
+    for row in table.to_pylist():
+        view.add_row(*["" if v is None else str(v) for v in row.values()])
+    console.print(view)
+
+
+def _fail(exc: JourneyError) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option(help="Folder to write landing/ and ground_truth/ into.")],
+    patients: Annotated[int, typer.Option(min=1, help="Number of patients (one episode each).")] = 300,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same bytes.")] = 42,
+    bad_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of planted bad records per kind.")
+    ] = 0.02,
+) -> None:
+    """Write synthetic surgical journeys in the formats real systems write, with ground truth."""
+    from patient_journey.generate import generate as run_generate
+
+    try:
+        result = run_generate(out, patients=patients, seed=seed, bad_rate=bad_rate)
+    except FileExistsError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from exc
+    console.print(
+        f"Wrote {result.patients} patients, {result.episodes} episodes, "
+        f"{sum(result.resources.values())} FHIR resources, {result.device_messages} device messages "
+        f"and {sum(result.planted.values())} planted bad records to {out}"
+    )
+
+
+@app.command()
+def run(
+    source: Annotated[list[str] | None, typer.Option(help="Only these sources (repeatable).")] = None,
+    rebuild: Annotated[bool, typer.Option(help="Rebuild silver and gold even with no new input.")] = False,
+) -> None:
+    """Run the patient-journey Prefect flow once with the configured settings."""
+    _prefect_defaults()
+    try:
+        load_settings().patient_hmac_key()
+    except JourneyError as exc:
+        _fail(exc)
+    from flows.patient_journey import patient_journey
+    from patient_journey.report import render_markdown
+
+    try:
+        summary = patient_journey(sources=source, rebuild=rebuild)
+    except JourneyError as exc:
+        _fail(exc)
+    console.print(render_markdown(summary))
+    if not summary.balanced:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="DuckDB SQL; tables are visible by name.")],
+    output: Annotated[OutputFormat, typer.Option("--output", "-o")] = OutputFormat.table,
+) -> None:
+    """Run SQL over the warehouse (silver and gold Delta tables)."""
+    from patient_journey.query import run_query
+
+    try:
+        print_table(run_query(load_settings().storage, sql), output)
+    except JourneyError as exc:
+        _fail(exc)
+
+
+@app.command()
+def patient(
+    key: Annotated[str, typer.Argument(help="A patient_key from the warehouse.")],
+    output: Annotated[OutputFormat, typer.Option("--output", "-o")] = OutputFormat.table,
+) -> None:
+    """Print one patient's journey as a timeline."""
+    from patient_journey.query import patient_timeline
+
+    try:
+        timeline = patient_timeline(load_settings().storage, key)
+    except JourneyError as exc:
+        _fail(exc)
+    if timeline.num_rows == 0:
+        console.print("No events for that patient key.")
+        raise typer.Exit(code=1)
+    print_table(timeline, output, title=f"Journey of patient {key[:12]}…")
+
+
+@app.command()
+def demo(
+    patients: Annotated[int, typer.Option(min=1)] = 300,
+    seed: Annotated[int, typer.Option()] = 42,
+    data_dir: Annotated[
+        Path, typer.Option(help="Folder for the demo's sources and warehouse.")
+    ] = DEFAULT_DATA_DIR,
+) -> None:
+    """Generate patients, run the flow on the embedded default, and show a few queries."""
+    from patient_journey.generate import generate as run_generate
+
+    if data_dir.exists():
+        if not (data_dir / DEMO_MARKER).exists():
+            console.print(
+                f"[red]error:[/red] {data_dir} exists and was not made by `journey demo`; choose --data-dir."
+            )
+            raise typer.Exit(code=2)
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True)
+    (data_dir / DEMO_MARKER).write_text("made by journey demo; removed by the next demo\n")
+    os.environ["JOURNEY_STORAGE__LANDING_URL"] = str(data_dir / "landing")
+    os.environ["JOURNEY_STORAGE__WAREHOUSE_URL"] = str(data_dir / "warehouse")
+    os.environ["JOURNEY_STORAGE__RESTRICTED_URL"] = str(data_dir / "restricted")
+    if not (
+        os.environ.get("JOURNEY_IDENTITY__PATIENT_KEY")
+        or os.environ.get("JOURNEY_IDENTITY__PATIENT_KEY_FILE")
+    ):
+        key_file = data_dir / "demo-patient-key"
+        key_file.write_text(secrets.token_hex(32))
+        key_file.chmod(0o600)
+        os.environ["JOURNEY_IDENTITY__PATIENT_KEY_FILE"] = str(key_file)
+        console.print(
+            f"[yellow]Created a local demo patient key at {key_file}.[/yellow] It is for this demo only: "
+            "real runs refuse to start without a configured key (JOURNEY_IDENTITY__PATIENT_KEY)."
+        )
+    with console.status(f"Generating {patients} synthetic surgical journeys..."):
+        result = run_generate(data_dir, patients=patients, seed=seed)
+    console.print(
+        f"[1/3] Generated {result.episodes} episodes: {sum(result.resources.values())} FHIR resources, "
+        f"{result.device_messages} device messages, registry and REDCap outcomes, "
+        f"{sum(result.planted.values())} planted bad records."
+    )
+    console.print("[2/3] Running the patient-journey flow (Prefect starts a local server first)...")
+    _prefect_defaults()
+    from flows.patient_journey import patient_journey
+    from patient_journey.query import run_query
+    from patient_journey.report import render_markdown
+
+    summary = patient_journey()
+    console.print(render_markdown(summary))
+    console.print('[3/3] Example queries (`journey query "SQL"`):')
+    storage = load_settings().storage
+    for title, sql in EXAMPLE_QUERIES.items():
+        console.print(f'\n[bold]{title}[/bold]\n$ journey query "{sql}"')
+        print_table(run_query(storage, sql))
+    console.print(
+        f'\nWarehouse: {storage.warehouse_url}. Try: journey query "select * from journey_event limit 10"'
+    )

@@ -1,0 +1,100 @@
+"""Deterministic synthetic surgical patient journeys in the landing formats of docs/sources.md."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from patient_journey.generate.bad_records import (
+    KINDS,
+    device_planted,
+    plant_count,
+    plant_device_streams,
+    plant_fhir,
+    plant_registry,
+)
+from patient_journey.generate.model import build_cohort
+from patient_journey.generate.writers import (
+    fhir_lines,
+    registry_rows,
+    write_device,
+    write_fhir,
+    write_ground_truth,
+    write_redcap,
+    write_registry,
+)
+
+__all__ = ["GenerationResult", "generate"]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    out: Path
+    patients: int
+    episodes: int
+    resources: dict[str, int]  # NDJSON lines written per FHIR resource type (bad lines included)
+    device_messages: int  # Avro records written (planted ones included)
+    planted: dict[str, int]  # planted bad records (rows of planted_bad_records.csv) per kind
+
+
+def generate(out: Path, patients: int, seed: int, bad_rate: float = 0.02) -> GenerationResult:
+    """Write a synthetic landing zone and its ground truth under ``out``.
+
+    Same ``seed`` (and arguments) -> byte-identical files. Refuses to write into an existing
+    ``out/landing`` so that two runs never mix.
+    """
+    out = Path(out)
+    landing = out / "landing"
+    if landing.exists():
+        raise FileExistsError(f"{landing} already exists; generate into an empty output folder")
+    if not 0.0 <= bad_rate <= 1.0:
+        raise ValueError("bad_rate must be between 0 and 1")
+
+    cohort = build_cohort(patients, seed)
+    n_bad = plant_count(bad_rate, patients)
+    bad_rng = random.Random(seed * 1_000_003 + 7919)  # separate stream: good data never depends on it
+
+    lines = fhir_lines(cohort)
+    lines["Observation"], planted = plant_fhir(lines["Observation"], cohort, bad_rng, n_bad)
+
+    good_events = [e for j in cohort.journeys for e in j.events]
+    bad_events = plant_device_streams(cohort, bad_rng, n_bad)
+    rows = registry_rows(cohort)
+    planted_registry = plant_registry(rows, cohort, bad_rng, n_bad)
+
+    landing.mkdir(parents=True)
+    resources = write_fhir(landing, lines)
+    blobs, where = write_device(landing, good_events + bad_events)
+    planted += device_planted(where[len(good_events) :])
+    planted += planted_registry
+    write_registry(landing, rows)
+    redcap_rows = write_redcap(landing, cohort)
+
+    planted_counts = {kind: sum(1 for p in planted if p.kind == kind) for kind in KINDS}
+    device_messages = len(good_events) + len(bad_events)
+    generation = {
+        "seed": seed,
+        "patients": patients,
+        "bad_rate": bad_rate,
+        "counts": {
+            "episodes": len(cohort.journeys),
+            "fhir_resources": resources,
+            "device_messages": device_messages,
+            "device_blobs": blobs,
+            "or_devices": len(cohort.devices),
+            "registry": rows.counts(),
+            "redcap_records": redcap_rows,
+            "planted_instances_per_kind": n_bad,
+            "planted": planted_counts,
+        },
+    }
+    write_ground_truth(out, cohort, planted, generation)
+    return GenerationResult(
+        out=out,
+        patients=patients,
+        episodes=len(cohort.journeys),
+        resources=resources,
+        device_messages=device_messages,
+        planted=planted_counts,
+    )

@@ -1,0 +1,128 @@
+"""The journey: gold tables built from silver with DuckDB SQL.
+
+* ``surgical_episode``: one row per index procedure (a patient's first total knee or hip
+  arthroplasty), with the admission, the OR time the devices recorded, the devices used, length
+  of stay, complications and readmissions within 30 and 90 days, and PROM scores.
+* ``journey_event``: one row per event per patient, with its phase relative to the index
+  procedure (pre / intra / post; null for a patient with no index procedure).
+
+Grain and columns are documented in docs/warehouse.md.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from patient_journey.staging import connect
+
+INDEX_PROCEDURE_CODES = ("609588000", "52734007")  # SNOMED CT total knee / total hip replacement
+JOINT_BY_CODE = {"609588000": "knee", "52734007": "hip"}
+
+EPISODE_SQL = f"""
+WITH idx AS (
+    SELECT * FROM procedure WHERE code IN {INDEX_PROCEDURE_CODES}
+    QUALIFY row_number() OVER (PARTITION BY patient_key ORDER BY performed_start, procedure_id) = 1
+), adm AS (
+    SELECT idx.episode_key, e.encounter_id, e.period_start, e.period_end
+    FROM idx JOIN encounter e ON e.encounter_id = idx.encounter_id
+), dev AS (
+    SELECT episode_key,
+           min(event_time) FILTER (WHERE event_type = 'session_start') AS session_start,
+           max(event_time) FILTER (WHERE event_type = 'session_stop') AS session_stop,
+           list_sort(list_distinct(list(udi_di))) AS devices_used,
+           bool_or(device_type = 'robotic-arm') AS robotic
+    FROM device_event GROUP BY episode_key
+), readmit AS (
+    SELECT e.patient_key, CAST(e.period_start AS DATE) AS admitted_on, e.encounter_id
+    FROM encounter e WHERE e.class_code = 'IMP'
+    UNION ALL
+    SELECT patient_key, admitted_on, NULL FROM readmission
+), readmit_days AS (
+    SELECT idx.episode_key,
+           date_diff('day', CAST(adm.period_end AS DATE), r.admitted_on) AS days
+    FROM idx JOIN adm USING (episode_key) JOIN readmit r ON r.patient_key = idx.patient_key
+    WHERE r.encounter_id IS DISTINCT FROM adm.encounter_id
+), comp_days AS (
+    SELECT idx.episode_key, c.grade,
+           date_diff('day', CAST(idx.performed_start AS DATE), c.occurred_on) AS days
+    FROM idx JOIN complication c ON c.patient_key = idx.patient_key
+), prom AS (
+    SELECT idx.episode_key, p.instrument, p.prom_source, p.timepoint, p.score
+    FROM idx JOIN prom_score p ON p.patient_key = idx.patient_key
+    WHERE p.score IS NOT NULL
+    QUALIFY row_number() OVER (PARTITION BY idx.episode_key, p.timepoint ORDER BY p.collected_on DESC) = 1
+), prom_wide AS (
+    SELECT episode_key, any_value(instrument) AS prom_instrument, any_value(prom_source) AS prom_source,
+           max(score) FILTER (WHERE timepoint = 'baseline') AS prom_baseline,
+           max(score) FILTER (WHERE timepoint = '6w') AS prom_6w,
+           max(score) FILTER (WHERE timepoint = '6m') AS prom_6m,
+           max(score) FILTER (WHERE timepoint = '12m') AS prom_12m
+    FROM prom GROUP BY episode_key
+)
+SELECT idx.episode_key, idx.patient_key,
+       CASE idx.code WHEN '609588000' THEN 'knee' WHEN '52734007' THEN 'hip' END AS joint,
+       idx.code AS procedure_code, idx.display AS procedure_display,
+       coalesce(dev.robotic, false) AS robotic_assisted,
+       adm.period_start AS admission_time, adm.period_end AS discharge_time,
+       idx.performed_start AS surgery_start, idx.performed_end AS surgery_end,
+       round(date_diff('second', dev.session_start, dev.session_stop) / 60.0, 1) AS or_minutes,
+       coalesce(dev.devices_used, []) AS devices_used,
+       date_diff('day', CAST(adm.period_start AS DATE), CAST(adm.period_end AS DATE)) AS length_of_stay_days,
+       coalesce((SELECT bool_or(days BETWEEN 0 AND 30) FROM comp_days c WHERE c.episode_key = idx.episode_key), false) AS complication_30d,
+       coalesce((SELECT bool_or(days BETWEEN 0 AND 90) FROM comp_days c WHERE c.episode_key = idx.episode_key), false) AS complication_90d,
+       (SELECT max(grade) FROM comp_days c WHERE c.episode_key = idx.episode_key AND days BETWEEN 0 AND 90) AS max_complication_grade_90d,
+       coalesce((SELECT bool_or(days BETWEEN 0 AND 30) FROM readmit_days r WHERE r.episode_key = idx.episode_key), false) AS readmission_30d,
+       coalesce((SELECT bool_or(days BETWEEN 0 AND 90) FROM readmit_days r WHERE r.episode_key = idx.episode_key), false) AS readmission_90d,
+       prom_wide.prom_instrument, prom_wide.prom_source,
+       prom_wide.prom_baseline, prom_wide.prom_6w, prom_wide.prom_6m, prom_wide.prom_12m,
+       round(prom_wide.prom_12m - prom_wide.prom_baseline, 1) AS prom_change_12m,
+       idx.source_uri, idx.source_offset
+FROM idx
+LEFT JOIN adm USING (episode_key)
+LEFT JOIN dev USING (episode_key)
+LEFT JOIN prom_wide USING (episode_key)
+ORDER BY idx.performed_start, idx.episode_key
+"""
+
+EVENT_SQL = """
+WITH events AS (
+    SELECT patient_key, period_start AS event_time, 'fhir' AS source, 'encounter' AS event_type,
+           purpose AS code, class_code AS detail, CAST(NULL AS DOUBLE) AS value, CAST(NULL AS VARCHAR) AS unit,
+           source_uri, source_offset FROM encounter
+    UNION ALL SELECT patient_key, performed_start, 'fhir', 'procedure', code, display, NULL, NULL,
+           source_uri, source_offset FROM procedure
+    UNION ALL SELECT patient_key, onset_time, 'fhir', 'condition', code, display, NULL, NULL,
+           source_uri, source_offset FROM condition
+    UNION ALL SELECT patient_key, effective_time, 'fhir', 'observation', code, display, value, unit,
+           source_uri, source_offset FROM observation
+    UNION ALL SELECT patient_key, event_time, 'device', 'device:' || event_type, udi_di, device_type, value, unit,
+           source_uri, source_offset FROM device_event
+    UNION ALL SELECT patient_key, CAST(collected_on AS TIMESTAMPTZ), prom_source, 'prom', instrument, timepoint,
+           score, 'score', source_uri, source_offset FROM prom_score WHERE score IS NOT NULL
+    UNION ALL SELECT patient_key, CAST(occurred_on AS TIMESTAMPTZ), 'registry', 'complication', description,
+           'clavien-dindo', grade, 'grade', source_uri, source_offset FROM complication
+    UNION ALL SELECT patient_key, CAST(admitted_on AS TIMESTAMPTZ), 'registry', 'readmission', reason, NULL,
+           NULL, NULL, source_uri, source_offset FROM readmission
+)
+SELECT ev.patient_key, ep.episode_key, ev.event_time,
+       CASE WHEN ep.episode_key IS NULL THEN NULL
+            WHEN ev.event_time < ep.surgery_start THEN 'pre'
+            WHEN ev.event_time <= ep.surgery_end THEN 'intra'
+            ELSE 'post' END AS phase,
+       ev.source, ev.event_type, ev.code, ev.detail, ev.value, ev.unit, ev.source_uri, ev.source_offset
+FROM events ev LEFT JOIN surgical_episode ep USING (patient_key)
+WHERE ev.event_time IS NOT NULL
+ORDER BY ev.patient_key, ev.event_time, ev.source, ev.event_type, ev.source_uri, ev.source_offset
+"""
+
+
+def build_journey(silver: dict[str, pa.Table]) -> dict[str, pa.Table]:
+    """Gold tables from the silver tables (all of them must be present, empty or not)."""
+    connection = connect()
+    for name, table in silver.items():
+        connection.register(name, table)
+    episode = connection.sql(EPISODE_SQL).to_arrow_table()
+    connection.register("surgical_episode", episode)
+    events = connection.sql(EVENT_SQL).to_arrow_table()
+    connection.close()
+    return {"surgical_episode": episode, "journey_event": events}

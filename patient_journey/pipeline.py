@@ -1,0 +1,278 @@
+"""The pipeline's steps as plain functions; the Prefect flow in ``flows/`` calls them in order.
+
+    preflight -> ingest(source) for each source -> build_silver -> build_gold
+
+Each step reads its inputs from and writes its outputs to the lake, and returns a small report,
+so steps can run in separate processes (or on a Dask cluster) and be re-run alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from patient_journey.errors import ConfigurationError
+from patient_journey.identity import KeyMaker
+from patient_journey.journey import build_journey
+from patient_journey.lake import Lake, TableRef, bronze, gold, restricted, silver, staged
+from patient_journey.linkage import LINKS, link
+from patient_journey.quality import QUARANTINE_SCHEMA, QualityGate
+from patient_journey.settings import JourneySettings
+from patient_journey.sources import device, fhir, redcap, registry
+from patient_journey.sources.records import BRONZE_SCHEMA, REJECT_SCHEMA, Extraction
+from patient_journey.staging import STAGED_TABLES, stage
+from patient_journey.storage import Storage
+
+SOURCES = ("fhir", "device", "registry", "redcap")
+BRONZE_TABLES = {
+    "fhir": "fhir_resource",
+    "device": "device_message",
+    "registry": "registry_row",
+    "redcap": "redcap_record",
+}
+GOLD_TABLES = ("surgical_episode", "journey_event")
+
+
+def ledger_table(source: str) -> TableRef:
+    """Inputs already read, per source (one table each, so sources ingest in parallel safely)."""
+    return restricted("ledger", f"{source}_input")
+
+
+def extraction_rejects_table(source: str) -> TableRef:
+    return restricted("quarantine", f"{source}_rejected_at_read")
+
+
+BUILDS = restricted("ledger", "build")
+QUARANTINE = restricted("quarantine", "record")
+HELD = restricted("held", "record")
+CROSSWALK = restricted("identity", "crosswalk")
+# Entities read by an adapter -> the staged table they belong to.
+ENTITY_TABLE = {spec.entity: spec.name for spec in STAGED_TABLES}
+
+
+@dataclass
+class IngestReport:
+    source: str
+    new_inputs: int = 0
+    records: int = 0
+    rejects: int = 0
+    skipped: str | None = None
+    seconds: float = 0.0
+    bronze_version: int | None = None
+
+
+@dataclass
+class TableCounts:
+    table: str
+    read: int = 0
+    loaded: int = 0
+    quarantined: int = 0
+    held: int = 0
+
+    @property
+    def balanced(self) -> bool:
+        return self.read == self.loaded + self.quarantined + self.held
+
+
+@dataclass
+class BuildReport:
+    built: bool
+    reason: str = ""
+    tables: list[TableCounts] = field(default_factory=list)
+    expectations: list[dict[str, object]] = field(default_factory=list)
+    bronze_only: dict[str, int] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def preflight(settings: JourneySettings) -> int:
+    """Fail before any load: a missing key, a missing or broken suite. Returns expectation count."""
+    settings.patient_hmac_key()
+    gate = QualityGate(settings.quality.expectations_dir)
+    gate.require("staged", [t.name for t in STAGED_TABLES])
+    gate.require("gold", list(GOLD_TABLES))
+    return gate.check_all_parse()
+
+
+def _seen(lake: Lake, source: str) -> tuple[set[tuple[str, str]], dict[str, str]]:
+    ledger = lake.read(ledger_table(source))
+    if ledger is None:
+        return set(), {}
+    rows = ledger.to_pylist()
+    seen = {(r["uri"], r["content_hash"]) for r in rows}
+    watermarks: dict[str, str] = {}
+    for r in rows:
+        if r["watermark"] is not None:
+            table = r["uri"].rsplit("#", 1)[-1]
+            watermarks[table] = max(watermarks.get(table, r["watermark"]), r["watermark"])
+    return seen, watermarks
+
+
+def registry_url(settings: JourneySettings) -> str | None:
+    if settings.sources.registry_url is not None:
+        return settings.sources.registry_url.get_secret_value()
+    landing = Storage(settings.storage.landing_url)
+    if "://" not in landing.root and landing.exists("outcomes", "registry.sqlite"):
+        return f"sqlite:///{landing.url('outcomes', 'registry.sqlite')}"
+    return None
+
+
+def ingest(settings: JourneySettings, source: str, run_id: str) -> IngestReport:
+    """Read new inputs of one source into bronze; rejects and the ledger are written after."""
+    if source not in SOURCES:
+        raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
+    started = time.perf_counter()
+    lake = Lake(settings.storage)
+    landing = Storage(settings.storage.landing_url)
+    seen, watermarks = _seen(lake, source)
+    extraction: Extraction
+    if source == "fhir":
+        extraction = fhir.extract(landing, settings.sources.fhir_prefix, seen, run_id)
+    elif source == "device":
+        extraction = device.extract(landing, settings.sources.device_prefix, seen, run_id)
+    elif source == "redcap":
+        extraction = redcap.extract(landing, settings.sources.redcap_prefix, seen, run_id)
+    else:
+        url = registry_url(settings)
+        if url is None:
+            return IngestReport(source, skipped="no registry configured (JOURNEY_SOURCES__REGISTRY_URL)")
+        extraction = registry.extract(url, watermarks, run_id)
+    report = IngestReport(source, records=extraction.record_count, rejects=extraction.reject_count)
+    ledger = extraction.ledger()
+    report.new_inputs = ledger.num_rows
+    # Order matters for crash safety: bronze, then rejects, then the ledger. A crash before the
+    # ledger write re-reads the inputs next time; staging collapses such exact re-reads.
+    if extraction.record_count:
+        report.bronze_version = lake.append(bronze(BRONZE_TABLES[source]), extraction.records())
+    if extraction.reject_count:
+        lake.append(extraction_rejects_table(source), extraction.rejects())
+    if ledger.num_rows:
+        lake.append(ledger_table(source), ledger)
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _bronze_versions(lake: Lake) -> dict[str, int]:
+    versions = {}
+    for name in BRONZE_TABLES.values():
+        version = lake.version(bronze(name))
+        if version is not None:
+            versions[name] = version
+    return versions
+
+
+def _last_build(lake: Lake) -> dict[str, int] | None:
+    builds = lake.read(BUILDS)
+    if builds is None or builds.num_rows == 0:
+        return None
+    last = builds.slice(builds.num_rows - 1).to_pylist()[0]
+    return {k: int(v) for k, v in (item.split("=") for item in last["bronze_versions"].split(",") if item)}
+
+
+def build_silver(settings: JourneySettings, run_id: str, force: bool = False) -> BuildReport:
+    """Stage bronze, gate every staged table, link identities, write staged/silver/quarantine/held."""
+    started = time.perf_counter()
+    lake = Lake(settings.storage)
+    versions = _bronze_versions(lake)
+    last = _last_build(lake)
+    if not force and last == versions and lake.version(gold("surgical_episode")) is not None:
+        return BuildReport(built=False, reason="no new input since the last build")
+    keys = KeyMaker(settings.patient_hmac_key())
+    gate = QualityGate(settings.quality.expectations_dir)
+
+    bronze_tables = {
+        name: lake.read(bronze(name)) or BRONZE_SCHEMA.empty_table() for name in BRONZE_TABLES.values()
+    }
+    staged_tables = stage(bronze_tables)
+    rejects = pa.concat_tables(
+        [lake.read(extraction_rejects_table(source)) or REJECT_SCHEMA.empty_table() for source in SOURCES]
+    )
+    counts = {name: TableCounts(name) for name in staged_tables}
+    reject_entities = rejects.column("entity").to_pylist()
+    for entity in reject_entities:
+        table = ENTITY_TABLE.get(entity, entity)
+        counts.setdefault(table, TableCounts(table))
+        counts[table].read += 1
+        counts[table].quarantined += 1
+
+    report = BuildReport(built=True)
+    passed: dict[str, pa.Table] = {}
+    quarantine_parts = [
+        pa.table(
+            {
+                "table_name": pa.array([ENTITY_TABLE.get(e, e) for e in reject_entities], pa.string()),
+                "rule": rejects.column("rule"),
+                "source": rejects.column("source"),
+                "record_id": rejects.column("record_id"),
+                "source_uri": rejects.column("source_uri"),
+                "source_offset": rejects.column("source_offset"),
+                "detail": rejects.column("detail"),
+                "run_id": rejects.column("run_id"),
+            },
+            schema=QUARANTINE_SCHEMA,
+        )
+    ]
+    source_of = {spec.staged: spec.source for spec in LINKS}
+    for name, table in staged_tables.items():
+        result = gate.check("staged", name, table, source_of[name], run_id)
+        counts[name].read += table.num_rows
+        counts[name].quarantined += result.quarantined.num_rows
+        passed[name] = result.passed
+        quarantine_parts.append(result.quarantined)
+        report.expectations.extend(asdict(o) for o in result.outcomes)
+
+    linked = link(passed, keys, run_id)
+    for name in staged_tables:
+        counts[name].loaded = linked.loaded[name]
+        counts[name].held = linked.held_counts[name]
+
+    # Bronze entities that no staged table models yet: kept in bronze, reported, not loaded.
+    fhir_bronze = bronze_tables["fhir_resource"]
+    modelled = {spec.entity for spec in STAGED_TABLES}
+    for entity in fhir_bronze.column("entity").to_pylist():
+        if entity not in modelled:
+            report.bronze_only[entity] = report.bronze_only.get(entity, 0) + 1
+
+    for name, table in passed.items():
+        report.versions[f"staged.{name}"] = lake.overwrite(staged(name), table)
+    for name, table in linked.silver.items():
+        report.versions[f"silver.{name}"] = lake.overwrite(silver(name), table)
+    report.versions["quarantine"] = lake.overwrite(QUARANTINE, pa.concat_tables(quarantine_parts))
+    report.versions["held"] = lake.overwrite(HELD, linked.held)
+    report.versions["crosswalk"] = lake.overwrite(CROSSWALK, linked.crosswalk)
+    report.tables = sorted(counts.values(), key=lambda c: c.table)
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
+    """Build, gate and write the gold tables from silver; records the bronze versions it used."""
+    started = time.perf_counter()
+    lake = Lake(settings.storage)
+    gate = QualityGate(settings.quality.expectations_dir)
+    silver_tables = {}
+    for spec in LINKS:
+        if spec.silver is not None and spec.silver not in silver_tables:
+            table = lake.read(silver(spec.silver))
+            if table is None:
+                raise ConfigurationError(f"silver.{spec.silver} does not exist yet: run build_silver first.")
+            silver_tables[spec.silver] = table
+    report = BuildReport(built=True)
+    for name, table in build_journey(silver_tables).items():
+        result = gate.check("gold", name, table, "journey", run_id)
+        report.expectations.extend(asdict(o) for o in result.outcomes)
+        report.tables.append(
+            TableCounts(name, table.num_rows, result.passed.num_rows, result.quarantined.num_rows, 0)
+        )
+        report.versions[f"gold.{name}"] = lake.overwrite(gold(name), result.passed)
+        if result.quarantined.num_rows:
+            lake.append(QUARANTINE, result.quarantined)
+    versions = ",".join(f"{k}={v}" for k, v in sorted(_bronze_versions(lake).items()))
+    lake.append(BUILDS, pa.table({"run_id": [run_id], "bronze_versions": [versions]}))
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report

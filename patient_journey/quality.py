@@ -1,0 +1,234 @@
+"""The quality gate: one Great Expectations suite per table, each expectation with a severity.
+
+Suites live in ``expectations/<layer>/<table>.json`` in GX 1.x's suite format; each
+expectation's ``meta`` carries ``severity`` (``error`` or ``warn``) and ``rule`` (the name that
+quarantine rows and reports use). Row expectations of error severity quarantine the rows that
+break them; a table expectation of error severity that fails stops the run. Results are computed
+with ``exclude_unexpected_values`` and only row ids are read back, so no value reaches a report.
+
+Great Expectations is imported here lazily, once per process, because it costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from patient_journey.errors import ExpectationSuiteError, QualityGateError
+
+if TYPE_CHECKING:
+    from great_expectations.core.expectation_suite import ExpectationSuite
+
+SEVERITIES = ("error", "warn")
+ROW_ID = "_row"
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("table_name", pa.string()),
+        ("rule", pa.string()),
+        ("source", pa.string()),
+        ("record_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("source_offset", pa.int64()),
+        ("detail", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    """One expectation's result, with counts only."""
+
+    table: str
+    rule: str
+    expectation: str
+    column: str | None
+    severity: str
+    success: bool
+    element_count: int | None
+    unexpected_count: int | None
+    observed: str | None
+
+
+@dataclass(frozen=True)
+class GateResult:
+    table: str
+    passed: pa.Table
+    quarantined: pa.Table
+    outcomes: tuple[ExpectationOutcome, ...]
+
+
+@dataclass(frozen=True)
+class SuiteFile:
+    path: Path
+    layer: str
+    table: str
+    document: dict[str, Any]
+
+
+def _rule_of(config: dict[str, Any]) -> str:
+    meta = config.get("meta") or {}
+    column = (config.get("kwargs") or {}).get("column")
+    return str(meta.get("rule") or (f"{config['type']}({column})" if column else config["type"]))
+
+
+def load_suite_files(expectations_dir: Path) -> dict[tuple[str, str], SuiteFile]:
+    """Read and check every suite file; any problem fails here, before anything loads."""
+    if not expectations_dir.is_dir():
+        raise ExpectationSuiteError(
+            f"The expectations folder {expectations_dir} does not exist (JOURNEY_QUALITY__EXPECTATIONS_DIR)."
+        )
+    suites: dict[tuple[str, str], SuiteFile] = {}
+    for path in sorted(expectations_dir.glob("*/*.json")):
+        try:
+            document = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ExpectationSuiteError(f"{path} is not valid JSON (line {exc.lineno}).") from exc
+        for number, config in enumerate(document.get("expectations", []), start=1):
+            severity = (config.get("meta") or {}).get("severity")
+            if severity not in SEVERITIES:
+                raise ExpectationSuiteError(
+                    f"{path}: expectation {number} ({config.get('type')}) has severity "
+                    f"{severity!r}; set meta.severity to one of {', '.join(SEVERITIES)}."
+                )
+        suites[(path.parent.name, path.stem)] = SuiteFile(path, path.parent.name, path.stem, document)
+    return suites
+
+
+@cache
+def _gx_context() -> Any:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
+
+
+def _build_suite(suite: SuiteFile) -> ExpectationSuite:
+    from great_expectations.core.expectation_suite import ExpectationSuite
+
+    try:
+        return ExpectationSuite(
+            name=suite.document.get("name", suite.table), expectations=suite.document["expectations"]
+        )
+    except Exception as exc:
+        raise ExpectationSuiteError(
+            f"{suite.path} does not load as a Great Expectations suite: {exc}"
+        ) from exc
+
+
+class QualityGate:
+    """Validates tables against their suites; all suites are checked when the gate is made."""
+
+    def __init__(self, expectations_dir: Path) -> None:
+        self._suites = load_suite_files(expectations_dir)
+
+    def require(self, layer: str, tables: list[str]) -> None:
+        missing = [t for t in tables if (layer, t) not in self._suites]
+        if missing:
+            raise ExpectationSuiteError(
+                f"No expectation suite for {layer} table(s) {', '.join(missing)}: add "
+                f"expectations/{layer}/<table>.json (every table is gated)."
+            )
+
+    def check_all_parse(self) -> int:
+        """Build every suite in GX once (fails naming the file); returns the expectation count."""
+        return sum(len(_build_suite(s).expectations) for s in self._suites.values())
+
+    def check(self, layer: str, table: str, data: pa.Table, source: str, run_id: str) -> GateResult:
+        suite_file = self._suites[(layer, table)]
+        configs = suite_file.document["expectations"]
+        context = _gx_context()
+        suite = _build_suite(suite_file)
+        if ROW_ID not in data.column_names:
+            data = data.append_column(ROW_ID, pa.array(range(1, data.num_rows + 1), pa.int64()))
+        frame = data.to_pandas()
+        name = f"{layer}.{table}"
+        try:
+            source_ds = context.data_sources.get(name)
+        except (KeyError, ValueError):
+            source_ds = context.data_sources.add_pandas(name)
+            source_ds.add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
+        batch = (
+            source_ds.get_asset("rows")
+            .get_batch_definition("all")
+            .get_batch(batch_parameters={"dataframe": frame})
+        )
+        result = batch.validate(
+            suite,
+            result_format={
+                "result_format": "COMPLETE",
+                "unexpected_index_column_names": [ROW_ID],
+                "exclude_unexpected_values": True,
+                "return_unexpected_index_query": False,
+            },
+        )
+        outcomes: list[ExpectationOutcome] = []
+        failed_rows: dict[int, list[str]] = {}
+        table_failures: list[ExpectationOutcome] = []
+        for config, item in zip(configs, result.results, strict=True):
+            details = item.result or {}
+            severity = (config.get("meta") or {}).get("severity", "error")
+            rule = _rule_of(config)
+            observed = details.get("observed_value")
+            outcome = ExpectationOutcome(
+                table=name,
+                rule=rule,
+                expectation=config["type"],
+                column=(config.get("kwargs") or {}).get("column"),
+                severity=severity,
+                success=bool(item.success),
+                element_count=details.get("element_count"),
+                unexpected_count=details.get("unexpected_count"),
+                observed=None if observed is None or isinstance(observed, dict | list) else str(observed),
+            )
+            outcomes.append(outcome)
+            if item.success or severity != "error":
+                continue
+            if "unexpected_index_list" in details:
+                for entry in details["unexpected_index_list"]:
+                    # GX 1.x gives {"_row": [ids...]} entries; accept a scalar too.
+                    value = entry[ROW_ID]
+                    for row in value if isinstance(value, list) else [value]:
+                        failed_rows.setdefault(int(row), []).append(rule)
+            else:
+                table_failures.append(outcome)
+        if table_failures:
+            first = table_failures[0]
+            raise QualityGateError(
+                f"Quality gate failed for table {name}: expectation {first.rule} "
+                f"({first.expectation}) failed, observed {first.observed}, "
+                f"{first.unexpected_count} unexpected of {first.element_count}; "
+                f"{len(table_failures)} table-level error expectation(s) failed. Nothing was loaded."
+            )
+        row_ids = data.column(ROW_ID)
+        failed = pa.array(sorted(failed_rows), pa.int64())
+        mask = pc.is_in(row_ids, value_set=failed)
+        bad = data.filter(mask)
+        quarantined = pa.table(
+            {
+                "table_name": pa.array([table] * bad.num_rows, pa.string()),
+                "rule": pa.array(
+                    ["; ".join(failed_rows[int(r)]) for r in bad.column(ROW_ID).to_pylist()], pa.string()
+                ),
+                "source": pa.array([source] * bad.num_rows, pa.string()),
+                "record_id": pc.cast(bad.column(0), pa.string()),
+                "source_uri": bad.column("source_uri"),
+                "source_offset": bad.column("source_offset"),
+                "detail": pa.array(["error-severity row expectation failed"] * bad.num_rows, pa.string()),
+                "run_id": pa.array([run_id] * bad.num_rows, pa.string()),
+            },
+            schema=QUARANTINE_SCHEMA,
+        )
+        passed = data.filter(pc.invert(mask))
+        return GateResult(name, passed, quarantined, tuple(outcomes))

@@ -1,0 +1,70 @@
+"""Analyst access: DuckDB SQL over the warehouse's Delta tables, visible by name.
+
+Gold tables are visible as ``surgical_episode``, ``journey_event``; silver tables by their
+names too (``encounter``, ``prom_score``, ...), and both as ``gold.x`` / ``silver.x``. Only the
+analysts' zone is exposed: the restricted zone is never attached here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from patient_journey.errors import ConfigurationError, JourneyError
+from patient_journey.lake import Lake, Zone
+from patient_journey.settings import StorageSettings
+
+
+def _delta_extension() -> Path:
+    import duckdb_extension_delta
+
+    folder = Path(duckdb_extension_delta.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+    return folder / "delta.duckdb_extension"
+
+
+def open_warehouse(storage: StorageSettings) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with a view per silver and gold table."""
+    lake = Lake(storage)
+    connection = duckdb.connect()
+    connection.execute("SET TimeZone = 'UTC'")
+    connection.execute(f"LOAD '{_delta_extension()}'")
+    found = False
+    for layer in ("silver", "gold"):
+        connection.execute(f"CREATE SCHEMA IF NOT EXISTS {layer}")
+        for ref in lake.tables(Zone.WAREHOUSE, layer):
+            found = True
+            scan = f"delta_scan('{lake.uri(ref)}')"
+            connection.execute(f'CREATE VIEW {layer}."{ref.name}" AS SELECT * FROM {scan}')
+            connection.execute(
+                f'CREATE OR REPLACE VIEW main."{ref.name}" AS SELECT * FROM {layer}."{ref.name}"'
+            )
+    if not found:
+        raise ConfigurationError(
+            f"No warehouse tables under {lake.root(Zone.WAREHOUSE)} (JOURNEY_STORAGE__WAREHOUSE_URL). "
+            "Run `journey run` (or `journey demo`) first."
+        )
+    return connection
+
+
+def run_query(storage: StorageSettings, sql: str) -> pa.Table:
+    connection = open_warehouse(storage)
+    try:
+        return connection.sql(sql).to_arrow_table()
+    except duckdb.Error as exc:
+        raise JourneyError(f"Query failed: {exc}") from exc
+    finally:
+        connection.close()
+
+
+def patient_timeline(storage: StorageSettings, patient_key: str) -> pa.Table:
+    connection = open_warehouse(storage)
+    try:
+        return connection.execute(
+            """SELECT event_time, phase, source, event_type, code, detail, value, unit
+               FROM journey_event WHERE patient_key = ? ORDER BY event_time, source, event_type""",
+            [patient_key],
+        ).to_arrow_table()
+    finally:
+        connection.close()

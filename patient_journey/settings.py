@@ -1,0 +1,111 @@
+"""The one configuration entry point: a tree of pydantic-settings models.
+
+Every field can be set from the environment with the ``JOURNEY_`` prefix and ``__`` between
+levels, e.g. ``JOURNEY_STORAGE__WAREHOUSE_URL`` or ``JOURNEY_IDENTITY__PATIENT_KEY``, or from a
+``.env`` file in the working directory. Nothing else in the package reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from patient_journey.errors import ConfigurationError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = Path("journey-data")
+
+
+class StorageSettings(BaseModel):
+    """Where each zone lives: local paths (the embedded default) or URLs."""
+
+    landing_url: str = Field(
+        default=str(DEFAULT_DATA_DIR / "landing"),
+        description="Where sources land as received (restricted: raw PHI).",
+    )
+    warehouse_url: str = Field(
+        default=str(DEFAULT_DATA_DIR / "warehouse"),
+        description="The analysts' zone: silver and gold Delta tables, pseudonymous only.",
+    )
+    restricted_url: str = Field(
+        default=str(DEFAULT_DATA_DIR / "restricted"),
+        description="Bronze, staged tables, identity crosswalk, quarantine, held records, ledgers.",
+    )
+
+
+class IdentitySettings(BaseModel):
+    """The secret key of the keyed hash (HMAC-SHA256) behind every patient key."""
+
+    patient_key: SecretStr | None = Field(
+        default=None, description="The HMAC key itself (prefer a secret store in production)."
+    )
+    patient_key_file: Path | None = Field(default=None, description="A file whose content is the HMAC key.")
+
+
+class SourceSettings(BaseModel):
+    """Where each source is found inside the landing zone, and the registry database."""
+
+    fhir_prefix: str = Field(default="ehr", description="FHIR bulk exports and bundles.")
+    device_prefix: str = Field(default="device", description="IoT Hub routed telemetry blobs.")
+    redcap_prefix: str = Field(default="outcomes/redcap", description="REDCap exports.")
+    registry_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL of the outcomes registry. Default: the SQLite file "
+            "outcomes/registry.sqlite in a local landing zone, if it exists."
+        ),
+    )
+
+
+class QualitySettings(BaseModel):
+    """The quality gate."""
+
+    expectations_dir: Path = Field(
+        default=PROJECT_ROOT / "expectations",
+        description="Folder of Great Expectations suites, one JSON file per table.",
+    )
+
+
+class JourneySettings(BaseSettings):
+    """All of patient-journey's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="JOURNEY_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    storage: StorageSettings = StorageSettings()
+    identity: IdentitySettings = IdentitySettings()
+    sources: SourceSettings = SourceSettings()
+    quality: QualitySettings = QualitySettings()
+
+    def patient_hmac_key(self) -> bytes:
+        """The HMAC key, or a ConfigurationError that lists every place looked at."""
+        if self.identity.patient_key is not None:
+            key = self.identity.patient_key.get_secret_value().encode()
+        elif self.identity.patient_key_file is not None:
+            path = self.identity.patient_key_file
+            if not path.is_file():
+                raise ConfigurationError(
+                    f"The patient key file {path} (JOURNEY_IDENTITY__PATIENT_KEY_FILE) does not exist."
+                )
+            key = path.read_bytes().strip()
+        else:
+            raise ConfigurationError(
+                "No patient key is configured, so patient keys cannot be computed. Looked in: "
+                "JOURNEY_IDENTITY__PATIENT_KEY, JOURNEY_IDENTITY__PATIENT_KEY_FILE (environment, "
+                "then .env). Set one of them to a secret of at least 32 bytes kept outside the "
+                "repository; `journey demo` creates a local key for the demo only."
+            )
+        if len(key) < 32:
+            raise ConfigurationError(
+                "The configured patient key is shorter than 32 bytes; use a longer random secret "
+                "(e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)."
+            )
+        return key
+
+
+def load_settings(**overrides: object) -> JourneySettings:
+    """Build the settings from the environment (and .env), with explicit overrides on top."""
+    return JourneySettings(**overrides)  # type: ignore[arg-type]

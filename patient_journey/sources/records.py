@@ -1,0 +1,155 @@
+"""The bronze record contract shared by every source adapter.
+
+A bronze record is one source record as received (``payload``, a JSON text) plus lineage: the
+source URI, the line or record offset inside it, a content hash and the run that read it. A
+record that cannot even be read as a record becomes a reject with the rule it broke; its content
+is never kept outside the restricted landing zone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pyarrow as pa
+
+BRONZE_SCHEMA = pa.schema(
+    [
+        ("entity", pa.string()),
+        ("record_id", pa.string()),
+        ("payload", pa.string()),
+        ("source_uri", pa.string()),
+        ("source_offset", pa.int64()),
+        ("content_hash", pa.string()),
+        ("run_id", pa.string()),
+        ("ingested_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+REJECT_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("entity", pa.string()),
+        ("record_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("source_offset", pa.int64()),
+        ("rule", pa.string()),
+        ("detail", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("uri", pa.string()),
+        ("size", pa.int64()),
+        ("content_hash", pa.string()),
+        ("records", pa.int64()),
+        ("rejects", pa.int64()),
+        ("watermark", pa.string()),
+        ("run_id", pa.string()),
+        ("processed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Extraction:
+    """What one adapter read in one run: bronze records, rejects and the ledger entries."""
+
+    source: str
+    run_id: str
+    _records: dict[str, list[object]] = field(
+        default_factory=lambda: {name: [] for name in BRONZE_SCHEMA.names}
+    )
+    _rejects: dict[str, list[object]] = field(
+        default_factory=lambda: {name: [] for name in REJECT_SCHEMA.names}
+    )
+    _ledger: dict[str, list[object]] = field(
+        default_factory=lambda: {name: [] for name in LEDGER_SCHEMA.names}
+    )
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    read_per_entity: dict[str, int] = field(default_factory=dict)
+
+    def add_record(
+        self,
+        entity: str,
+        record_id: str,
+        payload: str,
+        source_uri: str,
+        source_offset: int,
+        raw: bytes,
+    ) -> None:
+        values = (
+            entity,
+            record_id,
+            payload,
+            source_uri,
+            source_offset,
+            content_hash(raw),
+            self.run_id,
+            self.started_at,
+        )
+        for name, value in zip(BRONZE_SCHEMA.names, values, strict=True):
+            self._records[name].append(value)
+        self.read_per_entity[entity] = self.read_per_entity.get(entity, 0) + 1
+
+    def add_reject(
+        self,
+        entity: str,
+        source_uri: str,
+        source_offset: int,
+        rule: str,
+        detail: str,
+        record_id: str | None = None,
+    ) -> None:
+        values = (self.source, entity, record_id, source_uri, source_offset, rule, detail, self.run_id)
+        for name, value in zip(REJECT_SCHEMA.names, values, strict=True):
+            self._rejects[name].append(value)
+        self.read_per_entity[entity] = self.read_per_entity.get(entity, 0) + 1
+
+    def add_input(
+        self,
+        uri: str,
+        size: int,
+        digest: str,
+        records: int,
+        rejects: int,
+        watermark: str | None = None,
+    ) -> None:
+        values = (
+            self.source,
+            uri,
+            size,
+            digest,
+            records,
+            rejects,
+            watermark,
+            self.run_id,
+            datetime.now(UTC),
+        )
+        for name, value in zip(LEDGER_SCHEMA.names, values, strict=True):
+            self._ledger[name].append(value)
+
+    @property
+    def record_count(self) -> int:
+        return len(self._records["entity"])
+
+    @property
+    def reject_count(self) -> int:
+        return len(self._rejects["entity"])
+
+    def records(self) -> pa.Table:
+        return pa.table(self._records, schema=BRONZE_SCHEMA)
+
+    def rejects(self) -> pa.Table:
+        return pa.table(self._rejects, schema=REJECT_SCHEMA)
+
+    def ledger(self) -> pa.Table:
+        return pa.table(self._ledger, schema=LEDGER_SCHEMA)

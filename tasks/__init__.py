@@ -1,0 +1,1 @@
+"""Thin Prefect tasks: each wraps one library call with a name, retries and artifacts."""
