@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import duckdb
-from duckdb.func import PythonUDFType
 import pyarrow as pa
+from duckdb.func import PythonUDFType
 
 from patient_journey.identity import KeyMaker
 from patient_journey.staging import connect

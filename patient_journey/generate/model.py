@@ -11,6 +11,7 @@ import random
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 
 EXPORT_TIME = datetime(2025, 3, 1, tzinfo=UTC)
 SURGERY_FIRST_DAY = date(2023, 1, 1)
@@ -291,7 +292,9 @@ class Journey:
     def or_minutes(self) -> float:
         starts = [e.timestamp for e in self.events if e.event_type == "session_start"]
         stops = [e.timestamp for e in self.events if e.event_type == "session_stop"]
-        return round((max(stops) - min(starts)).total_seconds() / 60.0, 1)
+        # Half-up, as SQL's round() does: 74.35 minutes is 74.4, not Python's 74.3.
+        minutes = Decimal(int((max(stops) - min(starts)).total_seconds())) / Decimal(60)
+        return float(minutes.quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
 
 
 @dataclass
