@@ -117,14 +117,21 @@ def _gx_context() -> Any:
 def _build_suite(suite: SuiteFile) -> ExpectationSuite:
     from great_expectations.core.expectation_suite import ExpectationSuite
 
+    _gx_context()
+    wanted = suite.document["expectations"]
     try:
-        return ExpectationSuite(
-            name=suite.document.get("name", suite.table), expectations=suite.document["expectations"]
-        )
+        built = ExpectationSuite(name=suite.document.get("name", suite.table), expectations=wanted)
     except Exception as exc:
         raise ExpectationSuiteError(
             f"{suite.path} does not load as a Great Expectations suite: {exc}"
         ) from exc
+    # GX may log and drop an invalid expectation instead of raising: count what loaded.
+    if len(built.expectations) != len(wanted):
+        raise ExpectationSuiteError(
+            f"{suite.path}: {len(wanted) - len(built.expectations)} of {len(wanted)} expectation(s) "
+            "did not load; check their type and kwargs."
+        )
+    return built
 
 
 class QualityGate:

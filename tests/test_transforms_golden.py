@@ -1,0 +1,88 @@
+"""Golden files for the pure transforms: staging, linkage and the journey build.
+
+A three-patient population from the generator goes through ingest -> stage -> link -> journey;
+every staged, silver and gold table is compared with tests/golden/*.json. After an intended
+change, regenerate with ``UPDATE_GOLDEN=1 pytest tests/test_transforms_golden.py`` and review
+the diff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pytest
+
+from patient_journey import pipeline
+from patient_journey.generate import generate
+from patient_journey.identity import KeyMaker
+from patient_journey.journey import build_journey
+from patient_journey.lake import Lake, bronze
+from patient_journey.linkage import link
+from patient_journey.sources.records import BRONZE_SCHEMA
+from patient_journey.staging import stage
+from tests.conftest import TEST_KEY, settings_for
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _rows(table: pa.Table, landing: Path) -> list[dict[str, object]]:
+    rows = table.to_pylist()
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, str):
+                row[key] = value.replace(str(landing), "<landing>")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def transformed(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, pa.Table], Path]:
+    root = tmp_path_factory.mktemp("golden")
+    generated = generate(root / "gen", patients=3, seed=5, bad_rate=0.0)
+    landing = generated.out / "landing"
+    settings = settings_for(root, landing=landing)
+    for source in pipeline.SOURCES:
+        pipeline.ingest(settings, source, "golden-run")
+    lake = Lake(settings.storage)
+    bronze_tables = {
+        name: lake.read(bronze(name)) or BRONZE_SCHEMA.empty_table()
+        for name in pipeline.BRONZE_TABLES.values()
+    }
+    staged = stage(bronze_tables)
+    linked = link(staged, KeyMaker(TEST_KEY.encode()), "golden-run")
+    gold = build_journey(linked.silver)
+    tables = {f"staged.{k}": v for k, v in staged.items()}
+    tables |= {f"silver.{k}": v for k, v in linked.silver.items()}
+    tables |= {f"gold.{k}": v for k, v in gold.items()}
+    return tables, landing
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        "staged.patient",
+        "staged.encounter",
+        "staged.procedure",
+        "staged.observation",
+        "staged.device_event",
+        "staged.prom_response",
+        "staged.redcap_prom",
+        "silver.patient",
+        "silver.device_event",
+        "silver.prom_score",
+        "gold.surgical_episode",
+        "gold.journey_event",
+    ],
+)
+def test_transform_output_matches_its_golden_file(
+    transformed: tuple[dict[str, pa.Table], Path], table: str
+) -> None:
+    tables, landing = transformed
+    actual = orjson.loads(orjson.dumps(_rows(tables[table], landing), default=str))
+    path = GOLDEN / f"{table}.json"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_bytes(orjson.dumps(actual, option=orjson.OPT_INDENT_2) + b"\n")
+    assert path.exists(), f"missing golden file {path}: run with UPDATE_GOLDEN=1"
+    assert actual == orjson.loads(path.read_bytes())

@@ -1,0 +1,174 @@
+"""Unit tests of the library's contracts: configuration, keys, the quality gate, parsing, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from patient_journey.cli import app
+from patient_journey.errors import ConfigurationError, ExpectationSuiteError, QualityGateError
+from patient_journey.identity import KeyMaker
+from patient_journey.quality import QualityGate
+from patient_journey.report import RunSummary, render_markdown
+from patient_journey.sources.fhir import extract_ndjson, resource_type_of_file
+from patient_journey.sources.records import Extraction
+from patient_journey.storage import FileInfo
+from tests.conftest import settings_for
+
+
+def test_a_run_without_a_key_refuses_to_start_and_says_where_it_looked(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, key=None)
+    with pytest.raises(ConfigurationError) as error:
+        settings.patient_hmac_key()
+    assert "JOURNEY_IDENTITY__PATIENT_KEY" in str(error.value)
+    assert "JOURNEY_IDENTITY__PATIENT_KEY_FILE" in str(error.value)
+
+
+def test_a_short_key_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="shorter than 32 bytes"):
+        settings_for(tmp_path, key="short").patient_hmac_key()
+
+
+def test_patient_key_is_hmac_sha256_of_the_namespaced_identifier() -> None:
+    secret = b"k" * 32
+    expected = hmac.new(secret, b"mrn:MRN00000001", hashlib.sha256).hexdigest()
+    keys = KeyMaker(secret)
+    assert keys.patient_key("MRN00000001") == expected
+    assert keys.case_key("MRN00000001") != expected  # namespaces never collide
+    assert KeyMaker(b"j" * 32).patient_key("MRN00000001") != expected
+
+
+def test_the_cli_run_without_a_key_exits_with_a_clear_message(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run"])
+    assert result.exit_code == 2
+    assert "No patient key is configured" in result.output
+
+
+def _suite(folder: Path, layer: str, table: str, expectations: list[dict[str, object]]) -> None:
+    (folder / layer).mkdir(parents=True, exist_ok=True)
+    (folder / layer / f"{table}.json").write_text(json.dumps({"name": table, "expectations": expectations}))
+
+
+def _rows() -> pa.Table:
+    return pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            "score": [10.0, 250.0, None, 99.0],
+            "source_uri": ["f.ndjson"] * 4,
+            "source_offset": [1, 2, 3, 4],
+        }
+    )
+
+
+def test_row_rules_of_error_severity_quarantine_only_the_rows_that_break_them(tmp_path: Path) -> None:
+    _suite(
+        tmp_path,
+        "staged",
+        "t",
+        [
+            {
+                "type": "expect_column_values_to_be_between",
+                "kwargs": {"column": "score", "min_value": 0, "max_value": 100},
+                "meta": {"severity": "error", "rule": "score_in_range"},
+            },
+            {
+                "type": "expect_column_values_to_not_be_null",
+                "kwargs": {"column": "score"},
+                "meta": {"severity": "warn", "rule": "score_present"},
+            },
+        ],
+    )
+    result = QualityGate(tmp_path).check("staged", "t", _rows(), "test", "run-1")
+    assert result.passed.column("id").to_pylist() == ["a", "c", "d"]
+    assert result.quarantined.column("record_id").to_pylist() == ["b"]
+    assert result.quarantined.column("rule").to_pylist() == ["score_in_range"]
+    assert result.quarantined.column("source_offset").to_pylist() == [2]
+    outcomes = {o.rule: o for o in result.outcomes}
+    assert outcomes["score_present"].success is False and outcomes["score_present"].unexpected_count == 1
+    assert "250" not in repr(result.outcomes)  # counts, never values
+
+
+def test_a_failing_table_rule_stops_the_run_naming_table_rule_and_counts(tmp_path: Path) -> None:
+    _suite(
+        tmp_path,
+        "gold",
+        "t",
+        [
+            {
+                "type": "expect_table_row_count_to_be_between",
+                "kwargs": {"min_value": 10},
+                "meta": {"severity": "error", "rule": "enough_rows"},
+            }
+        ],
+    )
+    with pytest.raises(QualityGateError) as error:
+        QualityGate(tmp_path).check("gold", "t", _rows(), "test", "run-1")
+    assert (
+        "gold.t" in str(error.value)
+        and "enough_rows" in str(error.value)
+        and "observed 4" in str(error.value)
+    )
+
+
+def test_a_suite_without_severity_or_with_an_unknown_expectation_fails_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    _suite(
+        tmp_path, "staged", "t", [{"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "id"}}]
+    )
+    with pytest.raises(ExpectationSuiteError, match=r"t\.json.*severity"):
+        QualityGate(tmp_path)
+    _suite(
+        tmp_path, "staged", "t", [{"type": "expect_nonsense", "kwargs": {}, "meta": {"severity": "error"}}]
+    )
+    with pytest.raises(ExpectationSuiteError, match=r"t\.json"):
+        QualityGate(tmp_path).check_all_parse()
+
+
+def test_every_shipped_suite_loads() -> None:
+    gate = QualityGate(Path(__file__).parents[1] / "expectations")
+    assert gate.check_all_parse() > 40
+
+
+@pytest.mark.parametrize(
+    ("name", "resource_type"),
+    [
+        ("Patient.000.ndjson", "Patient"),
+        ("Observation-1-3.ndjson", "Observation"),
+        ("Encounter.ndjson.gz", "Encounter"),
+        ("log.ndjson", None),
+    ],
+)
+def test_resource_type_comes_from_the_bulk_file_name(name: str, resource_type: str | None) -> None:
+    assert resource_type_of_file(f"/x/{name}") == resource_type
+
+
+def test_a_malformed_line_is_rejected_by_line_without_its_content() -> None:
+    out = Extraction("fhir", "run-1")
+    data = b'{"resourceType":"Patient","id":"p1"}\n{"resourceType":"Patient","name":"Secret Name\n{"resourceType":"Encounter","id":"e1"}\n'
+    extract_ndjson(out, FileInfo("/x/Patient.000.ndjson", len(data)), data)
+    records, rejects = out.records().to_pylist(), out.rejects().to_pylist()
+    assert [r["record_id"] for r in records] == ["p1"]
+    assert [(r["source_offset"], r["rule"]) for r in rejects] == [
+        (2, "json_well_formed"),
+        (3, "fhir_resource_type_matches_file"),
+    ]
+    assert "Secret" not in repr(rejects)
+
+
+def test_the_summary_of_a_run_with_no_new_input_says_the_warehouse_is_unchanged() -> None:
+    from patient_journey.pipeline import BuildReport
+
+    summary = RunSummary(
+        run_id="r", silver=BuildReport(built=False, reason="no new input since the last build")
+    )
+    assert "Warehouse unchanged: no new input since the last build." in render_markdown(summary)
