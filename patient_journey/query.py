@@ -62,7 +62,8 @@ def patient_timeline(storage: StorageSettings, patient_key: str) -> pa.Table:
     connection = open_warehouse(storage)
     try:
         return connection.execute(
-            """SELECT event_time, phase, source, event_type, code, detail, value, unit
+            """SELECT strftime(event_time, '%Y-%m-%d %H:%M') AS time, phase, source, event_type AS event,
+                      code, detail, trim(concat(CAST(value AS VARCHAR), ' ', unit)) AS value
                FROM journey_event WHERE patient_key = ? ORDER BY event_time, source, event_type""",
             [patient_key],
         ).to_arrow_table()
