@@ -25,7 +25,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from patient_journey.settings import StorageSettings
-from patient_journey.storage import join, normalise_url
+from patient_journey.storage import Storage, join, normalise_url
 
 
 class Zone(StrEnum):
@@ -111,8 +111,6 @@ class Lake:
 
     def tables(self, zone: Zone, layer: str) -> list[TableRef]:
         """The Delta tables present in one layer of a zone."""
-        from patient_journey.storage import Storage
-
         storage = Storage(self._roots[zone])
         names = sorted(
             {f.url.split("/")[-3] for f in storage.list_files(layer) if f.url.split("/")[-2] == "_delta_log"}
