@@ -9,9 +9,11 @@ so steps can run in separate processes (or on a Dask cluster) and be re-run alon
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from patient_journey.errors import ConfigurationError
 from patient_journey.identity import KeyMaker
@@ -48,6 +50,12 @@ BUILDS = restricted("ledger", "build")
 QUARANTINE = restricted("quarantine", "record")
 HELD = restricted("held", "record")
 CROSSWALK = restricted("identity", "crosswalk")
+# File-based adapters share one signature; the registry is read through SQLAlchemy.
+FILE_ADAPTERS: dict[str, Callable[[Storage, str, set[tuple[str, str]], str], Extraction]] = {
+    "fhir": fhir.extract,
+    "device": device.extract,
+    "redcap": redcap.extract,
+}
 # Entities read by an adapter -> the staged table they belong to.
 ENTITY_TABLE = {spec.entity: spec.name for spec in STAGED_TABLES}
 
@@ -130,18 +138,15 @@ def ingest(settings: JourneySettings, source: str, run_id: str) -> IngestReport:
     lake = Lake(settings.storage)
     landing = Storage(settings.storage.landing_url)
     seen, watermarks = _seen(lake, source)
-    extraction: Extraction
-    if source == "fhir":
-        extraction = fhir.extract(landing, settings.sources.fhir_prefix, seen, run_id)
-    elif source == "device":
-        extraction = device.extract(landing, settings.sources.device_prefix, seen, run_id)
-    elif source == "redcap":
-        extraction = redcap.extract(landing, settings.sources.redcap_prefix, seen, run_id)
-    else:
+    if source == "registry":
         url = registry_url(settings)
         if url is None:
             return IngestReport(source, skipped="no registry configured (JOURNEY_SOURCES__REGISTRY_URL)")
         extraction = registry.extract(url, watermarks, run_id)
+    else:
+        adapter = FILE_ADAPTERS[source]
+        prefix = getattr(settings.sources, f"{source}_prefix")
+        extraction = adapter(landing, prefix, seen, run_id)
     report = IngestReport(source, records=extraction.record_count, rejects=extraction.reject_count)
     ledger = extraction.ledger()
     report.new_inputs = ledger.num_rows
@@ -174,6 +179,17 @@ def _last_build(lake: Lake) -> dict[str, int] | None:
     return {k: int(v) for k, v in (item.split("=") for item in last["bronze_versions"].split(",") if item)}
 
 
+def _rejects_as_quarantine(lake: Lake) -> pa.Table:
+    """Every record rejected while reading, as quarantine rows of the staged table it belongs to."""
+    rejects = pa.concat_tables(
+        [lake.read(extraction_rejects_table(source)) or REJECT_SCHEMA.empty_table() for source in SOURCES]
+    )
+    tables = pa.array([ENTITY_TABLE.get(e, e) for e in rejects.column("entity").to_pylist()], pa.string())
+    return (
+        rejects.drop_columns(["entity"]).append_column("table_name", tables).select(QUARANTINE_SCHEMA.names)
+    )
+
+
 def build_silver(settings: JourneySettings, run_id: str, force: bool = False) -> BuildReport:
     """Stage bronze, gate every staged table, link identities, write staged/silver/quarantine/held."""
     started = time.perf_counter()
@@ -189,34 +205,16 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         name: lake.read(bronze(name)) or BRONZE_SCHEMA.empty_table() for name in BRONZE_TABLES.values()
     }
     staged_tables = stage(bronze_tables)
-    rejects = pa.concat_tables(
-        [lake.read(extraction_rejects_table(source)) or REJECT_SCHEMA.empty_table() for source in SOURCES]
-    )
+    rejected_at_read = _rejects_as_quarantine(lake)
     counts = {name: TableCounts(name) for name in staged_tables}
-    reject_entities = rejects.column("entity").to_pylist()
-    for entity in reject_entities:
-        table = ENTITY_TABLE.get(entity, entity)
-        counts.setdefault(table, TableCounts(table))
-        counts[table].read += 1
-        counts[table].quarantined += 1
+    for item in pc.value_counts(rejected_at_read.column("table_name")).to_pylist():
+        table = counts.setdefault(item["values"], TableCounts(item["values"]))
+        table.read += item["counts"]
+        table.quarantined += item["counts"]
 
     report = BuildReport(built=True)
     passed: dict[str, pa.Table] = {}
-    quarantine_parts = [
-        pa.table(
-            {
-                "table_name": pa.array([ENTITY_TABLE.get(e, e) for e in reject_entities], pa.string()),
-                "rule": rejects.column("rule"),
-                "source": rejects.column("source"),
-                "record_id": rejects.column("record_id"),
-                "source_uri": rejects.column("source_uri"),
-                "source_offset": rejects.column("source_offset"),
-                "detail": rejects.column("detail"),
-                "run_id": rejects.column("run_id"),
-            },
-            schema=QUARANTINE_SCHEMA,
-        )
-    ]
+    quarantine_parts = [rejected_at_read]
     source_of = {spec.staged: spec.source for spec in LINKS}
     for name, table in staged_tables.items():
         result = gate.check("staged", name, table, source_of[name], run_id)
@@ -232,11 +230,10 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         counts[name].held = linked.held_counts[name]
 
     # Bronze entities that no staged table models yet: kept in bronze, reported, not loaded.
-    fhir_bronze = bronze_tables["fhir_resource"]
     modelled = {spec.entity for spec in STAGED_TABLES}
-    for entity in fhir_bronze.column("entity").to_pylist():
-        if entity not in modelled:
-            report.bronze_only[entity] = report.bronze_only.get(entity, 0) + 1
+    for item in pc.value_counts(bronze_tables["fhir_resource"].column("entity")).to_pylist():
+        if item["values"] not in modelled:
+            report.bronze_only[item["values"]] = item["counts"]
 
     for name, table in passed.items():
         report.versions[f"staged.{name}"] = lake.overwrite(staged(name), table)

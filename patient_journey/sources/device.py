@@ -12,7 +12,7 @@ import io
 import fastavro
 import orjson
 
-from patient_journey.sources.records import Extraction, content_hash
+from patient_journey.sources.records import Extraction, content_hash, new_files
 from patient_journey.storage import Storage
 
 SOURCE = "device"
@@ -56,14 +56,6 @@ def extract_avro(out: Extraction, url: str, data: bytes) -> None:
 def extract(landing: Storage, prefix: str, seen: set[tuple[str, str]], run_id: str) -> Extraction:
     """Read every telemetry blob under ``prefix`` that the ledger has not seen with this content."""
     out = Extraction(SOURCE, run_id)
-    for file in landing.list_files(prefix):
-        data = Storage.read_bytes(file.url)
-        digest = content_hash(data)
-        if (file.url, digest) in seen:
-            continue
-        before_records, before_rejects = out.record_count, out.reject_count
+    for file, data in new_files(out, landing, prefix, (), seen):
         extract_avro(out, file.url, data)
-        out.add_input(
-            file.url, file.size, digest, out.record_count - before_records, out.reject_count - before_rejects
-        )
     return out

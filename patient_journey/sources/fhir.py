@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import orjson
 
-from patient_journey.sources.records import Extraction, content_hash
+from patient_journey.sources.records import Extraction, new_files
 from patient_journey.storage import FileInfo, Storage
 
 SOURCE = "fhir"
@@ -94,24 +94,12 @@ def extract_bundle_or_resource(out: Extraction, file: FileInfo, data: bytes) -> 
 def extract(landing: Storage, prefix: str, seen: set[tuple[str, str]], run_id: str) -> Extraction:
     """Read every FHIR file under ``prefix`` that the ledger has not seen with this content."""
     out = Extraction(SOURCE, run_id)
-    for file in landing.list_files(prefix, NDJSON_SUFFIXES + BUNDLE_SUFFIXES):
+    for file, data in new_files(out, landing, prefix, NDJSON_SUFFIXES + BUNDLE_SUFFIXES, seen):
         name = file.url.rsplit("/", 1)[-1]
-        data = Storage.read_bytes(file.url)
-        digest = content_hash(data)
-        if (file.url, digest) in seen:
-            continue
-        before_records, before_rejects = out.record_count, out.reject_count
         if name == "manifest.json":
-            pass  # export metadata: recorded in the ledger, no records
-        elif name.endswith(NDJSON_SUFFIXES):
+            continue  # export metadata: recorded in the ledger, no records
+        if name.endswith(NDJSON_SUFFIXES):
             extract_ndjson(out, file, data)
         else:
             extract_bundle_or_resource(out, file, data)
-        out.add_input(
-            file.url,
-            file.size,
-            digest,
-            out.record_count - before_records,
-            out.reject_count - before_rejects,
-        )
     return out

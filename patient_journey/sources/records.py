@@ -9,10 +9,13 @@ is never kept outside the restricted landing zone.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pyarrow as pa
+
+from patient_journey.storage import FileInfo, Storage
 
 BRONZE_SCHEMA = pa.schema(
     [
@@ -75,7 +78,6 @@ class Extraction:
         default_factory=lambda: {name: [] for name in LEDGER_SCHEMA.names}
     )
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    read_per_entity: dict[str, int] = field(default_factory=dict)
 
     def add_record(
         self,
@@ -98,7 +100,6 @@ class Extraction:
         )
         for name, value in zip(BRONZE_SCHEMA.names, values, strict=True):
             self._records[name].append(value)
-        self.read_per_entity[entity] = self.read_per_entity.get(entity, 0) + 1
 
     def add_reject(
         self,
@@ -112,7 +113,6 @@ class Extraction:
         values = (self.source, entity, record_id, source_uri, source_offset, rule, detail, self.run_id)
         for name, value in zip(REJECT_SCHEMA.names, values, strict=True):
             self._rejects[name].append(value)
-        self.read_per_entity[entity] = self.read_per_entity.get(entity, 0) + 1
 
     def add_input(
         self,
@@ -153,3 +153,21 @@ class Extraction:
 
     def ledger(self) -> pa.Table:
         return pa.table(self._ledger, schema=LEDGER_SCHEMA)
+
+
+def new_files(
+    out: Extraction, landing: Storage, prefix: str, suffixes: tuple[str, ...], seen: set[tuple[str, str]]
+) -> Iterator[tuple[FileInfo, bytes]]:
+    """Yield each file under ``prefix`` whose (URI, content hash) the ledger has not seen.
+
+    After the caller has read a file into ``out``, its ledger entry (with the records and
+    rejects it produced) is added, so every adapter keeps the ledger the same way.
+    """
+    for file in landing.list_files(prefix, suffixes):
+        data = Storage.read_bytes(file.url)
+        digest = content_hash(data)
+        if (file.url, digest) in seen:
+            continue
+        records, rejects = out.record_count, out.reject_count
+        yield file, data
+        out.add_input(file.url, file.size, digest, out.record_count - records, out.reject_count - rejects)

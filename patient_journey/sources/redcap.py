@@ -12,7 +12,8 @@ import io
 
 import orjson
 
-from patient_journey.sources.records import Extraction, content_hash
+from patient_journey.errors import SourceError
+from patient_journey.sources.records import Extraction, new_files
 from patient_journey.storage import Storage
 
 SOURCE = "redcap"
@@ -82,25 +83,17 @@ def extract_project(out: Extraction, project: str, dictionary: bytes, records_ur
 
 
 def extract(landing: Storage, prefix: str, seen: set[tuple[str, str]], run_id: str) -> Extraction:
+    """Read every records export under ``prefix`` not seen yet, with the dictionary beside it."""
     out = Extraction(SOURCE, run_id)
-    files = {f.url: f for f in landing.list_files(prefix, (".csv",))}
-    for url, file in files.items():
-        if not url.endswith(RECORDS_SUFFIX):
-            continue
-        project = url.rsplit("/", 1)[-1][: -len(RECORDS_SUFFIX)]
-        dictionary_url = url[: -len(RECORDS_SUFFIX)] + DICTIONARY_SUFFIX
-        data = Storage.read_bytes(url)
-        digest = content_hash(data)
-        if (url, digest) in seen:
-            continue
-        before_records, before_rejects = out.record_count, out.reject_count
-        if dictionary_url not in files:
+    for file, data in new_files(out, landing, prefix, (RECORDS_SUFFIX,), seen):
+        project = file.url.rsplit("/", 1)[-1][: -len(RECORDS_SUFFIX)]
+        dictionary_url = file.url[: -len(RECORDS_SUFFIX)] + DICTIONARY_SUFFIX
+        try:
+            dictionary = Storage.read_bytes(dictionary_url)
+        except SourceError:
             out.add_reject(
-                f"redcap:{project}", url, 0, "redcap_dictionary_present", "no data dictionary beside it"
+                f"redcap:{project}", file.url, 0, "redcap_dictionary_present", "no data dictionary beside it"
             )
-        else:
-            extract_project(out, project, Storage.read_bytes(dictionary_url), url, data)
-        out.add_input(
-            url, file.size, digest, out.record_count - before_records, out.reject_count - before_rejects
-        )
+            continue
+        extract_project(out, project, dictionary, file.url, data)
     return out
