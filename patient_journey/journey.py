@@ -16,7 +16,6 @@ import pyarrow as pa
 from patient_journey.staging import connect
 
 INDEX_PROCEDURE_CODES = ("609588000", "52734007")  # SNOMED CT total knee / total hip replacement
-JOINT_BY_CODE = {"609588000": "knee", "52734007": "hip"}
 
 EPISODE_SQL = f"""
 WITH idx AS (
@@ -46,6 +45,13 @@ WITH idx AS (
     SELECT idx.episode_key, c.grade,
            date_diff('day', CAST(idx.performed_start AS DATE), c.occurred_on) AS days
     FROM idx JOIN complication c ON c.patient_key = idx.patient_key
+), comp AS (
+    SELECT episode_key, bool_or(days BETWEEN 0 AND 30) AS within_30d, bool_or(days BETWEEN 0 AND 90) AS within_90d,
+           max(grade) FILTER (WHERE days BETWEEN 0 AND 90) AS max_grade_90d
+    FROM comp_days GROUP BY episode_key
+), readm AS (
+    SELECT episode_key, bool_or(days BETWEEN 0 AND 30) AS within_30d, bool_or(days BETWEEN 0 AND 90) AS within_90d
+    FROM readmit_days GROUP BY episode_key
 ), prom AS (
     SELECT idx.episode_key, p.instrument, p.prom_source, p.timepoint, p.score
     FROM idx JOIN prom_score p ON p.patient_key = idx.patient_key
@@ -68,11 +74,11 @@ SELECT idx.episode_key, idx.patient_key,
        round(date_diff('second', dev.session_start, dev.session_stop) / 60.0, 1) AS or_minutes,
        coalesce(dev.devices_used, []) AS devices_used,
        date_diff('day', CAST(adm.period_start AS DATE), CAST(adm.period_end AS DATE)) AS length_of_stay_days,
-       coalesce((SELECT bool_or(days BETWEEN 0 AND 30) FROM comp_days c WHERE c.episode_key = idx.episode_key), false) AS complication_30d,
-       coalesce((SELECT bool_or(days BETWEEN 0 AND 90) FROM comp_days c WHERE c.episode_key = idx.episode_key), false) AS complication_90d,
-       (SELECT max(grade) FROM comp_days c WHERE c.episode_key = idx.episode_key AND days BETWEEN 0 AND 90) AS max_complication_grade_90d,
-       coalesce((SELECT bool_or(days BETWEEN 0 AND 30) FROM readmit_days r WHERE r.episode_key = idx.episode_key), false) AS readmission_30d,
-       coalesce((SELECT bool_or(days BETWEEN 0 AND 90) FROM readmit_days r WHERE r.episode_key = idx.episode_key), false) AS readmission_90d,
+       coalesce(comp.within_30d, false) AS complication_30d,
+       coalesce(comp.within_90d, false) AS complication_90d,
+       comp.max_grade_90d AS max_complication_grade_90d,
+       coalesce(readm.within_30d, false) AS readmission_30d,
+       coalesce(readm.within_90d, false) AS readmission_90d,
        prom_wide.prom_instrument, prom_wide.prom_source,
        prom_wide.prom_baseline, prom_wide.prom_6w, prom_wide.prom_6m, prom_wide.prom_12m,
        round(prom_wide.prom_12m - prom_wide.prom_baseline, 1) AS prom_change_12m,
@@ -80,6 +86,8 @@ SELECT idx.episode_key, idx.patient_key,
 FROM idx
 LEFT JOIN adm USING (episode_key)
 LEFT JOIN dev USING (episode_key)
+LEFT JOIN comp USING (episode_key)
+LEFT JOIN readm USING (episode_key)
 LEFT JOIN prom_wide USING (episode_key)
 ORDER BY idx.performed_start, idx.episode_key
 """

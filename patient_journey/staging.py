@@ -33,18 +33,16 @@ def _ts(path: str) -> str:
     return f"try_cast(payload->>'$.{path}' AS TIMESTAMPTZ)"
 
 
-def _identifier(system: str) -> str:
-    return (
-        f"list_filter(json_extract(payload, '$.identifier[*]'), "
-        f"lambda i: i->>'$.system' = '{system}')[1]->>'$.value'"
-    )
+def _identifier(where: str) -> str:
+    """The value of the first ``identifier[]`` element for which ``where`` (over ``i``) holds."""
+    return f"list_filter(json_extract(payload, '$.identifier[*]'), lambda i: {where})[1]->>'$.value'"
 
 
-def _identifier_of_type(code: str) -> str:
-    return (
-        f"list_filter(json_extract(payload, '$.identifier[*]'), "
-        f"lambda i: i->>'$.type.coding[0].code' = '{code}')[1]->>'$.value'"
-    )
+# The MRN: the identifier with the hospital's MRN system, else the one typed MR (as Synthea writes it).
+_MRN_BY_SYSTEM = _identifier(f"i->>'$.system' = '{MRN_SYSTEM}'")
+_MRN_BY_TYPE = _identifier("i->>'$.type.coding[0].code' = 'MR'")
+MRN = f"coalesce({_MRN_BY_SYSTEM}, {_MRN_BY_TYPE})"
+OR_CASE_ID = _identifier(f"i->>'$.system' = '{OR_CASE_SYSTEM}'")
 
 
 def _ref_id(path: str) -> str:
@@ -56,7 +54,7 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
         "patient",
         "fhir_resource",
         "Patient",
-        f"""record_id AS patient_id, coalesce({_identifier(MRN_SYSTEM)}, {_identifier_of_type("MR")}) AS mrn,
+        f"""record_id AS patient_id, {MRN} AS mrn,
             try_cast(payload->>'$.birthDate' AS DATE) AS birth_date, payload->>'$.gender' AS gender""",
     ),
     StagedTable(
@@ -72,7 +70,7 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
         "fhir_resource",
         "Procedure",
         f"""record_id AS procedure_id, {_ref_id("subject.reference")} AS patient_id,
-            {_ref_id("encounter.reference")} AS encounter_id, {_identifier(OR_CASE_SYSTEM)} AS case_id,
+            {_ref_id("encounter.reference")} AS encounter_id, {OR_CASE_ID} AS case_id,
             payload->>'$.code.coding[0].code' AS code, payload->>'$.code.coding[0].display' AS display,
             payload->>'$.status' AS status,
             {_ts("performedPeriod.start")} AS performed_start, {_ts("performedPeriod.end")} AS performed_end""",
