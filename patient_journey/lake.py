@@ -112,7 +112,8 @@ class Lake:
     def tables(self, zone: Zone, layer: str) -> list[TableRef]:
         """The Delta tables present in one layer of a zone."""
         storage = Storage(self._roots[zone])
-        names = sorted(
-            {f.url.split("/")[-3] for f in storage.list_files(layer) if f.url.split("/")[-2] == "_delta_log"}
-        )
-        return [TableRef(zone, layer, name) for name in names]
+        return [
+            TableRef(zone, layer, name)
+            for name in storage.list_dirs(layer)
+            if storage.exists(layer, name, "_delta_log")
+        ]

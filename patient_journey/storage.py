@@ -6,7 +6,6 @@ lineage columns all see the same string.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -30,7 +29,7 @@ def join(base: str, *parts: str) -> str:
 
 @dataclass(frozen=True)
 class FileInfo:
-    """A file found in a location: its URL, size and a fingerprint of its content."""
+    """A file found in a location: its URL and size."""
 
     url: str
     size: int
@@ -66,6 +65,16 @@ class Storage:
         ]
         return sorted(files, key=lambda f: f.url)
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Names of the folders directly under ``prefix``, sorted."""
+        base = join(self._root_path, prefix)
+        if not self._fs.exists(base):
+            return []
+        entries = self._fs.ls(base, detail=True)
+        return sorted(
+            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"
+        )
+
     @staticmethod
     def open(url: str, mode: str = "rb") -> IO[bytes]:
         try:
@@ -78,7 +87,3 @@ class Storage:
     def read_bytes(url: str) -> bytes:
         with Storage.open(url) as handle:
             return handle.read()
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
