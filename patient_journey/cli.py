@@ -137,7 +137,7 @@ def query(
     from patient_journey.query import run_query
 
     try:
-        print_table(run_query(load_settings().storage, sql), output)
+        print_table(run_query(load_settings(), sql), output)
     except JourneyError as exc:
         _fail(exc)
 
@@ -151,7 +151,7 @@ def patient(
     from patient_journey.query import patient_timeline
 
     try:
-        timeline = patient_timeline(load_settings().storage, key)
+        timeline = patient_timeline(load_settings(), key)
     except JourneyError as exc:
         _fail(exc)
     if timeline.num_rows == 0:
@@ -183,6 +183,7 @@ def demo(
     os.environ["JOURNEY_STORAGE__LANDING_URL"] = str(data_dir / "landing")
     os.environ["JOURNEY_STORAGE__WAREHOUSE_URL"] = str(data_dir / "warehouse")
     os.environ["JOURNEY_STORAGE__RESTRICTED_URL"] = str(data_dir / "restricted")
+    os.environ["JOURNEY_SOURCES__SETTLE_SECONDS"] = "0"  # the generator has just finished writing
     if not (
         os.environ.get("JOURNEY_IDENTITY__PATIENT_KEY")
         or os.environ.get("JOURNEY_IDENTITY__PATIENT_KEY_FILE")
@@ -211,10 +212,10 @@ def demo(
     summary = patient_journey()
     console.print(render_markdown(summary))
     console.print('[3/3] Example queries (`journey query "SQL"`):')
-    storage = load_settings().storage
+    settings = load_settings()
     for title, sql in EXAMPLE_QUERIES.items():
         console.print(f'\n[bold]{title}[/bold]\n$ journey query "{sql}"')
-        print_table(run_query(storage, sql))
+        print_table(run_query(settings, sql))
     console.print(
-        f'\nWarehouse: {storage.warehouse_url}. Try: journey query "select * from journey_event limit 10"'
+        f'\nWarehouse: {settings.storage.warehouse_url}. Try: journey query "select * from journey_event limit 10"'
     )

@@ -19,3 +19,12 @@ class ExpectationSuiteError(JourneyError):
 
 class QualityGateError(JourneyError):
     """A table-level expectation of error severity failed: the run stops before loading."""
+
+
+class StorageError(JourneyError):
+    """A storage operation failed as a whole: the message names the operation and the container,
+    never a key, token or connection string. ``transient`` says whether a retry could help."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

@@ -5,7 +5,7 @@ Layout::
     <restricted_url>/bronze/<source>        records as received, with lineage
     <restricted_url>/staged/<table>         typed, validated, still with direct identifiers
     <restricted_url>/identity/crosswalk     source identifier -> patient key
-    <restricted_url>/quarantine/...         rejected records: rule and lineage
+    <quarantine_url>/quarantine/...         rejected records: rule and lineage, no values
     <restricted_url>/held/records           records that could not be linked yet
     <restricted_url>/ledger/...             inputs already processed, watermarks
     <warehouse_url>/silver/<table>          conformed entities keyed by patient key
@@ -17,19 +17,25 @@ previous version in place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import SchemaMismatchError, TableNotFoundError
 
-from patient_journey.settings import StorageSettings
-from patient_journey.storage import Storage, join, normalise_url
+from patient_journey.azure import is_blob_url, storage_failure
+from patient_journey.settings import JourneySettings
+from patient_journey.storage import Storage, azure_access, join, normalise_url
+
+T = TypeVar("T")
 
 
 class Zone(StrEnum):
     RESTRICTED = "restricted"
+    QUARANTINE = "quarantine"
     WAREHOUSE = "warehouse"
 
 
@@ -56,6 +62,10 @@ def restricted(layer: str, name: str) -> TableRef:
     return TableRef(Zone.RESTRICTED, layer, name)
 
 
+def quarantine(name: str) -> TableRef:
+    return TableRef(Zone.QUARANTINE, "quarantine", name)
+
+
 def silver(name: str) -> TableRef:
     return TableRef(Zone.WAREHOUSE, "silver", name)
 
@@ -65,13 +75,16 @@ def gold(name: str) -> TableRef:
 
 
 class Lake:
-    """Reads and writes the Delta tables of all zones."""
+    """Reads and writes the Delta tables of all zones, local or in Azure Blob Storage."""
 
-    def __init__(self, storage: StorageSettings) -> None:
+    def __init__(self, settings: JourneySettings) -> None:
+        urls = settings.storage
         self._roots = {
-            Zone.RESTRICTED: normalise_url(storage.restricted_url),
-            Zone.WAREHOUSE: normalise_url(storage.warehouse_url),
+            Zone.RESTRICTED: normalise_url(urls.restricted_url),
+            Zone.QUARANTINE: normalise_url(urls.quarantine_root),
+            Zone.WAREHOUSE: normalise_url(urls.warehouse_url),
         }
+        self._azure = azure_access(settings)
 
     def root(self, zone: Zone) -> str:
         return self._roots[zone]
@@ -79,9 +92,28 @@ class Lake:
     def uri(self, ref: TableRef) -> str:
         return join(self._roots[ref.zone], ref.layer, ref.name)
 
+    def storage_options(self, uri: str) -> dict[str, str] | None:
+        if self._azure is None or not is_blob_url(uri):
+            return None
+        return self._azure.delta_options()
+
+    def _call(self, operation: str, ref: TableRef, action: Callable[[str, dict[str, str] | None], T]) -> T:
+        """Run a delta-rs call; in blob storage, a failure becomes a StorageError naming the
+        operation and container, with no secret (delta-rs messages can carry request URLs)."""
+        uri = self.uri(ref)
+        options = self.storage_options(uri)
+        if options is None:
+            return action(uri, options)
+        try:
+            return action(uri, options)
+        except (TableNotFoundError, SchemaMismatchError):
+            raise
+        except Exception as exc:
+            raise storage_failure(exc, f"{operation} Delta table {ref.label}", uri) from None
+
     def _table(self, ref: TableRef) -> DeltaTable | None:
         try:
-            return DeltaTable(self.uri(ref))
+            return self._call("open", ref, lambda uri, options: DeltaTable(uri, storage_options=options))
         except TableNotFoundError:
             return None
 
@@ -93,15 +125,33 @@ class Lake:
         table = self._table(ref)
         if table is None:
             return None
-        return table.to_pyarrow_table(columns=columns)
+        return self._call("read", ref, lambda _uri, _options: table.to_pyarrow_table(columns=columns))
 
     def overwrite(self, ref: TableRef, data: pa.Table) -> int:
         """Replace the table's content (and schema) in one commit; returns the new version."""
-        write_deltalake(self.uri(ref), data, mode="overwrite", schema_mode="overwrite")
+        self._call(
+            "write",
+            ref,
+            lambda uri, options: write_deltalake(
+                uri, data, mode="overwrite", schema_mode="overwrite", storage_options=options
+            ),
+        )
         return self._version_after_write(ref)
 
     def append(self, ref: TableRef, data: pa.Table) -> int:
-        write_deltalake(self.uri(ref), data, mode="append")
+        self._call(
+            "append to",
+            ref,
+            lambda uri, options: write_deltalake(uri, data, mode="append", storage_options=options),
+        )
+        return self._version_after_write(ref)
+
+    def delete(self, ref: TableRef, predicate: str) -> int | None:
+        """Delete the rows matching a SQL predicate in one commit; None if the table is absent."""
+        table = self._table(ref)
+        if table is None:
+            return None
+        self._call("delete from", ref, lambda _uri, _options: table.delete(predicate))
         return self._version_after_write(ref)
 
     def _version_after_write(self, ref: TableRef) -> int:
@@ -111,7 +161,7 @@ class Lake:
 
     def tables(self, zone: Zone, layer: str) -> list[TableRef]:
         """The Delta tables present in one layer of a zone."""
-        storage = Storage(self._roots[zone])
+        storage = Storage(self._roots[zone], self._azure)
         return [
             TableRef(zone, layer, name)
             for name in storage.list_dirs(layer)

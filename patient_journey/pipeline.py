@@ -11,21 +11,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from patient_journey.azure import is_blob_url
 from patient_journey.errors import ConfigurationError
 from patient_journey.identity import KeyMaker
 from patient_journey.journey import build_journey
-from patient_journey.lake import Lake, TableRef, bronze, gold, restricted, silver, staged
+from patient_journey.lake import Lake, TableRef, bronze, gold, quarantine, restricted, silver, staged
 from patient_journey.linkage import LINKS, link
 from patient_journey.quality import QUARANTINE_SCHEMA, QualityGate
 from patient_journey.settings import JourneySettings
 from patient_journey.sources import device, fhir, redcap, registry
-from patient_journey.sources.records import BRONZE_SCHEMA, REJECT_SCHEMA, Extraction
+from patient_journey.sources.records import BRONZE_SCHEMA, REJECT_SCHEMA, Extraction, SeenInputs
 from patient_journey.staging import STAGED_TABLES, stage
-from patient_journey.storage import Storage
+from patient_journey.storage import Storage, azure_access, check_zones
 
 SOURCES = ("fhir", "device", "registry", "redcap")
 BRONZE_TABLES = {
@@ -43,15 +45,15 @@ def ledger_table(source: str) -> TableRef:
 
 
 def extraction_rejects_table(source: str) -> TableRef:
-    return restricted("quarantine", f"{source}_rejected_at_read")
+    return quarantine(f"{source}_rejected_at_read")
 
 
 BUILDS = restricted("ledger", "build")
-QUARANTINE = restricted("quarantine", "record")
+QUARANTINE = quarantine("record")
 HELD = restricted("held", "record")
 CROSSWALK = restricted("identity", "crosswalk")
 # File-based adapters share one signature; the registry is read through SQLAlchemy.
-FILE_ADAPTERS: dict[str, Callable[[Storage, str, set[tuple[str, str]], str], Extraction]] = {
+FILE_ADAPTERS: dict[str, Callable[[Storage, str, SeenInputs, str], Extraction]] = {
     "fhir": fhir.extract,
     "device": device.extract,
     "redcap": redcap.extract,
@@ -64,6 +66,8 @@ ENTITY_TABLE = {spec.entity: spec.name for spec in STAGED_TABLES}
 class IngestReport:
     source: str
     new_inputs: int = 0
+    pending_inputs: int = 0
+    changed_inputs: int = 0
     records: int = 0
     rejects: int = 0
     skipped: str | None = None
@@ -99,33 +103,39 @@ class BuildReport:
 
 
 def preflight(settings: JourneySettings) -> int:
-    """Fail before any load: a missing key, a missing or broken suite. Returns expectation count."""
+    """Fail before any load: a missing key, a missing or broken suite, a storage zone that cannot
+    be listed (landing) or written (the others). Returns the number of expectations."""
     settings.patient_hmac_key()
+    check_zones(settings)
     gate = QualityGate(settings.quality.expectations_dir)
     gate.require("staged", [t.name for t in STAGED_TABLES])
     gate.require("gold", list(GOLD_TABLES))
     return gate.check_all_parse()
 
 
-def _seen(lake: Lake, source: str) -> tuple[set[tuple[str, str]], dict[str, str]]:
+def _seen(lake: Lake, source: str, settle_seconds: int) -> tuple[SeenInputs, dict[str, str]]:
+    """The source's ledger as inputs already processed, and the registry's watermark per table."""
     ledger = lake.read(ledger_table(source))
-    if ledger is None:
-        return set(), {}
-    rows = ledger.to_pylist()
-    seen = {(r["uri"], r["content_hash"]) for r in rows}
+    settle_before = datetime.now(UTC) - timedelta(seconds=settle_seconds) if settle_seconds else None
+    seen = SeenInputs.from_ledger(ledger, settle_before)
     watermarks: dict[str, str] = {}
-    for r in rows:
-        if r["watermark"] is not None:
-            table = r["uri"].rsplit("#", 1)[-1]
-            watermarks[table] = max(watermarks.get(table, r["watermark"]), r["watermark"])
+    if ledger is not None:
+        for uri, mark in zip(
+            ledger.column("uri").to_pylist(), ledger.column("watermark").to_pylist(), strict=True
+        ):
+            if mark is not None:
+                table = uri.rsplit("#", 1)[-1]
+                watermarks[table] = max(watermarks.get(table, mark), mark)
     return seen, watermarks
 
 
 def registry_url(settings: JourneySettings) -> str | None:
     if settings.sources.registry_url is not None:
         return settings.sources.registry_url.get_secret_value()
+    if is_blob_url(settings.storage.landing_url):
+        return None
     landing = Storage(settings.storage.landing_url)
-    if "://" not in landing.root and landing.exists("outcomes", "registry.sqlite"):
+    if landing.exists("outcomes", "registry.sqlite"):
         return f"sqlite:///{landing.url('outcomes', 'registry.sqlite')}"
     return None
 
@@ -135,9 +145,9 @@ def ingest(settings: JourneySettings, source: str, run_id: str) -> IngestReport:
     if source not in SOURCES:
         raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
     started = time.perf_counter()
-    lake = Lake(settings.storage)
-    landing = Storage(settings.storage.landing_url)
-    seen, watermarks = _seen(lake, source)
+    lake = Lake(settings)
+    landing = Storage(settings.storage.landing_url, azure_access(settings))
+    seen, watermarks = _seen(lake, source, settings.sources.settle_seconds)
     if source == "registry":
         url = registry_url(settings)
         if url is None:
@@ -147,7 +157,13 @@ def ingest(settings: JourneySettings, source: str, run_id: str) -> IngestReport:
         adapter = FILE_ADAPTERS[source]
         prefix = getattr(settings.sources, f"{source}_prefix")
         extraction = adapter(landing, prefix, seen, run_id)
-    report = IngestReport(source, records=extraction.record_count, rejects=extraction.reject_count)
+    report = IngestReport(
+        source,
+        records=extraction.record_count,
+        rejects=extraction.reject_count,
+        pending_inputs=extraction.pending_inputs,
+        changed_inputs=extraction.changed_inputs,
+    )
     ledger = extraction.ledger()
     report.new_inputs = ledger.num_rows
     # Order matters for crash safety: bronze, then rejects, then the ledger. A crash before the
@@ -193,7 +209,7 @@ def _rejects_as_quarantine(lake: Lake) -> pa.Table:
 def build_silver(settings: JourneySettings, run_id: str, force: bool = False) -> BuildReport:
     """Stage bronze, gate every staged table, link identities, write staged/silver/quarantine/held."""
     started = time.perf_counter()
-    lake = Lake(settings.storage)
+    lake = Lake(settings)
     versions = _bronze_versions(lake)
     last = _last_build(lake)
     if not force and last == versions and lake.version(gold("surgical_episode")) is not None:
@@ -250,7 +266,7 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
 def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
     """Build, gate and write the gold tables from silver; records the bronze versions it used."""
     started = time.perf_counter()
-    lake = Lake(settings.storage)
+    lake = Lake(settings)
     gate = QualityGate(settings.quality.expectations_dir)
     silver_tables = {}
     for spec in LINKS:

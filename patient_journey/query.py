@@ -7,29 +7,38 @@ analysts' zone is exposed: the restricted zone is never attached here.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
+from patient_journey.azure import is_blob_url
 from patient_journey.errors import ConfigurationError, JourneyError
 from patient_journey.lake import Lake, Zone
-from patient_journey.settings import StorageSettings
+from patient_journey.settings import JourneySettings
+from patient_journey.storage import azure_access
 
 
-def _delta_extension() -> Path:
-    import duckdb_extension_delta
+def _extension(name: str) -> Path:
+    """DuckDB extensions ship as PyPI packages for duckdb 1.5.5 (no download at run time)."""
+    package = importlib.import_module(f"duckdb_extension_{name}")
+    folder = Path(str(package.__file__)).parent / "extensions" / f"v{duckdb.__version__}"
+    return folder / f"{name}.duckdb_extension"
 
-    folder = Path(duckdb_extension_delta.__file__).parent / "extensions" / f"v{duckdb.__version__}"
-    return folder / "delta.duckdb_extension"
 
-
-def open_warehouse(storage: StorageSettings) -> duckdb.DuckDBPyConnection:
+def open_warehouse(settings: JourneySettings) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with a view per silver and gold table."""
-    lake = Lake(storage)
+    lake = Lake(settings)
     connection = duckdb.connect()
     connection.execute("SET TimeZone = 'UTC'")
-    connection.execute(f"LOAD '{_delta_extension()}'")
+    connection.execute(f"LOAD '{_extension('delta')}'")
+    access = azure_access(settings)
+    if access is not None and is_blob_url(lake.root(Zone.WAREHOUSE)):
+        # delta_scan reads az:// through the azure extension's secret. Note: for the local
+        # emulator it takes Azurite's standard port (10000) whatever the endpoint says.
+        connection.execute(f"LOAD '{_extension('azure')}'")
+        connection.execute(access.duckdb_secret_sql())
     found = False
     for layer in ("silver", "gold"):
         connection.execute(f"CREATE SCHEMA IF NOT EXISTS {layer}")
@@ -48,8 +57,8 @@ def open_warehouse(storage: StorageSettings) -> duckdb.DuckDBPyConnection:
     return connection
 
 
-def run_query(storage: StorageSettings, sql: str) -> pa.Table:
-    connection = open_warehouse(storage)
+def run_query(settings: JourneySettings, sql: str) -> pa.Table:
+    connection = open_warehouse(settings)
     try:
         return connection.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
@@ -58,8 +67,8 @@ def run_query(storage: StorageSettings, sql: str) -> pa.Table:
         connection.close()
 
 
-def patient_timeline(storage: StorageSettings, patient_key: str) -> pa.Table:
-    connection = open_warehouse(storage)
+def patient_timeline(settings: JourneySettings, patient_key: str) -> pa.Table:
+    connection = open_warehouse(settings)
     try:
         return connection.execute(
             """SELECT strftime(event_time, '%Y-%m-%d %H:%M') AS time, phase, source, event_type AS event,

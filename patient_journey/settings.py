@@ -8,6 +8,7 @@ levels, e.g. ``JOURNEY_STORAGE__WAREHOUSE_URL`` or ``JOURNEY_IDENTITY__PATIENT_K
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,7 +20,12 @@ DEFAULT_DATA_DIR = Path("journey-data")
 
 
 class StorageSettings(BaseModel):
-    """Where each zone lives: local paths (the embedded default) or URLs."""
+    """Where each zone lives: local paths (the embedded default) or Azure Blob Storage URLs
+    (``az://container/prefix`` or ``abfss://container@account.dfs.core.windows.net/prefix``).
+
+    Keep raw PHI (landing, restricted), rejected records (quarantine) and the analysts' warehouse
+    in separate containers in production; docs/deployment.md shows the recommended layout.
+    """
 
     landing_url: str = Field(
         default=str(DEFAULT_DATA_DIR / "landing"),
@@ -31,8 +37,52 @@ class StorageSettings(BaseModel):
     )
     restricted_url: str = Field(
         default=str(DEFAULT_DATA_DIR / "restricted"),
-        description="Bronze, staged tables, identity crosswalk, quarantine, held records, ledgers.",
+        description="Bronze, staged tables, identity crosswalk, held records, ledgers (PHI).",
     )
+    quarantine_url: str | None = Field(
+        default=None,
+        description="Rejected records: rule and lineage (file, line), never values. Default: restricted_url.",
+    )
+
+    @property
+    def quarantine_root(self) -> str:
+        return self.quarantine_url or self.restricted_url
+
+    def zone_urls(self) -> dict[str, str]:
+        return {
+            "landing": self.landing_url,
+            "restricted": self.restricted_url,
+            "quarantine": self.quarantine_root,
+            "warehouse": self.warehouse_url,
+        }
+
+
+AzureAuth = Literal["entra", "connection_string", "account_key", "sas"]
+
+
+class AzureSettings(BaseModel):
+    """How to reach Azure Blob Storage when a zone URL is ``az://`` or ``abfss://``.
+
+    ``auth`` defaults to the secret that is set (connection string, then account key, then SAS
+    token), else to Microsoft Entra ID through ``DefaultAzureCredential`` (managed identity,
+    workload identity, ``az login``): the production choice, with shared keys off.
+    """
+
+    account_name: str | None = Field(default=None, description="Storage account name.")
+    auth: AzureAuth | None = Field(default=None, description="entra | connection_string | account_key | sas.")
+    connection_string: SecretStr | None = Field(default=None, description="A storage connection string.")
+    account_key: SecretStr | None = Field(default=None, description="The account's shared key.")
+    sas_token: SecretStr | None = Field(default=None, description="A SAS token (account or container).")
+    endpoint: str | None = Field(
+        default=None,
+        description="Blob endpoint, e.g. http://127.0.0.1:10000/devstoreaccount1 for Azurite.",
+    )
+    credentials_block: str | None = Field(
+        default=None,
+        description="Name of a prefect-azure AzureBlobStorageCredentials block (read by the flows).",
+    )
+    max_retries: int = Field(default=3, ge=0, description="Retries of a transient storage error.")
+    timeout_seconds: int = Field(default=30, ge=1, description="Timeout of one storage request.")
 
 
 class IdentitySettings(BaseModel):
@@ -50,6 +100,14 @@ class SourceSettings(BaseModel):
     fhir_prefix: str = Field(default="ehr", description="FHIR bulk exports and bundles.")
     device_prefix: str = Field(default="device", description="IoT Hub routed telemetry blobs.")
     redcap_prefix: str = Field(default="outcomes/redcap", description="REDCap exports.")
+    settle_seconds: int = Field(
+        default=60,
+        ge=0,
+        description=(
+            "An input modified less than this many seconds ago may still be being written: it is "
+            "left for the next run and reported as pending."
+        ),
+    )
     registry_url: SecretStr | None = Field(
         default=None,
         description=(
@@ -76,6 +134,7 @@ class JourneySettings(BaseSettings):
     )
 
     storage: StorageSettings = StorageSettings()
+    azure: AzureSettings = AzureSettings()
     identity: IdentitySettings = IdentitySettings()
     sources: SourceSettings = SourceSettings()
     quality: QualitySettings = QualitySettings()

@@ -1,19 +1,30 @@
-"""One storage abstraction over URLs (fsspec), so that local folders and ``az://`` behave alike.
+"""One file-storage abstraction over local folders and Azure Blob Storage containers.
 
-A location is a URL or a local path; local paths are made absolute so that Delta, DuckDB and
-lineage columns all see the same string.
+A location is a local path (made absolute, so Delta, DuckDB and lineage columns all see the
+same string) or a blob URL (``az://container/prefix``, ``abfss://container@account.dfs...``).
+Listing returns each file's version (the blob's etag; size and mtime for a local file) and its
+last-modified time, which the input ledgers use to read each input once.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import TYPE_CHECKING, Protocol
 
-import fsspec
-from fsspec.core import url_to_fs
+from patient_journey.azure import AzureAccess, BlobLocation, is_blob_url, parse_blob_url, storage_failure
+from patient_journey.errors import ConfigurationError, SourceError, StorageError
 
-from patient_journey.errors import SourceError
+if TYPE_CHECKING:
+    from patient_journey.settings import JourneySettings
+
+PROBE_NAME = "_journey_access_probe"
+
+
+class InputChangedError(StorageError):
+    """A file changed between listing and reading: it is left for the next run."""
 
 
 def normalise_url(location: str) -> str:
@@ -29,61 +40,228 @@ def join(base: str, *parts: str) -> str:
 
 @dataclass(frozen=True)
 class FileInfo:
-    """A file found in a location: its URL and size."""
+    """A file found in a location: URL, size, version (etag or mtime+size), last modified."""
 
     url: str
     size: int
+    version: str
+    modified: datetime
+
+
+def azure_access(settings: JourneySettings) -> AzureAccess | None:
+    """The Azure access of these settings, or None when no zone lives in blob storage."""
+    if not any(is_blob_url(url) for url in settings.storage.zone_urls().values()):
+        return None
+    return AzureAccess(settings.azure)
+
+
+class _Backend(Protocol):
+    def exists(self, path: str) -> bool: ...
+    def list_files(self, path: str) -> list[FileInfo]: ...
+    def list_dirs(self, path: str) -> list[str]: ...
+    def read(self, url: str, version: str | None) -> bytes: ...
+    def write(self, path: str, data: bytes) -> None: ...
+    def delete(self, path: str) -> None: ...
+
+
+class _LocalBackend:
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def _info(path: Path) -> FileInfo:
+        stat = path.stat()
+        return FileInfo(
+            str(path),
+            stat.st_size,
+            f"{stat.st_mtime_ns}-{stat.st_size}",
+            datetime.fromtimestamp(stat.st_mtime, UTC),
+        )
+
+    def exists(self, path: str) -> bool:
+        return (self.root / path).exists()
+
+    def list_files(self, path: str) -> list[FileInfo]:
+        base = self.root / path
+        if base.is_file():
+            return [self._info(base)]
+        return [self._info(p) for p in base.rglob("*") if p.is_file()] if base.is_dir() else []
+
+    def list_dirs(self, path: str) -> list[str]:
+        base = self.root / path
+        return [p.name for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
+
+    def read(self, url: str, version: str | None) -> bytes:
+        try:
+            data = Path(url).read_bytes()
+        except FileNotFoundError:
+            raise SourceError(f"Cannot read {url}: no such file.") from None
+        if version is not None and self._info(Path(url)).version != version:
+            raise InputChangedError(f"{url} changed while it was being read; it is left for the next run.")
+        return data
+
+    def write(self, path: str, data: bytes) -> None:
+        target = self.root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+    def delete(self, path: str) -> None:
+        (self.root / path).unlink(missing_ok=True)
+
+
+class _BlobBackend:
+    def __init__(self, location: BlobLocation, azure: AzureAccess) -> None:
+        self.location = location
+        self.client = azure.container(location.container)
+
+    def _name(self, path: str) -> str:
+        return "/".join(p for p in (self.location.prefix, path.strip("/")) if p)
+
+    def _fail(self, exc: Exception, operation: str, path: str) -> StorageError:
+        return storage_failure(exc, operation, self.location.url(self._name(path)))
+
+    def exists(self, path: str) -> bool:
+        name = self._name(path)
+        try:
+            for blob in self.client.list_blobs(name_starts_with=name, results_per_page=5):
+                if blob.name == name or blob.name.startswith(name + "/"):
+                    return True
+        except Exception as exc:
+            raise self._fail(exc, "list", path) from None
+        return False
+
+    def list_files(self, path: str) -> list[FileInfo]:
+        name = self._name(path)
+        start = f"{name}/" if name else None
+        try:
+            return [
+                FileInfo(
+                    self.location.url(blob.name),
+                    int(blob.size),
+                    str(blob.etag).strip('"'),
+                    blob.last_modified,
+                )
+                for blob in self.client.list_blobs(name_starts_with=start)
+                if not blob.name.endswith("/")
+            ]
+        except Exception as exc:
+            raise self._fail(exc, "list", path) from None
+
+    def list_dirs(self, path: str) -> list[str]:
+        name = self._name(path)
+        try:
+            items = self.client.walk_blobs(name_starts_with=f"{name}/" if name else None, delimiter="/")
+            return [item.name.rstrip("/").rsplit("/", 1)[-1] for item in items if item.name.endswith("/")]
+        except Exception as exc:
+            raise self._fail(exc, "list", path) from None
+
+    def read(self, url: str, version: str | None) -> bytes:
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+
+        name = parse_blob_url(url).prefix
+        try:
+            if version is None:
+                return self.client.download_blob(name).readall()
+            return self.client.download_blob(
+                name, etag=f'"{version}"', match_condition=MatchConditions.IfNotModified
+            ).readall()
+        except ResourceModifiedError:
+            raise InputChangedError(
+                f"{url} changed while it was being read; it is left for the next run."
+            ) from None
+        except ResourceNotFoundError as exc:
+            if getattr(exc, "error_code", None) == "BlobNotFound":
+                raise SourceError(f"Cannot read {url}: no such blob.") from None
+            raise storage_failure(exc, "read", url) from None
+        except Exception as exc:
+            raise storage_failure(exc, "read", url) from None
+
+    def write(self, path: str, data: bytes) -> None:
+        try:
+            self.client.upload_blob(self._name(path), data, overwrite=True)
+        except Exception as exc:
+            raise self._fail(exc, "write", path) from None
+
+    def delete(self, path: str) -> None:
+        try:
+            self.client.delete_blob(self._name(path))
+        except Exception as exc:
+            raise self._fail(exc, "delete", path) from None
 
 
 class Storage:
-    """Lists and opens files under one root URL."""
+    """Lists, reads and writes files under one root (a local folder or a blob container/prefix)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, azure: AzureAccess | None = None) -> None:
         self.root = normalise_url(root)
-        self._fs, self._root_path = url_to_fs(self.root)
-        self._protocol = self.root.split("://", 1)[0] if "://" in self.root else None
+        self.is_blob = is_blob_url(self.root)
+        self._backend: _Backend
+        if self.is_blob:
+            if azure is None:
+                raise ConfigurationError(
+                    f"{self.root} is in Azure Blob Storage but no Azure access is configured."
+                )
+            self._backend = _BlobBackend(parse_blob_url(self.root), azure)
+        elif "://" in self.root:
+            raise ConfigurationError(
+                f"Unsupported storage URL {self.root!r}: use a local path, az://container/prefix "
+                "or abfss://container@account.dfs.core.windows.net/prefix."
+            )
+        else:
+            self._backend = _LocalBackend(self.root)
+
+    @property
+    def container(self) -> str:
+        return parse_blob_url(self.root).container if self.is_blob else self.root
 
     def url(self, *parts: str) -> str:
         return join(self.root, *parts)
 
-    def _to_url(self, path: str) -> str:
-        return f"{self._protocol}://{path}" if self._protocol else path
-
     def exists(self, *parts: str) -> bool:
-        return bool(self._fs.exists(join(self._root_path, *parts)))
+        return self._backend.exists("/".join(p.strip("/") for p in parts if p))
 
     def list_files(self, prefix: str = "", suffixes: tuple[str, ...] = ()) -> list[FileInfo]:
         """All files under ``prefix`` (recursively), sorted by URL; optionally by suffix."""
-        base = join(self._root_path, prefix)
-        if not self._fs.exists(base):
-            return []
-        found = self._fs.find(base, detail=True)
         files = [
-            FileInfo(url=self._to_url(path), size=int(info.get("size") or 0))
-            for path, info in found.items()
-            if info.get("type") == "file" and (not suffixes or path.endswith(suffixes))
+            f
+            for f in self._backend.list_files(prefix.strip("/"))
+            if not f.url.endswith(PROBE_NAME) and (not suffixes or f.url.endswith(suffixes))
         ]
         return sorted(files, key=lambda f: f.url)
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         """Names of the folders directly under ``prefix``, sorted."""
-        base = join(self._root_path, prefix)
-        if not self._fs.exists(base):
-            return []
-        entries = self._fs.ls(base, detail=True)
-        return sorted(
-            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"
-        )
+        return sorted(self._backend.list_dirs(prefix.strip("/")))
 
-    @staticmethod
-    def open(url: str, mode: str = "rb") -> IO[bytes]:
-        try:
-            handle: IO[bytes] = fsspec.open(url, mode).open()
-        except FileNotFoundError as exc:
-            raise SourceError(f"Cannot open {url}: no such file.") from exc
-        return handle
+    def read_bytes(self, url: str, version: str | None = None) -> bytes:
+        """The file's content; with ``version``, only if it is still that version."""
+        return self._backend.read(url, version)
 
-    @staticmethod
-    def read_bytes(url: str) -> bytes:
-        with Storage.open(url) as handle:
-            return handle.read()
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self._backend.write(path, data)
+
+    def delete(self, path: str) -> None:
+        self._backend.delete(path)
+
+    def check(self, writable: bool) -> None:
+        """Fail fast, naming the container and operation, if this location cannot be used."""
+        self.list_dirs()
+        if writable:
+            name = f"{PROBE_NAME}-{os.getpid()}"
+            self.write_bytes(name, b"")
+            self.delete(name)
+
+
+def check_zones(settings: JourneySettings) -> dict[str, str]:
+    """Probe every zone: landing must be listable, the others writable. Returns zone -> root."""
+    access = azure_access(settings)
+    checked = {}
+    for zone, url in settings.storage.zone_urls().items():
+        storage = Storage(url, access)
+        writable = zone != "landing"
+        if writable and not storage.is_blob:
+            Path(storage.root).mkdir(parents=True, exist_ok=True)
+        storage.check(writable)
+        checked[zone] = storage.root
+    return checked

@@ -40,6 +40,7 @@ def settings_for(root: Path, landing: Path | None = None, key: str | None = TEST
             "restricted_url": str(root / "restricted"),
         },
         identity={"patient_key": key},
+        sources={"settle_seconds": 0},  # generated files are complete: read them at once
     )
 
 
@@ -49,6 +50,7 @@ def use_settings_env(monkeypatch: pytest.MonkeyPatch, settings: JourneySettings)
     monkeypatch.setenv("JOURNEY_STORAGE__WAREHOUSE_URL", settings.storage.warehouse_url)
     monkeypatch.setenv("JOURNEY_STORAGE__RESTRICTED_URL", settings.storage.restricted_url)
     monkeypatch.setenv("JOURNEY_IDENTITY__PATIENT_KEY", TEST_KEY)
+    monkeypatch.setenv("JOURNEY_SOURCES__SETTLE_SECONDS", str(settings.sources.settle_seconds))
 
 
 @pytest.fixture(scope="session")

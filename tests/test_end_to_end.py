@@ -75,7 +75,7 @@ def test_every_episode_fact_matches_the_ground_truth(
 ) -> None:
     _, root = first_run
     keys = KeyMaker(TEST_KEY.encode())
-    episodes = Lake(settings_for(root).storage).read(gold("surgical_episode"))
+    episodes = Lake(settings_for(root)).read(gold("surgical_episode"))
     assert episodes is not None
     by_key = {row["episode_key"]: row for row in episodes.to_pylist()}
     truth = _truth(generated, "episodes.csv")
@@ -99,7 +99,7 @@ def test_every_planted_bad_record_is_quarantined_or_held_under_its_rule(
     first_run: tuple[RunSummary, Path], generated: GenerationResult
 ) -> None:
     _, root = first_run
-    lake = Lake(settings_for(root).storage)
+    lake = Lake(settings_for(root))
     places = {"quarantined": lake.read(QUARANTINE), "held": lake.read(HELD)}
     planted = _truth(generated, "planted_bad_records.csv")
     assert len(planted) == sum(generated.planted.values()) > 0
@@ -156,9 +156,9 @@ def test_the_warehouse_answers_sql_by_table_name(
     first_run: tuple[RunSummary, Path], generated: GenerationResult
 ) -> None:
     _, root = first_run
-    answer = run_query(settings_for(root).storage, "select count(*) as n from surgical_episode")
+    answer = run_query(settings_for(root), "select count(*) as n from surgical_episode")
     assert answer.to_pylist() == [{"n": generated.episodes}]
-    phases = run_query(settings_for(root).storage, "select distinct phase from journey_event order by 1")
+    phases = run_query(settings_for(root), "select distinct phase from journey_event order by 1")
     assert phases.column("phase").to_pylist() == ["intra", "post", "pre"]
 
 
@@ -167,7 +167,7 @@ def test_a_rerun_over_the_same_inputs_changes_nothing(
 ) -> None:
     _, root = first_run
     settings = settings_for(root, landing=generated.out / "landing")
-    lake = Lake(settings.storage)
+    lake = Lake(settings)
     tables = [gold("surgical_episode"), gold("journey_event"), QUARANTINE, HELD]
     before = {t.label: lake.version(t) for t in tables}
     content = lake.read(gold("surgical_episode"))

@@ -40,7 +40,7 @@ def test_synthea_bulk_export_loads_with_counts_per_resource_type(shared_data: Pa
     landing = _land(tmp_path, files, "synthea")
     settings = settings_for(tmp_path, landing=landing)
     report = pipeline.ingest(settings, "fhir", "run-synthea")
-    loaded, rejected = _by_entity(Lake(settings.storage))
+    loaded, rejected = _by_entity(Lake(settings))
     for file in files:
         lines = sum(1 for line in file.read_bytes().split(b"\n") if line.strip())
         entity = resource_type_of_file(file.name) or "unknown"  # log.ndjson: Synthea's export log
@@ -65,7 +65,7 @@ def test_fhir_r4_examples_load_or_are_rejected_per_resource_type(shared_data: Pa
     landing = _land(tmp_path, files, "bundles")
     settings = settings_for(tmp_path, landing=landing)
     pipeline.ingest(settings, "fhir", "run-examples")
-    loaded, rejected = _by_entity(Lake(settings.storage))
+    loaded, rejected = _by_entity(Lake(settings))
     expected: Counter[str] = Counter()
     for file in files:
         document = orjson.loads(file.read_bytes())
@@ -89,7 +89,7 @@ def test_json_test_suite_invalid_files_are_quarantined_without_a_crash(
     landing = _land(tmp_path, invalid + valid, "bundles")
     settings = settings_for(tmp_path, landing=landing)
     report = pipeline.ingest(settings, "fhir", "run-json")
-    rejects = Lake(settings.storage).read(extraction_rejects_table("fhir"))
+    rejects = Lake(settings).read(extraction_rejects_table("fhir"))
     assert rejects is not None
     rules = {
         Path(uri).name: rule

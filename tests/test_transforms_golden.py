@@ -45,7 +45,7 @@ def transformed(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, pa.
     settings = settings_for(root, landing=landing)
     for source in pipeline.SOURCES:
         pipeline.ingest(settings, source, "golden-run")
-    lake = Lake(settings.storage)
+    lake = Lake(settings)
     bronze_tables = {
         name: lake.read(bronze(name)) or BRONZE_SCHEMA.empty_table()
         for name in pipeline.BRONZE_TABLES.values()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -155,7 +156,7 @@ def test_resource_type_comes_from_the_bulk_file_name(name: str, resource_type: s
 def test_a_malformed_line_is_rejected_by_line_without_its_content() -> None:
     out = Extraction("fhir", "run-1")
     data = b'{"resourceType":"Patient","id":"p1"}\n{"resourceType":"Patient","name":"Secret Name\n{"resourceType":"Encounter","id":"e1"}\n'
-    extract_ndjson(out, FileInfo("/x/Patient.000.ndjson", len(data)), data)
+    extract_ndjson(out, FileInfo("/x/Patient.000.ndjson", len(data), "v1", datetime.now(UTC)), data)
     records, rejects = out.records().to_pylist(), out.rejects().to_pylist()
     assert [r["record_id"] for r in records] == ["p1"]
     assert [(r["source_offset"], r["rule"]) for r in rejects] == [

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from patient_journey.storage import FileInfo, Storage
+from patient_journey.storage import FileInfo, InputChangedError, Storage
 
 BRONZE_SCHEMA = pa.schema(
     [
@@ -47,6 +47,7 @@ LEDGER_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
         ("uri", pa.string()),
+        ("version", pa.string()),
         ("size", pa.int64()),
         ("content_hash", pa.string()),
         ("records", pa.int64()),
@@ -78,6 +79,10 @@ class Extraction:
         default_factory=lambda: {name: [] for name in LEDGER_SCHEMA.names}
     )
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Inputs seen but not read this run: still settling (or changed while read), and inputs read
+    # again because their content changed under the same URI after an earlier run.
+    pending_inputs: int = 0
+    changed_inputs: int = 0
 
     def add_record(
         self,
@@ -117,6 +122,7 @@ class Extraction:
     def add_input(
         self,
         uri: str,
+        version: str,
         size: int,
         digest: str,
         records: int,
@@ -126,6 +132,7 @@ class Extraction:
         values = (
             self.source,
             uri,
+            version,
             size,
             digest,
             records,
@@ -155,19 +162,63 @@ class Extraction:
         return pa.table(self._ledger, schema=LEDGER_SCHEMA)
 
 
-def new_files(
-    out: Extraction, landing: Storage, prefix: str, suffixes: tuple[str, ...], seen: set[tuple[str, str]]
-) -> Iterator[tuple[FileInfo, bytes]]:
-    """Yield each file under ``prefix`` whose (URI, content hash) the ledger has not seen.
+@dataclass(frozen=True)
+class SeenInputs:
+    """What a source's ledger knows, and which inputs are too fresh to read yet."""
 
-    After the caller has read a file into ``out``, its ledger entry (with the records and
-    rejects it produced) is added, so every adapter keeps the ledger the same way.
+    versions: frozenset[tuple[str, str]] = frozenset()  # (uri, version) already processed
+    hashes: frozenset[tuple[str, str]] = frozenset()  # (uri, content hash) already processed
+    settle_before: datetime | None = None  # inputs modified after this are left for later
+
+    @property
+    def uris(self) -> frozenset[str]:
+        return frozenset(uri for uri, _ in self.versions)
+
+    @classmethod
+    def from_ledger(cls, ledger: pa.Table | None, settle_before: datetime | None = None) -> SeenInputs:
+        if ledger is None:
+            return cls(settle_before=settle_before)
+        uris = ledger.column("uri").to_pylist()
+        return cls(
+            frozenset(zip(uris, ledger.column("version").to_pylist(), strict=True)),
+            frozenset(zip(uris, ledger.column("content_hash").to_pylist(), strict=True)),
+            settle_before,
+        )
+
+
+def new_files(
+    out: Extraction, landing: Storage, prefix: str, suffixes: tuple[str, ...], seen: SeenInputs
+) -> Iterator[tuple[FileInfo, bytes]]:
+    """Yield each file under ``prefix`` that the ledger has not processed yet.
+
+    Listing alone decides most files: a (URI, version) the ledger has is skipped unread. A file
+    modified within the settle window may still be being written and waits for the next run;
+    so does one that changes between listing and reading (the read is conditional on the listed
+    version). A known URI under a new version with the same content is only recorded; with new
+    content it is read again whole and counted as changed. After the caller has read a file into
+    ``out``, its ledger entry (with the records and rejects it produced) is added, so every
+    adapter keeps the ledger the same way.
     """
+    known = seen.uris
     for file in landing.list_files(prefix, suffixes):
-        data = Storage.read_bytes(file.url)
-        digest = content_hash(data)
-        if (file.url, digest) in seen:
+        if (file.url, file.version) in seen.versions:
             continue
+        if seen.settle_before is not None and file.modified > seen.settle_before:
+            out.pending_inputs += 1
+            continue
+        try:
+            data = landing.read_bytes(file.url, file.version)
+        except InputChangedError:
+            out.pending_inputs += 1
+            continue
+        digest = content_hash(data)
+        if (file.url, digest) in seen.hashes:
+            out.add_input(file.url, file.version, file.size, digest, 0, 0)
+            continue
+        if file.url in known:
+            out.changed_inputs += 1
         records, rejects = out.record_count, out.reject_count
         yield file, data
-        out.add_input(file.url, file.size, digest, out.record_count - records, out.reject_count - rejects)
+        out.add_input(
+            file.url, file.version, file.size, digest, out.record_count - records, out.reject_count - rejects
+        )

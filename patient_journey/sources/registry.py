@@ -66,7 +66,7 @@ def extract(url: str, watermarks: dict[str, str], run_id: str) -> Extraction:
                     stamp = str(values[spec.updated_at])
                     newest = stamp if newest is None or stamp > newest else newest
                 if count:
-                    out.add_input(uri, count, "", count, 0, watermark=newest)
+                    out.add_input(uri, newest or "", count, "", count, 0, watermark=newest)
     except sa.exc.OperationalError as exc:
         raise SourceError(f"Cannot read the registry at {safe_url}: {type(exc.orig).__name__}.") from exc
     finally:
