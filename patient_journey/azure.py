@@ -33,7 +33,10 @@ _REASONS = {
     ),
     "InvalidAuthenticationInfo": "the storage account refused the credentials (malformed or expired)",
     "NoAuthenticationInformation": "no credentials were sent (set JOURNEY_AZURE__AUTH and its secret)",
-    "AuthorizationFailure": "the credentials are not allowed to do this (check SAS permissions or role)",
+    "AuthorizationFailure": (
+        "the storage account refused the request: the credentials do not allow it (a SAS token "
+        "that is expired or lacks this permission, or a missing role assignment)"
+    ),
     "AuthorizationPermissionMismatch": (
         "the credentials lack the permission for this operation (e.g. a read-only SAS token, or a "
         "Reader role where Storage Blob Data Contributor is needed)"
@@ -242,6 +245,7 @@ def failure_reason(exc: BaseException) -> tuple[str, bool]:
     from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError, ServiceResponseError
 
     code = getattr(exc, "error_code", None)
+    code = getattr(code, "value", code)  # the SDK gives a StorageErrorCode enum
     text = str(exc)
     if code is None:
         found = re.search(r"<Code>(\w+)</Code>|ErrorCode:(\w+)", text)

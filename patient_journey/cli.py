@@ -8,7 +8,7 @@ import shutil
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import pyarrow as pa
 import typer
@@ -76,7 +76,7 @@ def print_table(table: pa.Table, output: OutputFormat = OutputFormat.table, titl
     console.print(view)
 
 
-def _fail(exc: JourneyError) -> None:
+def _fail(exc: JourneyError) -> NoReturn:
     console.print(f"[red]error:[/red] {exc}")
     raise typer.Exit(code=2)
 
@@ -160,6 +160,80 @@ def patient(
     print_table(timeline, output, title=f"Journey of patient {key[:12]}…")
 
 
+class DemoStorage(StrEnum):
+    local = "local"
+    azurite = "azurite"
+
+
+@app.command()
+def check() -> None:
+    """Probe every storage zone (list landing; write and delete a probe in the others)."""
+    from patient_journey.storage import azure_access, check_zones
+
+    try:
+        settings = load_settings()
+        access = azure_access(settings)
+        zones = check_zones(settings)
+    except JourneyError as exc:
+        _fail(exc)
+    if access is not None:
+        console.print(f"Azure account {access.account_name} at {access.endpoint}, auth: {access.auth}")
+    print_table(
+        pa.table({"zone": list(zones), "location": list(zones.values()), "status": ["ok"] * len(zones)})
+    )
+
+
+@app.command()
+def reprocess(
+    source: Annotated[str, typer.Argument(help="fhir, device, redcap or registry.")],
+    prefix: Annotated[
+        str, typer.Option(help="Only inputs under this landing prefix (registry: a table name).")
+    ] = "",
+) -> None:
+    """Forget inputs already processed, so the next run reads them again (nothing loads twice)."""
+    from patient_journey.pipeline import forget_inputs
+
+    try:
+        forgotten = forget_inputs(load_settings(), source, prefix)
+    except JourneyError as exc:
+        _fail(exc)
+    console.print(f"{forgotten} {source} input(s) will be read again on the next run.")
+
+
+@app.command()
+def azurite(
+    data_dir: Annotated[Path, typer.Option(help="Where Azurite keeps its blobs.")] = DEFAULT_DATA_DIR
+    / "azurite",
+    seed_from: Annotated[
+        Path | None, typer.Option(help="Upload this generated folder's landing/ to the landing container.")
+    ] = None,
+) -> None:
+    """Run Azurite (the Azure Storage emulator) in the foreground with the four containers."""
+    import time
+
+    from patient_journey.azurite import Azurite, upload_folder
+
+    try:
+        emulator = Azurite(data_dir).start()
+    except JourneyError as exc:
+        _fail(exc)
+    try:
+        emulator.create_containers()
+        if seed_from is not None:
+            count = upload_folder(seed_from / "landing", "az://landing", emulator.connection_string)
+            console.print(f"Uploaded {count} files from {seed_from / 'landing'} to az://landing.")
+        console.print("Azurite is running. Point patient-journey at it with:")
+        for name, value in emulator.environment().items():
+            sys.stdout.write(f"export {name}='{value}'\n")
+        console.print("Press Ctrl-C to stop.")
+        while emulator.process is not None and emulator.process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emulator.stop()
+
+
 @app.command()
 def demo(
     patients: Annotated[int, typer.Option(min=1)] = 300,
@@ -167,6 +241,10 @@ def demo(
     data_dir: Annotated[
         Path, typer.Option(help="Folder for the demo's sources and warehouse.")
     ] = DEFAULT_DATA_DIR,
+    storage: Annotated[
+        DemoStorage,
+        typer.Option(help="local: folders under --data-dir; azurite: blob containers in a local Azurite."),
+    ] = DemoStorage.local,
 ) -> None:
     """Generate patients, run the flow on the embedded default, and show a few queries."""
     from patient_journey.generate import generate as run_generate
@@ -203,6 +281,33 @@ def demo(
         f"{result.device_messages} device messages, registry and REDCap outcomes, "
         f"{sum(result.planted.values())} planted bad records."
     )
+    emulator = None
+    if storage is DemoStorage.azurite:
+        from patient_journey.azurite import Azurite, upload_folder
+
+        try:
+            emulator = Azurite(data_dir / "azurite").start()
+        except JourneyError as exc:
+            _fail(exc)
+        emulator.create_containers()
+        with console.status("Uploading the landing zone to Azurite..."):
+            count = upload_folder(data_dir / "landing", "az://landing", emulator.connection_string)
+        console.print(
+            f"      Started Azurite at {emulator.endpoint}; uploaded {count} files to az://landing."
+        )
+        os.environ.update(emulator.environment())
+    try:
+        _run_demo_flow()
+    finally:
+        if emulator is not None:
+            emulator.stop()
+            console.print(
+                f"Azurite stopped; its blobs stay in {data_dir / 'azurite'}. "
+                f"`journey azurite --data-dir {data_dir / 'azurite'}` starts it again."
+            )
+
+
+def _run_demo_flow() -> None:
     console.print("[2/3] Running the patient-journey flow (Prefect starts a local server first)...")
     _prefect_defaults()
     from flows.patient_journey import patient_journey

@@ -178,6 +178,35 @@ def ingest(settings: JourneySettings, source: str, run_id: str) -> IngestReport:
     return report
 
 
+def forget_inputs(settings: JourneySettings, source: str, prefix: str = "") -> int:
+    """Remove ledger entries so that the next run reads those inputs again, on purpose.
+
+    File sources: inputs under ``prefix`` in the landing zone (all with an empty prefix). The
+    registry: one table's watermark (``prefix`` = table name), or all. Re-read records equal to
+    ones already in bronze (same input, offset and content) are collapsed by staging, so nothing
+    loads twice. Returns the number of ledger entries removed.
+    """
+    if source not in SOURCES:
+        raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
+    lake = Lake(settings)
+    ref = ledger_table(source)
+    ledger = lake.read(ref, columns=["uri"])
+    if ledger is None:
+        return 0
+    if source == "registry":
+        start, end = "", f"#{prefix}" if prefix else ""
+    else:
+        base = getattr(settings.sources, f"{source}_prefix")
+        start, end = Storage(settings.storage.landing_url, azure_access(settings)).url(base, prefix), ""
+    uris = ledger.column("uri")
+    chosen = pc.and_(pc.starts_with(uris, start), pc.ends_with(uris, end))
+    count = pc.sum(chosen).as_py() or 0
+    if count:
+        quoted_start, quoted_end = start.replace("'", "''"), end.replace("'", "''")
+        lake.delete(ref, f"starts_with(uri, '{quoted_start}') AND ends_with(uri, '{quoted_end}')")
+    return int(count)
+
+
 def _bronze_versions(lake: Lake) -> dict[str, int]:
     versions = {}
     for name in BRONZE_TABLES.values():

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prefect.testing.utilities import prefect_test_harness
 
 from patient_journey.generate import GenerationResult, generate
 from patient_journey.settings import JourneySettings, load_settings
@@ -46,11 +47,19 @@ def settings_for(root: Path, landing: Path | None = None, key: str | None = TEST
 
 def use_settings_env(monkeypatch: pytest.MonkeyPatch, settings: JourneySettings) -> None:
     """The flow's tasks read settings from the environment, as in production."""
-    monkeypatch.setenv("JOURNEY_STORAGE__LANDING_URL", settings.storage.landing_url)
-    monkeypatch.setenv("JOURNEY_STORAGE__WAREHOUSE_URL", settings.storage.warehouse_url)
-    monkeypatch.setenv("JOURNEY_STORAGE__RESTRICTED_URL", settings.storage.restricted_url)
+    for section in ("storage", "azure", "sources"):
+        for name, value in getattr(settings, section).model_dump().items():
+            if value is not None:
+                text = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+                monkeypatch.setenv(f"JOURNEY_{section.upper()}__{name.upper()}", text)
     monkeypatch.setenv("JOURNEY_IDENTITY__PATIENT_KEY", TEST_KEY)
-    monkeypatch.setenv("JOURNEY_SOURCES__SETTLE_SECONDS", str(settings.sources.settle_seconds))
+
+
+@pytest.fixture(scope="session")
+def harness() -> Iterator[None]:
+    """One temporary Prefect server for every flow test of the session."""
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
 
 
 @pytest.fixture(scope="session")
