@@ -162,8 +162,12 @@ class AzureAccess:
 
     @cached_property
     def token_credential(self) -> TokenCredential:
-        from azure.identity import DefaultAzureCredential
+        """A service principal when one is configured, else DefaultAzureCredential's chain."""
+        from azure.identity import ClientSecretCredential, DefaultAzureCredential
 
+        s = self.settings
+        if s.tenant_id and s.client_id and s.client_secret:
+            return ClientSecretCredential(s.tenant_id, s.client_id, s.client_secret.get_secret_value())
         return DefaultAzureCredential()
 
     @cached_property
@@ -221,6 +225,13 @@ class AzureAccess:
 
     def duckdb_secret_sql(self) -> str:
         """``CREATE SECRET`` for DuckDB's azure extension (used by ``delta_scan``)."""
+        s = self.settings
+        if self.auth == "entra" and s.tenant_id and s.client_id and s.client_secret:
+            return (
+                "CREATE SECRET journey_azure (TYPE azure, PROVIDER service_principal, "
+                f"TENANT_ID '{s.tenant_id}', CLIENT_ID '{s.client_id}', "
+                f"CLIENT_SECRET '{s.client_secret.get_secret_value()}', ACCOUNT_NAME '{self.account_name}')"
+            )
         if self.auth == "entra":
             return f"CREATE SECRET journey_azure (TYPE azure, PROVIDER credential_chain, ACCOUNT_NAME '{self.account_name}')"
         protocol = "http" if self.is_local_emulator else "https"
@@ -232,12 +243,6 @@ class AzureAccess:
                 f"AccountKey={self.account_key};BlobEndpoint={self.endpoint};"
             )
         return f"CREATE SECRET journey_azure (TYPE azure, CONNECTION_STRING '{text}')"
-
-    def secrets(self) -> list[str]:
-        values = [self.account_key, self.sas_token]
-        if self.settings.connection_string is not None:
-            values.append(self.settings.connection_string.get_secret_value())
-        return [v for v in values if v]
 
 
 def failure_reason(exc: BaseException) -> tuple[str, bool]:

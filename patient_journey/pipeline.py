@@ -25,7 +25,7 @@ from patient_journey.linkage import LINKS, link
 from patient_journey.quality import QUARANTINE_SCHEMA, QualityGate
 from patient_journey.settings import JourneySettings
 from patient_journey.sources import device, fhir, redcap, registry
-from patient_journey.sources.records import BRONZE_SCHEMA, REJECT_SCHEMA, Extraction, SeenInputs
+from patient_journey.sources.records import BRONZE_SCHEMA, REJECT_SCHEMA, Extraction, InputSelection
 from patient_journey.staging import STAGED_TABLES, stage
 from patient_journey.storage import Storage, azure_access, check_zones
 
@@ -53,7 +53,7 @@ QUARANTINE = quarantine("record")
 HELD = restricted("held", "record")
 CROSSWALK = restricted("identity", "crosswalk")
 # File-based adapters share one signature; the registry is read through SQLAlchemy.
-FILE_ADAPTERS: dict[str, Callable[[Storage, str, SeenInputs, str], Extraction]] = {
+FILE_ADAPTERS: dict[str, Callable[[Storage, str, InputSelection, str], Extraction]] = {
     "fhir": fhir.extract,
     "device": device.extract,
     "redcap": redcap.extract,
@@ -113,11 +113,20 @@ def preflight(settings: JourneySettings) -> int:
     return gate.check_all_parse()
 
 
-def _seen(lake: Lake, source: str, settle_seconds: int) -> tuple[SeenInputs, dict[str, str]]:
+def _seen(
+    lake: Lake, landing: Storage, settings: JourneySettings, source: str
+) -> tuple[InputSelection, dict[str, str]]:
     """The source's ledger as inputs already processed, and the registry's watermark per table."""
     ledger = lake.read(ledger_table(source))
+    settle_seconds = settings.sources.settle_seconds
     settle_before = datetime.now(UTC) - timedelta(seconds=settle_seconds) if settle_seconds else None
-    seen = SeenInputs.from_ledger(ledger, settle_before)
+    own = getattr(settings.sources, f"{source}_prefix", "")
+    others = tuple(
+        landing.url(prefix) + "/"
+        for other in FILE_ADAPTERS
+        if other != source and (prefix := getattr(settings.sources, f"{other}_prefix")).startswith(own)
+    )
+    seen = InputSelection.from_ledger(ledger, settle_before, others)
     watermarks: dict[str, str] = {}
     if ledger is not None:
         for uri, mark in zip(
@@ -147,7 +156,7 @@ def ingest(settings: JourneySettings, source: str, run_id: str) -> IngestReport:
     started = time.perf_counter()
     lake = Lake(settings)
     landing = Storage(settings.storage.landing_url, azure_access(settings))
-    seen, watermarks = _seen(lake, source, settings.sources.settle_seconds)
+    seen, watermarks = _seen(lake, landing, settings, source)
     if source == "registry":
         url = registry_url(settings)
         if url is None:

@@ -77,6 +77,9 @@ class AzureSettings(BaseModel):
         default=None,
         description="Blob endpoint, e.g. http://127.0.0.1:10000/devstoreaccount1 for Azurite.",
     )
+    tenant_id: str | None = Field(default=None, description="Entra ID service principal: tenant.")
+    client_id: str | None = Field(default=None, description="Entra ID service principal: client id.")
+    client_secret: SecretStr | None = Field(default=None, description="Entra ID service principal: secret.")
     credentials_block: str | None = Field(
         default=None,
         description="Name of a prefect-azure AzureBlobStorageCredentials block (read by the flows).",

@@ -10,28 +10,28 @@ from prefect.artifacts import create_markdown_artifact
 from patient_journey import pipeline
 from patient_journey.pipeline import BuildReport, IngestReport
 from patient_journey.report import RunSummary, render_markdown
-from patient_journey.settings import load_settings
+from tasks.settings import journey_settings
 
 
 @task(name="preflight")
 def preflight() -> int:
     """Key configured, every suite present and parsable: fail before anything loads."""
-    return pipeline.preflight(load_settings())
+    return pipeline.preflight(journey_settings())
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[2, 10])
 def ingest(source: str, run_id: str) -> IngestReport:
-    return pipeline.ingest(load_settings(), source, run_id)
+    return pipeline.ingest(journey_settings(), source, run_id)
 
 
 @task(name="stage-validate-link")
 def build_silver(run_id: str, rebuild: bool) -> BuildReport:
-    return pipeline.build_silver(load_settings(), run_id, force=rebuild)
+    return pipeline.build_silver(journey_settings(), run_id, force=rebuild)
 
 
 @task(name="build-journey")
 def build_gold(run_id: str) -> BuildReport:
-    return pipeline.build_gold(load_settings(), run_id)
+    return pipeline.build_gold(journey_settings(), run_id)
 
 
 @task(name="publish-summary")

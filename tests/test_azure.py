@@ -19,7 +19,7 @@ from flows.patient_journey import patient_journey
 from patient_journey import pipeline
 from patient_journey.azurite import ACCOUNT, WELL_KNOWN_KEY, Azurite, port_is_open, upload_folder
 from patient_journey.cli import app
-from patient_journey.errors import StorageError
+from patient_journey.errors import ConfigurationError, StorageError
 from patient_journey.generate import GenerationResult
 from patient_journey.lake import Lake, TableRef, Zone, bronze, gold, silver
 from patient_journey.pipeline import HELD, QUARANTINE, ledger_table
@@ -295,3 +295,25 @@ def test_the_ledgers_and_bronze_live_in_the_restricted_container(
         "az://restricted/"
     )
     assert lake.uri(gold("journey_event")).startswith("az://warehouse/")
+
+
+def test_credentials_can_come_from_a_prefect_azure_block(
+    harness: None, first_run: RunSummary, azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect_azure import AzureBlobStorageCredentials
+    from pydantic import SecretStr
+
+    from tasks.settings import journey_settings
+
+    AzureBlobStorageCredentials(connection_string=SecretStr(azurite.connection_string)).save(
+        "journey-azurite", overwrite=True
+    )
+    use_settings_env(monkeypatch, blob_settings(azurite))
+    monkeypatch.delenv("JOURNEY_AZURE__CONNECTION_STRING")
+    monkeypatch.setenv("JOURNEY_AZURE__CREDENTIALS_BLOCK", "journey-azurite")
+    settings = journey_settings()
+    assert settings.azure.auth == "connection_string"
+    pipeline.preflight(settings)  # lists landing and probes the other three containers
+    monkeypatch.setenv("JOURNEY_AZURE__CREDENTIALS_BLOCK", "no-such-block")
+    with pytest.raises(ConfigurationError, match="no-such-block"):
+        journey_settings()

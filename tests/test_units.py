@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from patient_journey import pipeline
 from patient_journey.cli import app
 from patient_journey.errors import ConfigurationError, ExpectationSuiteError, QualityGateError
 from patient_journey.identity import KeyMaker
@@ -173,3 +174,21 @@ def test_the_summary_of_a_run_with_no_new_input_says_the_warehouse_is_unchanged(
         run_id="r", silver=BuildReport(built=False, reason="no new input since the last build")
     )
     assert "Warehouse unchanged: no new input since the last build." in render_markdown(summary)
+
+
+def test_fhir_exports_at_the_landing_root_leave_the_other_sources_prefixes_alone(tmp_path: Path) -> None:
+    """Azure's FHIR $export cannot write under a prefix: with an empty FHIR prefix, the FHIR
+    reader skips what lies under the device and REDCap prefixes."""
+    landing = tmp_path / "landing"
+    export = landing / "20250301T000000-job-1"
+    export.mkdir(parents=True)
+    (export / "Patient-1-1.ndjson").write_text('{"resourceType":"Patient","id":"p1"}\n')
+    telemetry = landing / "device" / "hub" / "0" / "2025" / "03" / "01" / "00"
+    telemetry.mkdir(parents=True)
+    (telemetry / "05.json").write_text('{"EnqueuedTimeUtc":"2025-03-01T00:05:00Z","Body":"e30="}\n')
+    settings = settings_for(tmp_path, landing=landing)
+    settings = settings.model_copy(
+        update={"sources": settings.sources.model_copy(update={"fhir_prefix": ""})}
+    )
+    report = pipeline.ingest(settings, "fhir", "run-root")
+    assert (report.new_inputs, report.records, report.rejects) == (1, 1, 0)

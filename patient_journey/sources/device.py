@@ -12,7 +12,7 @@ import io
 import fastavro
 import orjson
 
-from patient_journey.sources.records import Extraction, SeenInputs, content_hash, new_files
+from patient_journey.sources.records import Extraction, InputSelection, content_hash, new_files
 from patient_journey.storage import Storage
 
 SOURCE = "device"
@@ -53,7 +53,7 @@ def extract_avro(out: Extraction, url: str, data: bytes) -> None:
         out.add_record(ENTITY, f"{device_id}:{content_hash(bytes(body))[:16]}", raw.decode(), url, index, raw)
 
 
-def extract(landing: Storage, prefix: str, seen: SeenInputs, run_id: str) -> Extraction:
+def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) -> Extraction:
     """Read every telemetry blob under ``prefix`` that the ledger has not seen with this content."""
     out = Extraction(SOURCE, run_id)
     for file, data in new_files(out, landing, prefix, (), seen):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import orjson
 
-from patient_journey.sources.records import Extraction, SeenInputs, new_files
+from patient_journey.sources.records import Extraction, InputSelection, new_files
 from patient_journey.storage import FileInfo, Storage
 
 SOURCE = "fhir"
@@ -91,7 +91,7 @@ def extract_bundle_or_resource(out: Extraction, file: FileInfo, data: bytes) -> 
     _add_resource(out, document, data, file.url, 1, None)
 
 
-def extract(landing: Storage, prefix: str, seen: SeenInputs, run_id: str) -> Extraction:
+def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) -> Extraction:
     """Read every FHIR file under ``prefix`` that the ledger has not seen with this content."""
     out = Extraction(SOURCE, run_id)
     for file, data in new_files(out, landing, prefix, NDJSON_SUFFIXES + BUNDLE_SUFFIXES, seen):

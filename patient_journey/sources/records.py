@@ -163,31 +163,40 @@ class Extraction:
 
 
 @dataclass(frozen=True)
-class SeenInputs:
-    """What a source's ledger knows, and which inputs are too fresh to read yet."""
+class InputSelection:
+    """Which inputs a source reads this run: what its ledger already has, which inputs are too
+    fresh to read yet, and which prefixes belong to other sources (e.g. FHIR exports at the
+    landing container's root, beside the device and REDCap prefixes)."""
 
     versions: frozenset[tuple[str, str]] = frozenset()  # (uri, version) already processed
     hashes: frozenset[tuple[str, str]] = frozenset()  # (uri, content hash) already processed
     settle_before: datetime | None = None  # inputs modified after this are left for later
+    other_sources: tuple[str, ...] = ()  # URL prefixes of other sources' inputs
 
     @property
     def uris(self) -> frozenset[str]:
         return frozenset(uri for uri, _ in self.versions)
 
     @classmethod
-    def from_ledger(cls, ledger: pa.Table | None, settle_before: datetime | None = None) -> SeenInputs:
+    def from_ledger(
+        cls,
+        ledger: pa.Table | None,
+        settle_before: datetime | None = None,
+        other_sources: tuple[str, ...] = (),
+    ) -> InputSelection:
         if ledger is None:
-            return cls(settle_before=settle_before)
+            return cls(settle_before=settle_before, other_sources=other_sources)
         uris = ledger.column("uri").to_pylist()
         return cls(
             frozenset(zip(uris, ledger.column("version").to_pylist(), strict=True)),
             frozenset(zip(uris, ledger.column("content_hash").to_pylist(), strict=True)),
             settle_before,
+            other_sources,
         )
 
 
 def new_files(
-    out: Extraction, landing: Storage, prefix: str, suffixes: tuple[str, ...], seen: SeenInputs
+    out: Extraction, landing: Storage, prefix: str, suffixes: tuple[str, ...], seen: InputSelection
 ) -> Iterator[tuple[FileInfo, bytes]]:
     """Yield each file under ``prefix`` that the ledger has not processed yet.
 
@@ -201,7 +210,7 @@ def new_files(
     """
     known = seen.uris
     for file in landing.list_files(prefix, suffixes):
-        if (file.url, file.version) in seen.versions:
+        if (file.url, file.version) in seen.versions or file.url.startswith(seen.other_sources):
             continue
         if seen.settle_before is not None and file.modified > seen.settle_before:
             out.pending_inputs += 1

@@ -13,7 +13,7 @@ import io
 import orjson
 
 from patient_journey.errors import SourceError
-from patient_journey.sources.records import Extraction, SeenInputs, new_files
+from patient_journey.sources.records import Extraction, InputSelection, new_files
 from patient_journey.storage import Storage
 
 SOURCE = "redcap"
@@ -82,7 +82,7 @@ def extract_project(out: Extraction, project: str, dictionary: bytes, records_ur
         out.add_record(entity, record_id, raw.decode(), records_url, line, raw)
 
 
-def extract(landing: Storage, prefix: str, seen: SeenInputs, run_id: str) -> Extraction:
+def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) -> Extraction:
     """Read every records export under ``prefix`` not seen yet, with the dictionary beside it."""
     out = Extraction(SOURCE, run_id)
     for file, data in new_files(out, landing, prefix, (RECORDS_SUFFIX,), seen):
