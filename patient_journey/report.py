@@ -43,15 +43,22 @@ def render_markdown(summary: RunSummary) -> str:
     lines += [
         "## Sources",
         "",
-        "| source | new inputs | records | rejected at read | seconds |",
-        "|---|---:|---:|---:|---:|",
+        "| source | new inputs | of which changed | waiting (still settling) | records | rejected at read | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for ingest in summary.ingests:
         note = f" ({ingest.skipped})" if ingest.skipped else ""
         lines.append(
-            f"| {ingest.source}{note} | {ingest.new_inputs} | {ingest.records} | {ingest.rejects} | {ingest.seconds:.2f} |"
+            f"| {ingest.source}{note} | {ingest.new_inputs} | {ingest.changed_inputs} | {ingest.pending_inputs} "
+            f"| {ingest.records} | {ingest.rejects} | {ingest.seconds:.2f} |"
         )
     lines.append("")
+    if any(ingest.pending_inputs for ingest in summary.ingests):
+        lines += [
+            "Inputs modified within the settle window (JOURNEY_SOURCES__SETTLE_SECONDS) may still be "
+            "being written: the next run reads them.",
+            "",
+        ]
     if summary.silver is None or not summary.silver.built:
         reason = summary.silver.reason if summary.silver else "not built"
         lines += [f"Warehouse unchanged: {reason}.", ""]

@@ -317,3 +317,18 @@ def test_credentials_can_come_from_a_prefect_azure_block(
     monkeypatch.setenv("JOURNEY_AZURE__CREDENTIALS_BLOCK", "no-such-block")
     with pytest.raises(ConfigurationError, match="no-such-block"):
         journey_settings()
+
+
+def test_a_blob_still_settling_waits_for_the_next_run(first_run: RunSummary, azurite: Azurite) -> None:
+    container = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client(
+        "landing"
+    )
+    container.upload_blob("settle/ehr/export-1/Patient-1-1.ndjson", b'{"resourceType":"Patient","id":"s1"}\n')
+    settings = blob_settings(azurite, prefix="settle")
+    waiting = settings.model_copy(
+        update={"sources": settings.sources.model_copy(update={"settle_seconds": 3600})}
+    )
+    report = pipeline.ingest(waiting, "fhir", "run-settle-1")
+    assert (report.pending_inputs, report.new_inputs, report.records) == (1, 0, 0)
+    report = pipeline.ingest(settings, "fhir", "run-settle-2")
+    assert (report.pending_inputs, report.new_inputs, report.records) == (0, 1, 1)
