@@ -296,6 +296,9 @@ def demo(
             f"      Started Azurite at {emulator.endpoint}; uploaded {count} files to az://landing."
         )
         os.environ.update(emulator.environment())
+        # The registry is a database, not a blob: the flow reads the generated SQLite directly.
+        registry = data_dir.resolve() / "landing" / "outcomes" / "registry.sqlite"
+        os.environ["JOURNEY_SOURCES__REGISTRY_URL"] = f"sqlite:///{registry}"
     try:
         _run_demo_flow()
     finally:
