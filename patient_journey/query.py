@@ -38,7 +38,11 @@ def open_warehouse(settings: JourneySettings) -> duckdb.DuckDBPyConnection:
         # delta_scan reads az:// through the azure extension's secret. Note: for the local
         # emulator it takes Azurite's standard port (10000) whatever the endpoint says.
         connection.execute(f"LOAD '{_extension('azure')}'")
-        connection.execute(access.duckdb_secret_sql())
+        try:
+            connection.execute(access.duckdb_secret_sql())
+        except duckdb.Error:
+            # The statement holds the secret: never let DuckDB's message repeat it.
+            raise ConfigurationError("DuckDB's azure extension refused the Azure settings.") from None
     found = False
     for layer in ("silver", "gold"):
         connection.execute(f"CREATE SCHEMA IF NOT EXISTS {layer}")
