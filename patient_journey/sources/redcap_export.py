@@ -55,15 +55,20 @@ DATA_ACCESS_GROUP_COLUMN = "redcap_data_access_group"
 # Survey metadata that an export may carry; recognised so it is not rejected, but not a value.
 SURVEY_COLUMNS = frozenset({"redcap_survey_identifier"})
 
+# Where a value or a completion status sits: record x event x repeat instance x form.
+_FORM_KEY = [
+    pa.field("record_id", pa.string(), nullable=False),
+    pa.field("event", pa.string()),
+    pa.field("arm", pa.int32()),
+    pa.field("repeat_instrument", pa.string()),
+    pa.field("repeat_instance", pa.int32()),
+    pa.field("data_access_group", pa.string()),
+    pa.field("form", pa.string(), nullable=False),
+]
+
 VALUES_SCHEMA = pa.schema(
     [
-        pa.field("record_id", pa.string(), nullable=False),
-        pa.field("event", pa.string()),
-        pa.field("arm", pa.int32()),
-        pa.field("repeat_instrument", pa.string()),
-        pa.field("repeat_instance", pa.int32()),
-        pa.field("data_access_group", pa.string()),
-        pa.field("form", pa.string(), nullable=False),
+        *_FORM_KEY,
         pa.field("field", pa.string(), nullable=False),
         pa.field("value", pa.string(), nullable=False),
         pa.field("value_label", pa.string()),
@@ -75,13 +80,7 @@ VALUES_SCHEMA = pa.schema(
 
 COMPLETION_SCHEMA = pa.schema(
     [
-        pa.field("record_id", pa.string(), nullable=False),
-        pa.field("event", pa.string()),
-        pa.field("arm", pa.int32()),
-        pa.field("repeat_instrument", pa.string()),
-        pa.field("repeat_instance", pa.int32()),
-        pa.field("data_access_group", pa.string()),
-        pa.field("form", pa.string(), nullable=False),
+        *_FORM_KEY,
         pa.field("status", pa.int8()),
         pa.field("state", pa.string(), nullable=False),
         pa.field("filled_count", pa.int32(), nullable=False),
