@@ -93,10 +93,6 @@ def parse_blob_url(url: str) -> BlobLocation:
     return BlobLocation(scheme.lower(), host, prefix.strip("/"), account)
 
 
-def container_of(url: str) -> str:
-    return parse_blob_url(url).container if is_blob_url(url) else url
-
-
 def _connection_string_parts(text: str) -> dict[str, str]:
     parts = {}
     for item in text.split(";"):
@@ -130,6 +126,8 @@ class AzureAccess:
                 "Azure storage is used but no account name is set: set JOURNEY_AZURE__ACCOUNT_NAME "
                 "(or an AccountName in JOURNEY_AZURE__CONNECTION_STRING)."
             )
+        # Only a non-default endpoint (Azurite, sovereign clouds) is passed on to delta-rs.
+        self.custom_endpoint = bool(settings.endpoint or parts.get("BlobEndpoint"))
         self.endpoint = (
             settings.endpoint
             or parts.get("BlobEndpoint")
@@ -206,7 +204,7 @@ class AzureAccess:
             "timeout": f"{self.settings.timeout_seconds * 4}s",
             "connect_timeout": f"{min(self.settings.timeout_seconds, 10)}s",
         }
-        if self.settings.endpoint or self.is_local_emulator or "BlobEndpoint" in self._parts():
+        if self.custom_endpoint:
             options["azure_storage_endpoint"] = self.endpoint
         if self.is_local_emulator:
             options["allow_http"] = "true"
@@ -217,11 +215,6 @@ class AzureAccess:
         else:
             options["account_key"] = str(self.account_key)
         return options
-
-    def _parts(self) -> dict[str, str]:
-        if self.settings.connection_string is None:
-            return {}
-        return _connection_string_parts(self.settings.connection_string.get_secret_value())
 
     def duckdb_secret_sql(self) -> str:
         """``CREATE SECRET`` for DuckDB's azure extension (used by ``delta_scan``)."""

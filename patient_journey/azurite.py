@@ -78,6 +78,7 @@ class Azurite:
         }
 
     def start(self, timeout: float = 30.0) -> Azurite:
+        """Start the blob service and create the four zone containers (if not there yet)."""
         if port_is_open(self.port):
             raise ConfigurationError(
                 f"Port {self.port} is already in use; stop the other Azurite (or service) first."
@@ -104,6 +105,7 @@ class Azurite:
                 self.stop()
                 raise ConfigurationError(f"Azurite did not start; see {self.location / 'azurite.log'}.")
             time.sleep(0.2)
+        self.create_containers()
         return self
 
     def create_containers(self, names: tuple[str, ...] = CONTAINERS) -> None:

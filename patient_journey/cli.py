@@ -218,7 +218,6 @@ def azurite(
     except JourneyError as exc:
         _fail(exc)
     try:
-        emulator.create_containers()
         if seed_from is not None:
             count = upload_folder(seed_from / "landing", "az://landing", emulator.connection_string)
             console.print(f"Uploaded {count} files from {seed_from / 'landing'} to az://landing.")
@@ -289,7 +288,6 @@ def demo(
             emulator = Azurite(data_dir / "azurite").start()
         except JourneyError as exc:
             _fail(exc)
-        emulator.create_containers()
         with console.status("Uploading the landing zone to Azurite..."):
             count = upload_folder(data_dir / "landing", "az://landing", emulator.connection_string)
         console.print(

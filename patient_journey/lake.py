@@ -26,7 +26,7 @@ import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import SchemaMismatchError, TableNotFoundError
 
-from patient_journey.azure import is_blob_url, storage_failure
+from patient_journey.azure import AzureAccess, is_blob_url, storage_failure
 from patient_journey.settings import JourneySettings
 from patient_journey.storage import Storage, azure_access, join, normalise_url
 
@@ -89,6 +89,16 @@ class Lake:
     def root(self, zone: Zone) -> str:
         return self._roots[zone]
 
+    @property
+    def azure(self) -> AzureAccess | None:
+        """The Azure access the lake uses (None when no zone is in blob storage): share it, so
+        one run builds one blob client and one credential."""
+        return self._azure
+
+    def storage(self, url: str) -> Storage:
+        """File access to a location (e.g. landing) with the lake's Azure access."""
+        return Storage(url, self._azure)
+
     def uri(self, ref: TableRef) -> str:
         return join(self._roots[ref.zone], ref.layer, ref.name)
 
@@ -146,13 +156,14 @@ class Lake:
         )
         return self._version_after_write(ref)
 
-    def delete(self, ref: TableRef, predicate: str) -> int | None:
-        """Delete the rows matching a SQL predicate in one commit; None if the table is absent."""
+    def delete(self, ref: TableRef, predicate: str) -> int:
+        """Delete the rows matching a SQL predicate in one commit (none when nothing matches);
+        returns the number of rows deleted."""
         table = self._table(ref)
         if table is None:
-            return None
-        self._call("delete from", ref, lambda _uri, _options: table.delete(predicate))
-        return self._version_after_write(ref)
+            return 0
+        metrics = self._call("delete from", ref, lambda _uri, _options: table.delete(predicate))
+        return int(metrics["num_deleted_rows"])
 
     def _version_after_write(self, ref: TableRef) -> int:
         version = self.version(ref)
@@ -161,7 +172,7 @@ class Lake:
 
     def tables(self, zone: Zone, layer: str) -> list[TableRef]:
         """The Delta tables present in one layer of a zone."""
-        storage = Storage(self._roots[zone], self._azure)
+        storage = self.storage(self._roots[zone])
         return [
             TableRef(zone, layer, name)
             for name in storage.list_dirs(layer)

@@ -27,7 +27,7 @@ from patient_journey.settings import JourneySettings
 from patient_journey.sources import device, fhir, redcap, registry
 from patient_journey.sources.records import BRONZE_SCHEMA, REJECT_SCHEMA, Extraction, InputSelection
 from patient_journey.staging import STAGED_TABLES, stage
-from patient_journey.storage import Storage, azure_access, check_zones
+from patient_journey.storage import Storage, check_zones
 
 SOURCES = ("fhir", "device", "registry", "redcap")
 BRONZE_TABLES = {
@@ -155,7 +155,7 @@ def ingest(settings: JourneySettings, source: str, run_id: str) -> IngestReport:
         raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
     started = time.perf_counter()
     lake = Lake(settings)
-    landing = Storage(settings.storage.landing_url, azure_access(settings))
+    landing = lake.storage(settings.storage.landing_url)
     seen, watermarks = _seen(lake, landing, settings, source)
     if source == "registry":
         url = registry_url(settings)
@@ -198,22 +198,15 @@ def forget_inputs(settings: JourneySettings, source: str, prefix: str = "") -> i
     if source not in SOURCES:
         raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
     lake = Lake(settings)
-    ref = ledger_table(source)
-    ledger = lake.read(ref, columns=["uri"])
-    if ledger is None:
-        return 0
     if source == "registry":
         start, end = "", f"#{prefix}" if prefix else ""
     else:
         base = getattr(settings.sources, f"{source}_prefix")
-        start, end = Storage(settings.storage.landing_url, azure_access(settings)).url(base, prefix), ""
-    uris = ledger.column("uri")
-    chosen = pc.and_(pc.starts_with(uris, start), pc.ends_with(uris, end))
-    count = pc.sum(chosen).as_py() or 0
-    if count:
-        quoted_start, quoted_end = start.replace("'", "''"), end.replace("'", "''")
-        lake.delete(ref, f"starts_with(uri, '{quoted_start}') AND ends_with(uri, '{quoted_end}')")
-    return int(count)
+        start, end = lake.storage(settings.storage.landing_url).url(base, prefix), ""
+    quoted_start, quoted_end = start.replace("'", "''"), end.replace("'", "''")
+    return lake.delete(
+        ledger_table(source), f"starts_with(uri, '{quoted_start}') AND ends_with(uri, '{quoted_end}')"
+    )
 
 
 def _bronze_versions(lake: Lake) -> dict[str, int]:

@@ -17,7 +17,6 @@ from patient_journey.azure import is_blob_url
 from patient_journey.errors import ConfigurationError, JourneyError
 from patient_journey.lake import Lake, Zone
 from patient_journey.settings import JourneySettings
-from patient_journey.storage import azure_access
 
 
 def _extension(name: str) -> Path:
@@ -33,7 +32,7 @@ def open_warehouse(settings: JourneySettings) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect()
     connection.execute("SET TimeZone = 'UTC'")
     connection.execute(f"LOAD '{_extension('delta')}'")
-    access = azure_access(settings)
+    access = lake.azure
     if access is not None and is_blob_url(lake.root(Zone.WAREHOUSE)):
         # delta_scan reads az:// through the azure extension's secret. Note: for the local
         # emulator it takes Azurite's standard port (10000) whatever the endpoint says.

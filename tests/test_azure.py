@@ -37,7 +37,6 @@ REGISTRY: dict[str, str] = {}  # the registry is a database, not a blob: set by 
 @pytest.fixture(scope="module")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
     with Azurite(tmp_path_factory.mktemp("azurite")) as emulator:
-        emulator.create_containers()
         yield emulator
 
 
