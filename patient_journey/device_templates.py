@@ -131,6 +131,7 @@ class Measurement:
     """One value of one matched template: the grain is one row per value per match per message."""
 
     message: int  # index of the message in the mapped batch
+    match: int  # which template match inside the message (0, 1, ...): one measurement per match
     type_name: str
     template: str  # the template file's name
     device_id: str
@@ -800,6 +801,14 @@ class DeviceTemplates:
     def type_names(self) -> list[str]:
         return sorted({t.type_name for t in self.templates})
 
+    def value_names(self, type_name: str) -> list[str]:
+        """Every value name the templates of ``type_name`` give, in template order."""
+        names: dict[str, None] = {}
+        for template in self.templates:
+            if template.type_name == type_name:
+                names.update((spec.name, None) for spec in template.values)
+        return list(names)
+
     def map_messages(self, messages: Iterable[tuple[Any, Envelope | None]]) -> MappingResult:
         """Map (body, envelope) pairs; ``message`` in rows and rejects is the pair's index."""
         result = MappingResult()
@@ -829,6 +838,7 @@ class DeviceTemplates:
         rejects: list[MappingReject] = []
         matched = False
         containers = containers_of(document)
+        matches = 0
         for template in self.templates:
             try:
                 tokens = template.type_match.select(document, containers)
@@ -841,7 +851,8 @@ class DeviceTemplates:
                 matched = True
                 scope = {**document, MATCH_PROPERTY: token} if template.kind == CALCULATED else token
                 try:
-                    rows.extend(self._measure(template, scope, message))
+                    rows.extend(self._measure(template, scope, message, matches))
+                    matches += 1
                 except _Rejected as exc:
                     rejects.append(self._reject(message, template, exc.detail))
         if not matched:
@@ -886,7 +897,7 @@ class DeviceTemplates:
             raise _Rejected(f"required {name} missing: {expression.text} {what}")
         return value
 
-    def _measure(self, template: DeviceTemplate, scope: Any, message: int) -> list[Measurement]:
+    def _measure(self, template: DeviceTemplate, scope: Any, message: int, match: int) -> list[Measurement]:
         device_id = self._identifier_of(template.device_id, scope, "device id", required=True)
         measured_at = None
         for expression in template.timestamps:
@@ -912,6 +923,7 @@ class DeviceTemplates:
             rows.append(
                 Measurement(
                     message=message,
+                    match=match,
                     type_name=template.type_name,
                     template=template.file,
                     device_id=device_id,

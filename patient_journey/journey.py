@@ -5,6 +5,11 @@
   of stay, complications and readmissions within 30 and 90 days, and PROM scores.
 * ``journey_event``: one row per event per patient, with its phase relative to the index
   procedure (pre / intra / post; null for a patient with no index procedure).
+* ``device_clock``: one row per device, the skew of its clock seen against IoT Hub's enqueued
+  time (median and largest), and whether it exceeds the skew tolerance (a quality metric).
+
+Device events belong to a procedure when their device time is within the procedure's start and
+end widened by the skew tolerance (JOURNEY_SOURCES__DEVICE_SKEW_TOLERANCE_SECONDS).
 
 Grain and columns are documented in docs/warehouse.md.
 """
@@ -13,9 +18,31 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from patient_journey.scoring import Catalog, load_catalog
 from patient_journey.staging import connect
 
 INDEX_PROCEDURE_CODES = ("609588000", "52734007")  # SNOMED CT total knee / total hip replacement
+
+
+def _reaches_mcid(timepoint: str) -> str:
+    """Did the change from baseline reach the instrument's MCID, in its better direction?"""
+    change = f"pc.prom_change_{timepoint}"
+    return (
+        f"CASE WHEN pc.higher_is_better THEN {change} >= pc.mcid - 1e-9 ELSE -{change} >= pc.mcid - 1e-9 END"
+    )
+
+
+def instrument_mcid(catalog: Catalog) -> pa.Table:
+    """Per instrument, the MCID and direction of its first (primary) score."""
+    rows = [
+        {"instrument": i.id, "mcid": i.scores[0].mcid.value, "higher_is_better": i.scores[0].higher_is_better}
+        for i in catalog.instruments.values()
+    ]
+    schema = pa.schema(
+        [("instrument", pa.string()), ("mcid", pa.float64()), ("higher_is_better", pa.bool_())]
+    )
+    return pa.Table.from_pylist(rows, schema=schema)
+
 
 EPISODE_SQL = f"""
 WITH idx AS (
@@ -25,19 +52,24 @@ WITH idx AS (
     SELECT idx.episode_key, e.encounter_id, e.period_start, e.period_end
     FROM idx JOIN encounter e ON e.encounter_id = idx.encounter_id
 ), dev AS (
-    SELECT episode_key,
-           min(event_time) FILTER (WHERE event_type = 'session_start') AS session_start,
-           max(event_time) FILTER (WHERE event_type = 'session_stop') AS session_stop,
-           list_sort(list_distinct(list(udi_di))) AS devices_used,
-           bool_or(device_type = 'robotic-arm') AS robotic
-    FROM device_event GROUP BY episode_key
+    SELECT d.episode_key,
+           min(d.event_time) FILTER (WHERE d.event_type = 'session_start') AS session_start,
+           max(d.event_time) FILTER (WHERE d.event_type = 'session_stop') AS session_stop,
+           list_sort(list_distinct(list(d.udi_di) FILTER (WHERE d.udi_di IS NOT NULL))) AS devices_used,
+           bool_or(d.device_type = 'robotic-arm') AS robotic,
+           count(*) AS device_events
+    FROM device_event d JOIN idx USING (episode_key)
+    WHERE d.event_time BETWEEN idx.performed_start - to_seconds($tolerance)
+                           AND idx.performed_end + to_seconds($tolerance)
+    GROUP BY d.episode_key
 ), readmit AS (
     SELECT e.patient_key, CAST(e.period_start AS DATE) AS admitted_on, e.encounter_id
     FROM encounter e WHERE e.class_code = 'IMP'
     UNION ALL
     SELECT patient_key, admitted_on, NULL FROM readmission
 ), readmit_days AS (
-    SELECT idx.episode_key,
+    -- DISTINCT: an admission both the EHR and the registry report (same day) counts once
+    SELECT DISTINCT idx.episode_key, r.admitted_on,
            date_diff('day', CAST(adm.period_end AS DATE), r.admitted_on) AS days
     FROM idx JOIN adm USING (episode_key) JOIN readmit r ON r.patient_key = idx.patient_key
     WHERE r.encounter_id IS DISTINCT FROM adm.encounter_id
@@ -47,16 +79,24 @@ WITH idx AS (
     FROM idx JOIN complication c ON c.patient_key = idx.patient_key
 ), comp AS (
     SELECT episode_key, bool_or(days BETWEEN 0 AND 30) AS within_30d, bool_or(days BETWEEN 0 AND 90) AS within_90d,
-           max(grade) FILTER (WHERE days BETWEEN 0 AND 90) AS max_grade_90d
+           max(grade) FILTER (WHERE days BETWEEN 0 AND 90) AS max_grade_90d,
+           count(*) FILTER (WHERE days BETWEEN 0 AND 90) AS count_90d
     FROM comp_days GROUP BY episode_key
 ), readm AS (
-    SELECT episode_key, bool_or(days BETWEEN 0 AND 30) AS within_30d, bool_or(days BETWEEN 0 AND 90) AS within_90d
+    SELECT episode_key, bool_or(days BETWEEN 0 AND 30) AS within_30d, bool_or(days BETWEEN 0 AND 90) AS within_90d,
+           count(*) FILTER (WHERE days BETWEEN 0 AND 90) AS count_90d
     FROM readmit_days GROUP BY episode_key
-), prom AS (
-    SELECT idx.episode_key, p.instrument, p.prom_source, p.timepoint, p.score
-    FROM idx JOIN prom_score p ON p.patient_key = idx.patient_key
+), prom_timed AS (
+    SELECT idx.episode_key, p.instrument, p.prom_source, p.score, p.collected_on,
+           coalesce(p.timepoint, CASE
+               WHEN d BETWEEN -90 AND 0 THEN 'baseline' WHEN d BETWEEN 21 AND 63 THEN '6w'
+               WHEN d BETWEEN 120 AND 240 THEN '6m' WHEN d BETWEEN 300 AND 450 THEN '12m' END) AS timepoint
+    FROM idx JOIN prom_score p ON p.patient_key = idx.patient_key,
+         LATERAL (SELECT date_diff('day', CAST(idx.performed_start AS DATE), p.collected_on) AS d)
     WHERE p.score IS NOT NULL
-    QUALIFY row_number() OVER (PARTITION BY idx.episode_key, p.timepoint ORDER BY p.collected_on DESC) = 1
+), prom AS (
+    SELECT * FROM prom_timed WHERE timepoint IS NOT NULL
+    QUALIFY row_number() OVER (PARTITION BY episode_key, timepoint ORDER BY collected_on DESC) = 1
 ), prom_wide AS (
     SELECT episode_key, any_value(instrument) AS prom_instrument, any_value(prom_source) AS prom_source,
            max(score) FILTER (WHERE timepoint = 'baseline') AS prom_baseline,
@@ -64,6 +104,12 @@ WITH idx AS (
            max(score) FILTER (WHERE timepoint = '6m') AS prom_6m,
            max(score) FILTER (WHERE timepoint = '12m') AS prom_12m
     FROM prom GROUP BY episode_key
+), prom_change AS (
+    SELECT w.*, m.mcid, m.higher_is_better,
+           round(w.prom_6w - w.prom_baseline, 1) AS prom_change_6w,
+           round(w.prom_6m - w.prom_baseline, 1) AS prom_change_6m,
+           round(w.prom_12m - w.prom_baseline, 1) AS prom_change_12m
+    FROM prom_wide w LEFT JOIN instrument_mcid m ON m.instrument = w.prom_instrument
 )
 SELECT idx.episode_key, idx.patient_key,
        CASE idx.code WHEN '609588000' THEN 'knee' WHEN '52734007' THEN 'hip' END AS joint,
@@ -79,16 +125,21 @@ SELECT idx.episode_key, idx.patient_key,
        comp.max_grade_90d AS max_complication_grade_90d,
        coalesce(readm.within_30d, false) AS readmission_30d,
        coalesce(readm.within_90d, false) AS readmission_90d,
-       prom_wide.prom_instrument, prom_wide.prom_source,
-       prom_wide.prom_baseline, prom_wide.prom_6w, prom_wide.prom_6m, prom_wide.prom_12m,
-       round(prom_wide.prom_12m - prom_wide.prom_baseline, 1) AS prom_change_12m,
+       coalesce(comp.count_90d, 0) AS complications_90d,
+       coalesce(readm.count_90d, 0) AS readmissions_90d,
+       pc.prom_instrument, pc.prom_source, pc.prom_baseline, pc.prom_6w, pc.prom_6m, pc.prom_12m,
+       pc.prom_change_6w, pc.prom_change_6m, pc.prom_change_12m,
+       {_reaches_mcid("6w")} AS prom_mcid_6w,
+       {_reaches_mcid("6m")} AS prom_mcid_6m,
+       {_reaches_mcid("12m")} AS prom_mcid_12m,
+       coalesce(dev.device_events, 0) AS device_events,
        idx.source_uri, idx.source_offset
 FROM idx
 LEFT JOIN adm USING (episode_key)
 LEFT JOIN dev USING (episode_key)
 LEFT JOIN comp USING (episode_key)
 LEFT JOIN readm USING (episode_key)
-LEFT JOIN prom_wide USING (episode_key)
+LEFT JOIN prom_change pc USING (episode_key)
 ORDER BY idx.performed_start, idx.episode_key
 """
 
@@ -124,13 +175,30 @@ ORDER BY ev.patient_key, ev.event_time, ev.source, ev.event_type, ev.source_uri,
 """
 
 
-def build_journey(silver: dict[str, pa.Table]) -> dict[str, pa.Table]:
+DEVICE_CLOCK_SQL = """
+SELECT device_type, device_id, count(*) AS messages,
+       round(median(epoch(event_time) - epoch(enqueued_time))) AS median_skew_seconds,
+       round(max(abs(epoch(event_time) - epoch(enqueued_time)))) AS max_abs_skew_seconds,
+       abs(median(epoch(event_time) - epoch(enqueued_time))) > $tolerance AS beyond_tolerance
+FROM device_event
+WHERE event_time IS NOT NULL AND enqueued_time IS NOT NULL
+GROUP BY device_type, device_id
+ORDER BY device_type, device_id
+"""
+
+
+def build_journey(
+    silver: dict[str, pa.Table], skew_tolerance_seconds: int = 900, catalog: Catalog | None = None
+) -> dict[str, pa.Table]:
     """Gold tables from the silver tables (all of them must be present, empty or not)."""
     connection = connect()
     for name, table in silver.items():
         connection.register(name, table)
-    episode = connection.sql(EPISODE_SQL).to_arrow_table()
+    connection.register("instrument_mcid", instrument_mcid(catalog or load_catalog()))
+    tolerance = {"tolerance": skew_tolerance_seconds}
+    episode = connection.execute(EPISODE_SQL, tolerance).to_arrow_table()
     connection.register("surgical_episode", episode)
     events = connection.sql(EVENT_SQL).to_arrow_table()
+    clock = connection.execute(DEVICE_CLOCK_SQL, tolerance).to_arrow_table()
     connection.close()
-    return {"surgical_episode": episode, "journey_event": events}
+    return {"surgical_episode": episode, "journey_event": events, "device_clock": clock}

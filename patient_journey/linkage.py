@@ -7,6 +7,7 @@ Links, in the order they are derived:
 * OR case id (Procedure identifier) -> the Procedure's patient; device telemetry -> its case id;
 * registry patient -> EHR patient with the same MRN *and* birth date; registry rows -> registry id;
 * REDCap record -> EHR patient with the same MRN (given on the record's baseline event).
+* FHIR QuestionnaireResponse -> its Patient reference, like the other EHR records.
 
 A record whose link is missing is held with the rule it could not satisfy; held records stay in
 bronze and are linked again on every later build, so they load as soon as their patient arrives.
@@ -115,11 +116,11 @@ LINKS: tuple[LinkSpec, ...] = (
         "device_event",
         "device_event",
         "device",
-        "message_id",
+        "measurement_id",
         "s LEFT JOIN case_link k USING (case_id)",
         "case_id_links_to_procedure",
-        "k.episode_key, k.patient_key, s.device_type, s.udi_di, s.firmware, s.event_type, "
-        "s.event_time, s.value, s.unit, s.enqueued_time",
+        "s.measurement_id, k.episode_key, k.patient_key, s.device_type, s.device_id, s.udi_di, s.firmware, "
+        "s.event_type, s.event_time, s.value, s.unit, s.enqueued_time, s.measured_values",
     ),
     LinkSpec(
         "registry_patient",
@@ -165,6 +166,15 @@ LINKS: tuple[LinkSpec, ...] = (
         "s LEFT JOIN redcap_link k USING (redcap_record_id)",
         "mrn_links_to_patient",
         "k.patient_key, s.instrument, s.timepoint, s.score, s.collected_on, 'redcap' AS prom_source",
+    ),
+    LinkSpec(
+        "fhir_prom",
+        "prom_score",
+        "fhir",
+        "questionnaire_response_id",
+        "s LEFT JOIN ehr_patient k USING (patient_id)",
+        "subject_links_to_patient",
+        "k.patient_key, s.instrument, s.timepoint, s.score, s.collected_on, 'fhir' AS prom_source",
     ),
 )
 

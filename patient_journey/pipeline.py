@@ -13,20 +13,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from patient_journey.azure import is_blob_url
+from patient_journey.device_templates import DeviceTemplates, load_templates
 from patient_journey.errors import ConfigurationError
 from patient_journey.identity import KeyMaker
 from patient_journey.journey import build_journey
 from patient_journey.lake import Lake, TableRef, bronze, gold, quarantine, restricted, silver, staged
 from patient_journey.linkage import LINKS, link
-from patient_journey.quality import QUARANTINE_SCHEMA, QualityGate
+from patient_journey.quality import QUARANTINE_SCHEMA, ExpectationOutcome, QualityGate
 from patient_journey.settings import JourneySettings
 from patient_journey.sources import device, fhir, redcap, registry
 from patient_journey.sources.records import BRONZE_SCHEMA, REJECT_SCHEMA, Extraction, InputSelection
-from patient_journey.staging import STAGED_TABLES, stage
+from patient_journey.staging import STAGED_TABLES, SUPERSEDED, stage
 from patient_journey.storage import Storage, check_zones
 
 SOURCES = ("fhir", "device", "registry", "redcap")
@@ -36,7 +38,8 @@ BRONZE_TABLES = {
     "registry": "registry_row",
     "redcap": "redcap_record",
 }
-GOLD_TABLES = ("surgical_episode", "journey_event")
+GOLD_TABLES = ("surgical_episode", "journey_event", "device_clock")
+DEVICE_LAYER = "device"  # expectations/device/<type name>.json: one suite per device type
 
 
 def ledger_table(source: str) -> TableRef:
@@ -52,12 +55,13 @@ BUILDS = restricted("ledger", "build")
 QUARANTINE = quarantine("record")
 HELD = restricted("held", "record")
 CROSSWALK = restricted("identity", "crosswalk")
-# File-based adapters share one signature; the registry is read through SQLAlchemy.
+# File-based adapters share one signature (the device adapter also takes the device templates);
+# the registry is read through SQLAlchemy.
 FILE_ADAPTERS: dict[str, Callable[[Storage, str, InputSelection, str], Extraction]] = {
     "fhir": fhir.extract,
-    "device": device.extract,
     "redcap": redcap.extract,
 }
+FILE_SOURCES = ("fhir", "device", "redcap")
 # Entities read by an adapter -> the staged table they belong to.
 ENTITY_TABLE = {spec.entity: spec.name for spec in STAGED_TABLES}
 
@@ -82,10 +86,11 @@ class TableCounts:
     loaded: int = 0
     quarantined: int = 0
     held: int = 0
+    superseded: int = 0  # replaced by a later version, deleted, or the same record delivered again
 
     @property
     def balanced(self) -> bool:
-        return self.read == self.loaded + self.quarantined + self.held
+        return self.read == self.loaded + self.quarantined + self.held + self.superseded
 
 
 @dataclass
@@ -96,6 +101,7 @@ class BuildReport:
     expectations: list[dict[str, object]] = field(default_factory=list)
     bronze_only: dict[str, int] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
+    device_clocks: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
@@ -106,9 +112,11 @@ def preflight(settings: JourneySettings) -> int:
     """Fail before any load: a missing key, a missing or broken suite, a storage zone that cannot
     be listed (landing) or written (the others). Returns the number of expectations."""
     settings.patient_hmac_key()
+    templates = load_templates(settings.sources.device_templates_dir)
     check_zones(settings)
     gate = QualityGate(settings.quality.expectations_dir)
     gate.require("staged", [t.name for t in STAGED_TABLES])
+    gate.require(DEVICE_LAYER, templates.type_names())
     gate.require("gold", list(GOLD_TABLES))
     return gate.check_all_parse()
 
@@ -123,7 +131,7 @@ def _seen(
     own = getattr(settings.sources, f"{source}_prefix", "")
     others = tuple(
         landing.url(prefix) + "/"
-        for other in FILE_ADAPTERS
+        for other in FILE_SOURCES
         if other != source and (prefix := getattr(settings.sources, f"{other}_prefix")).startswith(own)
     )
     seen = InputSelection.from_ledger(ledger, settle_before, others)
@@ -149,6 +157,21 @@ def registry_url(settings: JourneySettings) -> str | None:
     return None
 
 
+def _registry_rows_read(lake: Lake) -> set[tuple[str, str, str]]:
+    """(table, primary key, content hash) of every registry row already in bronze."""
+    rows = lake.read(bronze(BRONZE_TABLES["registry"]), columns=["entity", "record_id", "content_hash"])
+    if rows is None:
+        return set()
+    return set(
+        zip(
+            rows.column("entity").to_pylist(),
+            rows.column("record_id").to_pylist(),
+            rows.column("content_hash").to_pylist(),
+            strict=True,
+        )
+    )
+
+
 def ingest(settings: JourneySettings, source: str, run_id: str) -> IngestReport:
     """Read new inputs of one source into bronze; rejects and the ledger are written after."""
     if source not in SOURCES:
@@ -161,7 +184,12 @@ def ingest(settings: JourneySettings, source: str, run_id: str) -> IngestReport:
         url = registry_url(settings)
         if url is None:
             return IngestReport(source, skipped="no registry configured (JOURNEY_SOURCES__REGISTRY_URL)")
-        extraction = registry.extract(url, watermarks, run_id)
+        extraction = registry.extract(
+            url, watermarks, run_id, settings.sources.registry_lookback_seconds, _registry_rows_read(lake)
+        )
+    elif source == "device":
+        templates = load_templates(settings.sources.device_templates_dir)
+        extraction = device.extract(landing, settings.sources.device_prefix, seen, run_id, templates)
     else:
         adapter = FILE_ADAPTERS[source]
         prefix = getattr(settings.sources, f"{source}_prefix")
@@ -237,6 +265,46 @@ def _rejects_as_quarantine(lake: Lake) -> pa.Table:
     )
 
 
+def _typed_column(values: list[object]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed kinds: compare as text
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def device_type_table(events: pa.Table, type_name: str, value_names: list[str]) -> pa.Table:
+    """One device type's measurements with a column per value its templates name (the shape
+    its suite in expectations/device/<type>.json is written against)."""
+    rows = events.filter(pc.equal(events.column("device_type"), type_name))
+    measured = [orjson.loads(text) for text in rows.column("measured_values").to_pylist()]
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {"measurement_id": rows.column("measurement_id")}
+    for name in value_names:
+        columns[name] = _typed_column([values.get(name) for values in measured])
+    for name in ("_row", "source_uri", "source_offset"):
+        columns[name] = rows.column(name)
+    return pa.table(columns)
+
+
+def gate_device_types(
+    gate: QualityGate, templates: DeviceTemplates, events: pa.Table, run_id: str
+) -> tuple[pa.Table, pa.Table, list[ExpectationOutcome]]:
+    """Check each device type's measurements against its own suite: (passed, quarantined, outcomes)."""
+    quarantined: list[pa.Table] = []
+    outcomes: list[ExpectationOutcome] = []
+    for type_name in templates.type_names():
+        table = device_type_table(events, type_name, templates.value_names(type_name))
+        if table.num_rows == 0:
+            continue
+        result = gate.check(DEVICE_LAYER, type_name, table, "device", run_id)
+        outcomes.extend(result.outcomes)
+        bad = result.quarantined
+        names = pa.array(["device_event"] * bad.num_rows, pa.string())
+        quarantined.append(bad.set_column(0, "table_name", names))
+    failed = pa.concat_tables(quarantined) if quarantined else QUARANTINE_SCHEMA.empty_table()
+    keep = pc.invert(pc.is_in(events.column("measurement_id"), value_set=failed.column("record_id")))
+    return events.filter(keep), failed, outcomes
+
+
 def build_silver(settings: JourneySettings, run_id: str, force: bool = False) -> BuildReport:
     """Stage bronze, gate every staged table, link identities, write staged/silver/quarantine/held."""
     started = time.perf_counter()
@@ -263,13 +331,22 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     passed: dict[str, pa.Table] = {}
     quarantine_parts = [rejected_at_read]
     source_of = {spec.staged: spec.source for spec in LINKS}
-    for name, table in staged_tables.items():
+    for name, everything in staged_tables.items():
+        superseded = everything.column(SUPERSEDED)
+        table = everything.filter(pc.invert(superseded)).drop_columns([SUPERSEDED])
+        counts[name].superseded += everything.num_rows - table.num_rows
         result = gate.check("staged", name, table, source_of[name], run_id)
-        counts[name].read += table.num_rows
+        counts[name].read += everything.num_rows
         counts[name].quarantined += result.quarantined.num_rows
         passed[name] = result.passed
         quarantine_parts.append(result.quarantined)
         report.expectations.extend(asdict(o) for o in result.outcomes)
+    passed["device_event"], by_type, outcomes = gate_device_types(
+        gate, load_templates(settings.sources.device_templates_dir), passed["device_event"], run_id
+    )
+    counts["device_event"].quarantined += by_type.num_rows
+    quarantine_parts.append(by_type)
+    report.expectations.extend(asdict(o) for o in outcomes)
 
     linked = link(passed, keys, run_id)
     for name in staged_tables:
@@ -294,6 +371,17 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     return report
 
 
+def device_clock_metrics(clock: pa.Table, tolerance: int) -> dict[str, int]:
+    """The device clock skew seen in this build, as counts for the run summary."""
+    skews = [abs(int(v)) for v in clock.column("median_skew_seconds").to_pylist() if v is not None]
+    return {
+        "devices": clock.num_rows,
+        "max_median_skew_seconds": max(skews, default=0),
+        "beyond_tolerance": sum(bool(v) for v in clock.column("beyond_tolerance").to_pylist()),
+        "tolerance_seconds": tolerance,
+    }
+
+
 def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
     """Build, gate and write the gold tables from silver; records the bronze versions it used."""
     started = time.perf_counter()
@@ -307,13 +395,16 @@ def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
                 raise ConfigurationError(f"silver.{spec.silver} does not exist yet: run build_silver first.")
             silver_tables[spec.silver] = table
     report = BuildReport(built=True)
-    for name, table in build_journey(silver_tables).items():
+    tolerance = settings.sources.device_skew_tolerance_seconds
+    for name, table in build_journey(silver_tables, tolerance).items():
         result = gate.check("gold", name, table, "journey", run_id)
         report.expectations.extend(asdict(o) for o in result.outcomes)
         report.tables.append(
             TableCounts(name, table.num_rows, result.passed.num_rows, result.quarantined.num_rows, 0)
         )
         report.versions[f"gold.{name}"] = lake.overwrite(gold(name), result.passed)
+        if name == "device_clock":
+            report.device_clocks = device_clock_metrics(result.passed, tolerance)
         if result.quarantined.num_rows:
             lake.append(QUARANTINE, result.quarantined)
     versions = ",".join(f"{k}={v}" for k, v in sorted(_bronze_versions(lake).items()))

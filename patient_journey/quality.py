@@ -137,6 +137,13 @@ def _build_suite(suite: SuiteFile) -> ExpectationSuite:
     return built
 
 
+def _lineage(table: pa.Table, name: str, kind: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """A lineage column, or nulls for a table built by aggregation (it has no single source)."""
+    if name in table.column_names:
+        return table.column(name)
+    return pa.nulls(table.num_rows, kind)
+
+
 class QualityGate:
     """Validates tables against their suites; all suites are checked when the gate is made."""
 
@@ -233,8 +240,8 @@ class QualityGate:
                 ),
                 "source": pa.array([source] * bad.num_rows, pa.string()),
                 "record_id": pc.cast(bad.column(0), pa.string()),
-                "source_uri": bad.column("source_uri"),
-                "source_offset": bad.column("source_offset"),
+                "source_uri": _lineage(bad, "source_uri", pa.string()),
+                "source_offset": _lineage(bad, "source_offset", pa.int64()),
                 "detail": pa.array(["error-severity row expectation failed"] * bad.num_rows, pa.string()),
                 "run_id": pa.array([run_id] * bad.num_rows, pa.string()),
             },

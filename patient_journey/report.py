@@ -67,20 +67,32 @@ def render_markdown(summary: RunSummary) -> str:
     lines += [
         "## Tables",
         "",
-        "Every row read is loaded, quarantined or held: read = loaded + quarantined + held.",
+        "Every row read is loaded, quarantined, held or superseded: read = loaded + quarantined + "
+        "held + superseded. Superseded rows were replaced by a later version of the same record, "
+        "deleted at the source, or delivered again unchanged.",
         "",
-        "| table | read | loaded | quarantined | held | linkage rate | balanced |",
-        "|---|---:|---:|---:|---:|---:|:---:|",
+        "| table | read | loaded | quarantined | held | superseded | linkage rate | balanced |",
+        "|---|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for t in summary.tables:
         lines.append(
-            f"| {t.table} | {t.read} | {t.loaded} | {t.quarantined} | {t.held} | "
+            f"| {t.table} | {t.read} | {t.loaded} | {t.quarantined} | {t.held} | {t.superseded} | "
             f"{_rate(t.loaded, t.held)} | {'yes' if t.balanced else '**no**'} |"
         )
     lines += ["", f"Overall linkage rate: {'-' if rate is None else f'{100 * rate:.1f}%'}", ""]
     if summary.silver.bronze_only:
         kept = ", ".join(f"{k} {v}" for k, v in sorted(summary.silver.bronze_only.items()))
         lines += [f"Kept in bronze, not modelled yet: {kept}.", ""]
+    if summary.gold is not None and summary.gold.device_clocks:
+        clocks = summary.gold.device_clocks
+        lines += [
+            "## Device clocks",
+            "",
+            f"{clocks['devices']} device(s); largest median clock skew {clocks['max_median_skew_seconds']} s; "
+            f"{clocks['beyond_tolerance']} beyond the tolerance of {clocks['tolerance_seconds']} s "
+            "(see gold.device_clock).",
+            "",
+        ]
     failed = summary.failed_expectations()
     lines += [
         "## Expectations",

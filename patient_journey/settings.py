@@ -111,6 +111,26 @@ class SourceSettings(BaseModel):
             "left for the next run and reported as pending."
         ),
     )
+    registry_lookback_seconds: int = Field(
+        default=86_400,
+        ge=0,
+        description=(
+            "Registry rows are read from this long before each table's watermark, so a row committed "
+            "late with an older updated_at is still picked up; rows already read are skipped."
+        ),
+    )
+    device_templates_dir: Path = Field(
+        default=PROJECT_ROOT / "catalog" / "devices",
+        description="Folder of device templates, one JSON file per device type.",
+    )
+    device_skew_tolerance_seconds: int = Field(
+        default=900,
+        ge=0,
+        description=(
+            "Device events are attributed to a procedure when their device time lies within the "
+            "procedure's start and end widened by this many seconds (device clocks drift)."
+        ),
+    )
     registry_url: SecretStr | None = Field(
         default=None,
         description=(

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
+from patient_journey.prom import score_prom_tables
+
 MRN_SYSTEM = "http://hospital.example.org/fhir/mrn"
 OR_CASE_SYSTEM = "http://hospital.example.org/fhir/or-case"
 
@@ -27,6 +29,10 @@ class StagedTable:
     entity: str
     columns: str
     order_by: str = "source_uri, source_offset"
+    # Versioned sources: the version of a record (later replaces earlier) and whether the record
+    # is a deletion. Without a version, records of one id are all current.
+    version: str = "CAST(NULL AS TIMESTAMPTZ)"
+    deleted: str = "false"
 
 
 def _ts(path: str) -> str:
@@ -49,6 +55,29 @@ def _ref_id(path: str) -> str:
     return f"nullif(split_part(payload->>'$.{path}', '/', -1), '')"
 
 
+# FHIR: meta.lastUpdated orders versions; the FHIR reader writes a deletion (bulk export
+# ``deleted`` entries, DELETE entries of a Bundle) as a record marked "_deleted".
+FHIR_VERSIONS = {"version": _ts("meta.lastUpdated"), "deleted": "payload->>'$._deleted' = 'true'"}
+REGISTRY_VERSIONS = {"version": _ts("updated_at")}
+
+# PROM tables: placeholders that patient_journey.prom fills from the items (see there).
+PROM_SCORE_COLUMNS = (
+    "CAST(NULL AS DOUBLE) AS score, CAST(NULL AS VARCHAR) AS scoring_status, "
+    "CAST(NULL AS VARCHAR) AS score_name, CAST(NULL AS INTEGER) AS items_answered"
+)
+# A QuestionnaireResponse's answers as a JSON object linkId -> first answer (top-level items and
+# items one group deep); an answer of another type than integer or coding is kept as its JSON.
+_QR_ITEM_LIST = "list_concat(json_extract(payload, '$.item[*]'), json_extract(payload, '$.item[*].item[*]'))"
+_QR_ANSWER = (
+    "coalesce(i->>'$.answer[0].valueInteger', i->>'$.answer[0].valueCoding.code', "
+    "CAST(i->'$.answer[0]' AS VARCHAR))"
+)
+QR_ITEMS = (
+    f"'{{' || array_to_string(list_transform(list_filter({_QR_ITEM_LIST}, "
+    f"lambda i: (i->>'$.linkId') IS NOT NULL AND (i->'$.answer[0]') IS NOT NULL), "
+    f"lambda i: to_json(i->>'$.linkId') || ':' || to_json({_QR_ANSWER})), ',') || '}}'"
+)
+
 STAGED_TABLES: tuple[StagedTable, ...] = (
     StagedTable(
         "patient",
@@ -56,6 +85,7 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
         "Patient",
         f"""record_id AS patient_id, {MRN} AS mrn,
             try_cast(payload->>'$.birthDate' AS DATE) AS birth_date, payload->>'$.gender' AS gender""",
+        **FHIR_VERSIONS,
     ),
     StagedTable(
         "encounter",
@@ -64,6 +94,7 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
         f"""record_id AS encounter_id, {_ref_id("subject.reference")} AS patient_id,
             payload->>'$.class.code' AS class_code, payload->>'$.type[0].coding[0].code' AS purpose,
             {_ts("period.start")} AS period_start, {_ts("period.end")} AS period_end""",
+        **FHIR_VERSIONS,
     ),
     StagedTable(
         "procedure",
@@ -74,6 +105,7 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
             payload->>'$.code.coding[0].code' AS code, payload->>'$.code.coding[0].display' AS display,
             payload->>'$.status' AS status,
             {_ts("performedPeriod.start")} AS performed_start, {_ts("performedPeriod.end")} AS performed_end""",
+        **FHIR_VERSIONS,
     ),
     StagedTable(
         "condition",
@@ -82,6 +114,7 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
         f"""record_id AS condition_id, {_ref_id("subject.reference")} AS patient_id,
             payload->>'$.code.coding[0].code' AS code, payload->>'$.code.coding[0].display' AS display,
             coalesce({_ts("onsetDateTime")}, {_ts("recordedDate")}) AS onset_time""",
+        **FHIR_VERSIONS,
     ),
     StagedTable(
         "observation",
@@ -93,6 +126,7 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
             {_ts("effectiveDateTime")} AS effective_time,
             try_cast(payload->>'$.valueQuantity.value' AS DOUBLE) AS value,
             payload->>'$.valueQuantity.unit' AS unit""",
+        **FHIR_VERSIONS,
     ),
     StagedTable(
         "device",
@@ -101,18 +135,20 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
         f"""record_id AS device_id, payload->>'$.udiCarrier[0].deviceIdentifier' AS udi_di,
             payload->>'$.serialNumber' AS serial_number, payload->>'$.deviceName[0].name' AS device_name,
             payload->>'$.type.coding[0].code' AS device_type, {_ref_id("patient.reference")} AS patient_id""",
+        **FHIR_VERSIONS,
     ),
     StagedTable(
         "device_event",
         "device_message",
-        "device_message",
-        f"""record_id AS message_id, payload->>'$.connectionDeviceId' AS iot_device_id,
-            payload->>'$.body.caseId' AS case_id, payload->>'$.body.deviceType' AS device_type,
-            payload->>'$.body.udiDi' AS udi_di, payload->>'$.body.serial' AS serial_number,
-            payload->>'$.body.firmware' AS firmware, payload->>'$.body.eventType' AS event_type,
-            {_ts("body.timestamp")} AS event_time,
-            try_cast(payload->>'$.body.value' AS DOUBLE) AS value, payload->>'$.body.unit' AS unit,
-            {_ts("enqueuedTimeUtc")} AS enqueued_time""",
+        "device_measurement",
+        f"""record_id AS measurement_id, payload->>'$.iotDeviceId' AS iot_device_id,
+            payload->>'$.typeName' AS device_type, payload->>'$.deviceId' AS device_id,
+            payload->>'$.caseId' AS case_id, payload->>'$.template' AS template,
+            coalesce(payload->>'$.values.event', payload->>'$.typeName') AS event_type,
+            {_ts("measuredAt")} AS event_time, {_ts("enqueuedTime")} AS enqueued_time,
+            payload->>'$.values.udiDi' AS udi_di, payload->>'$.values.firmware' AS firmware,
+            try_cast(payload->>'$.values.value' AS DOUBLE) AS value, payload->>'$.values.unit' AS unit,
+            CAST(json_extract(payload, '$.values') AS VARCHAR) AS measured_values""",
     ),
     StagedTable(
         "registry_patient",
@@ -121,15 +157,18 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
         """record_id AS registry_id, payload->>'$.mrn' AS mrn,
            try_cast(payload->>'$.birth_date' AS DATE) AS birth_date, payload->>'$.site' AS site,
            try_cast(payload->>'$.updated_at' AS TIMESTAMPTZ) AS updated_at""",
+        **REGISTRY_VERSIONS,
     ),
     StagedTable(
         "prom_response",
         "registry_row",
         "prom_response",
         """record_id AS response_id, payload->>'$.registry_id' AS registry_id,
-           payload->>'$.instrument' AS instrument, payload->>'$.timepoint' AS timepoint,
+           lower(replace(trim(payload->>'$.instrument'), ' ', '_')) AS instrument,
+           payload->>'$.timepoint' AS timepoint,
            try_cast(payload->>'$.score' AS DOUBLE) AS score,
            try_cast(payload->>'$.collected_on' AS DATE) AS collected_on""",
+        **REGISTRY_VERSIONS,
     ),
     StagedTable(
         "complication",
@@ -137,7 +176,8 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
         "complication",
         """record_id AS complication_id, payload->>'$.registry_id' AS registry_id,
            try_cast(payload->>'$.occurred_on' AS DATE) AS occurred_on, payload->>'$.description' AS description,
-           try_cast(payload->>'$.clavien_dindo_grade' AS INTEGER) AS grade""",
+           payload->>'$.code' AS code, try_cast(payload->>'$.clavien_dindo_grade' AS INTEGER) AS grade""",
+        **REGISTRY_VERSIONS,
     ),
     StagedTable(
         "readmission",
@@ -146,26 +186,48 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
         """record_id AS readmission_id, payload->>'$.registry_id' AS registry_id,
            try_cast(payload->>'$.admitted_on' AS DATE) AS admitted_on,
            try_cast(payload->>'$.discharged_on' AS DATE) AS discharged_on, payload->>'$.reason' AS reason""",
+        **REGISTRY_VERSIONS,
     ),
     StagedTable(
         "redcap_prom",
         "redcap_record",
         "redcap:prom",
-        """record_id AS redcap_row_id, split_part(record_id, '|', 1) AS redcap_record_id,
-           payload->>'$.redcap_event_name' AS event_name,
-           max(nullif(payload->>'$.mrn', '')) OVER (PARTITION BY split_part(record_id, '|', 1)) AS mrn,
-           CASE payload->>'$.prom_instrument' WHEN '1' THEN 'KOOS JR' WHEN '2' THEN 'HOOS JR' END AS instrument,
-           CASE payload->>'$.redcap_event_name' WHEN 'baseline_arm_1' THEN 'baseline'
-                WHEN 'week_6_arm_1' THEN '6w' WHEN 'month_6_arm_1' THEN '6m'
-                WHEN 'month_12_arm_1' THEN '12m' END AS timepoint,
-           try_cast(nullif(payload->>'$.prom_score', '') AS DOUBLE) AS score,
-           try_cast(nullif(payload->>'$.prom_date', '') AS DATE) AS collected_on,
-           nullif(payload->>'$.prom_score', '') IS NOT NULL AS answered""",
+        # One row per form instance of the REDCap project "prom"; patient_journey.prom keeps the
+        # PROM forms (form name = catalog instrument id) and scores them. The MRN is on the
+        # record's enrolment form; the timepoint is the event (baseline/week_6/month_6/month_12).
+        f"""record_id AS redcap_row_id, payload->>'$.record_id' AS redcap_record_id,
+           max(payload->>'$.values.mrn') OVER (PARTITION BY payload->>'$.record_id') AS mrn,
+           payload->>'$.event' AS event_name, try_cast(payload->>'$.arm' AS INTEGER) AS arm,
+           try_cast(payload->>'$.repeat_instance' AS INTEGER) AS repeat_instance,
+           payload->>'$.form' AS instrument,
+           CASE regexp_replace(payload->>'$.event', '_arm_[0-9]+$', '') WHEN 'baseline' THEN 'baseline'
+                WHEN 'week_6' THEN '6w' WHEN 'month_6' THEN '6m' WHEN 'month_12' THEN '12m' END AS timepoint,
+           try_cast(json_extract_string(payload, '$.values.' || (payload->>'$.form') || '_date') AS DATE)
+               AS collected_on,
+           try_cast(payload->>'$.form_status' AS INTEGER) AS form_status,
+           {PROM_SCORE_COLUMNS}, CAST(payload->'$.values' AS VARCHAR) AS items""",
+    ),
+    StagedTable(
+        "fhir_prom",
+        "fhir_resource",
+        "QuestionnaireResponse",
+        # One row per QuestionnaireResponse, scored by patient_journey.prom: the instrument is the
+        # questionnaire canonical's last segment (catalog id), items are linkId -> answer[0].
+        f"""record_id AS questionnaire_response_id, {_ref_id("subject.reference")} AS patient_id,
+            nullif(regexp_extract(payload->>'$.questionnaire', '([^/|]*)(\\|.*)?$', 1), '') AS instrument,
+            CAST(NULL AS VARCHAR) AS timepoint,
+            try_cast(left(payload->>'$.authored', 10) AS DATE) AS collected_on,
+            payload->>'$.status' AS response_status,
+            {PROM_SCORE_COLUMNS}, {QR_ITEMS} AS items""",
+        **FHIR_VERSIONS,
     ),
 )
 
 STAGED_BY_NAME = {table.name: table for table in STAGED_TABLES}
 LINEAGE = "source_uri, source_offset, run_id"
+# True for a record that is not current: a later version of its id, a deletion, or the same
+# record delivered again (same id and content) replaces it. The pipeline counts and drops these.
+SUPERSEDED = "_superseded"
 
 
 def connect() -> duckdb.DuckDBPyConnection:
@@ -175,7 +237,8 @@ def connect() -> duckdb.DuckDBPyConnection:
 
 
 def stage(bronze_tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
-    """Flatten every staged table whose bronze source is present."""
+    """Flatten every staged table whose bronze source is present; rows that are no longer
+    current are kept, flagged ``_superseded``, so that the caller can count them."""
     connection = connect()
     for name, table in bronze_tables.items():
         connection.register(f"bronze_{name}", table)
@@ -186,17 +249,32 @@ def stage(bronze_tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
         staged[spec.name] = connection.sql(
             f"""
             WITH records AS (
-                SELECT * FROM bronze_{spec.bronze} WHERE entity = '{spec.entity}'
+                SELECT *, {spec.version} AS _version, {spec.deleted} AS _deleted
+                FROM bronze_{spec.bronze} WHERE entity = '{spec.entity}'
                 QUALIFY row_number() OVER (
                     PARTITION BY source_uri, source_offset, content_hash ORDER BY ingested_at) = 1
+            ), versions AS (
+                SELECT *,
+                    row_number() OVER (
+                        PARTITION BY record_id, content_hash ORDER BY {spec.order_by}) > 1 AS _again,
+                    max(_version) OVER (PARTITION BY record_id) AS _latest,
+                    max(coalesce(_version, 'infinity'::TIMESTAMPTZ)) FILTER (WHERE _deleted)
+                        OVER (PARTITION BY record_id) AS _deleted_at
+                FROM records
             ), flat AS (
-                SELECT {spec.columns}, record_id AS _record_id, {LINEAGE} FROM records
+                SELECT {spec.columns}, record_id AS _record_id,
+                       _again OR _version IS DISTINCT FROM _latest
+                       OR coalesce(_deleted_at >= coalesce(_version, '-infinity'::TIMESTAMPTZ), false)
+                       AS {SUPERSEDED},
+                       {LINEAGE}
+                FROM versions
             )
             SELECT * EXCLUDE (_record_id),
-                   row_number() OVER (PARTITION BY _record_id ORDER BY {spec.order_by}) = 1 AS _first_of_id,
+                   row_number() OVER (
+                       PARTITION BY _record_id, {SUPERSEDED} ORDER BY {spec.order_by}) = 1 AS _first_of_id,
                    row_number() OVER (ORDER BY {spec.order_by}) AS _row
             FROM flat ORDER BY _row
             """
         ).to_arrow_table()
     connection.close()
-    return staged
+    return score_prom_tables(staged)

@@ -20,6 +20,10 @@ EXPECTED_RULE = {
     ("device_case_unmatched", "device_message"): "case_id_links_to_procedure",
     ("unknown_patient_outcome", "registry_patient"): "mrn_and_birth_date_link_to_patient",
     ("unknown_patient_outcome", "prom_response"): "registry_id_links_to_patient",
+    ("unknown_device_type", "device_event"): "device_template_matches",
+    ("out_of_range_value", "device_event"): "tourniquet_pressure_in_range",
+    ("out_of_range_value", "fhir_prom"): "item_in_range",
+    ("invalid_choice_code", "redcap_prom"): "redcap_choice_valid",
 }
 STAGED_NAME = {"device_message": "device_event"}
 
@@ -59,7 +63,8 @@ def episode_mismatches(lake: Lake, generated: GenerationResult) -> list[tuple[st
             if column in ("case_id", "mrn"):
                 continue
             actual = row[column]
-            if column.startswith("prom_") and column not in ("prom_instrument", "prom_source") and value:
+            numeric = not column.startswith(("prom_mcid_", "prom_instrument", "prom_source"))
+            if column.startswith("prom_") and numeric and value:
                 value = f"{float(value):.1f}"
             if _text(actual) != value:
                 mismatches.append((expected["case_id"], column, value, _text(actual)))
@@ -87,3 +92,19 @@ def assert_planted_records_caught(lake: Lake, generated: GenerationResult) -> No
         rule = EXPECTED_RULE[(record["kind"], record["table"])]
         assert len(found) == 1, record
         assert rule in found[0]["rule"].split("; "), (record, found[0]["rule"])
+
+
+def device_clock_mismatches(lake: Lake, generated: GenerationResult) -> list[tuple[str, int, float]]:
+    """Devices whose measured clock skew is off the planted one by more than IoT Hub's latency.
+
+    The generator delays each message by 0-20 s between the device and IoT Hub, so the median of
+    (device time - enqueued time) is the planted skew minus about 10 s.
+    """
+    clock = lake.read(gold("device_clock"))
+    assert clock is not None
+    measured = {row["device_id"]: row["median_skew_seconds"] for row in clock.to_pylist()}
+    planted = {
+        row["device_id"]: int(row["clock_skew_seconds"]) for row in truth(generated, "device_clock.csv")
+    }
+    assert set(planted) <= set(measured)
+    return [(d, skew, measured[d]) for d, skew in planted.items() if abs(measured[d] - (skew - 10)) > 10]

@@ -29,6 +29,7 @@ from patient_journey.device_templates import (
 from patient_journey.errors import ConfigurationError
 from patient_journey.generate.model import OR_DEVICE_MODELS, build_cohort
 from patient_journey.generate.writers import write_device
+from patient_journey.sources.device import decode_body
 from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -466,6 +467,10 @@ def test_generator_device_messages_all_map(catalog: DeviceTemplates, tmp_path: P
         for record in fastavro.reader(io.BytesIO(blob.read_bytes())):
             assert isinstance(record, dict)
             messages.append((orjson.loads(record["Body"]), Envelope.from_routed_record(record)))
+    for blob in sorted(tmp_path.rglob("*.json")):  # IoT Hub's JSON encoding: embedded or base64 bodies
+        for line in blob.read_bytes().splitlines():
+            record = orjson.loads(line)
+            messages.append((decode_body(record["Body"]), Envelope.from_routed_record(record)))
     result = catalog.map_messages(messages)
     assert result.messages == len(events) > 0
     assert result.rejects == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,12 @@ from patient_journey.pipeline import HELD, QUARANTINE
 from patient_journey.query import run_query
 from patient_journey.report import RunSummary, render_markdown
 from tests.conftest import settings_for, use_settings_env
-from tests.journey_checks import assert_planted_records_caught, episode_mismatches, truth
+from tests.journey_checks import (
+    assert_planted_records_caught,
+    device_clock_mismatches,
+    episode_mismatches,
+    truth,
+)
 
 pytestmark = pytest.mark.prefect
 
@@ -38,6 +44,41 @@ def test_every_episode_fact_matches_the_ground_truth(
     assert episode_mismatches(Lake(settings_for(root)), generated) == []
 
 
+def test_each_device_clock_skew_is_measured(
+    first_run: tuple[RunSummary, Path], generated: GenerationResult
+) -> None:
+    summary, root = first_run
+    assert device_clock_mismatches(Lake(settings_for(root)), generated) == []
+    planted = [abs(int(r["clock_skew_seconds"])) for r in truth(generated, "device_clock.csv")]
+    assert summary.gold is not None
+    assert summary.gold.device_clocks["devices"] == len(planted)
+    assert "## Device clocks" in render_markdown(summary)
+
+
+def test_the_generator_writes_every_source_variant(generated: GenerationResult) -> None:
+    landing = generated.out / "landing"
+    names = {p.relative_to(landing).as_posix() for p in landing.rglob("*") if p.is_file()}
+    device = [n for n in names if n.startswith("device/")]
+    # IoT Hub routing: every encoding, several partitions each.
+    for endpoint, suffix in (("avro", ".avro"), ("avrodeflate", ".avro"), ("json", ".json")):
+        blobs = [n for n in device if n.startswith(f"device/or-telemetry-{endpoint}/") and n.endswith(suffix)]
+        assert len({n.split("/")[2] for n in blobs}) > 1, endpoint
+    deflated = next(landing.glob("device/or-telemetry-avrodeflate/*/*/*/*/*/*.avro")).read_bytes()
+    assert b"avro.codec\x0edeflate" in deflated
+    json_blobs = [landing / n for n in device if n.endswith(".json")]
+    bodies = [line.split(b'"Body":')[1][:1] for blob in json_blobs for line in blob.read_bytes().splitlines()]
+    assert {b"{", b'"'} <= set(bodies)  # embedded JSON bodies and base64 bodies
+    # FHIR: Synthea and Azure layouts, gzip, manifest with deleted entries, three Bundle types.
+    assert any(n.endswith("/Patient.000.ndjson") for n in names)
+    assert any(n.endswith("/Procedure-1-1.ndjson") for n in names)
+    assert any(n.endswith(".ndjson.gz") for n in names)
+    assert any(n.endswith("/Bundle-deleted-1-1.ndjson") for n in names)
+    bundle_types = {
+        json.loads((landing / n).read_text())["type"] for n in names if n.startswith("ehr/bundles/")
+    }
+    assert bundle_types == {"transaction", "batch", "collection"}
+
+
 def test_every_planted_bad_record_is_quarantined_or_held_under_its_rule(
     first_run: tuple[RunSummary, Path], generated: GenerationResult
 ) -> None:
@@ -55,9 +96,13 @@ def test_rows_read_equal_loaded_plus_quarantined_plus_held(first_run: tuple[RunS
         "surgical_episode",
     }
     for table in summary.tables:
-        assert table.read == table.loaded + table.quarantined + table.held, table
+        assert table.read == table.loaded + table.quarantined + table.held + table.superseded, table
     held = {t.table: t.held for t in summary.tables}
     assert held["device_event"] > 0 and held["registry_patient"] > 0
+    # Versions: corrected Procedures replace their drafts, stale ones and re-delivered Patients
+    # are superseded, and Encounters deleted at the source are gone.
+    superseded = {t.table: t.superseded for t in summary.tables}
+    assert superseded["procedure"] > 0 and superseded["patient"] > 0 and superseded["encounter"] > 0
 
 
 def test_the_summary_carries_no_patient_values(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -71,7 +72,11 @@ def test_fhir_r4_examples_load_or_are_rejected_per_resource_type(shared_data: Pa
         document = orjson.loads(file.read_bytes())
         if document["resourceType"] == "Bundle":
             for entry in document.get("entry", []):
-                expected[entry["resource"]["resourceType"] if "resource" in entry else "Bundle"] += 1
+                url = entry.get("request", {}).get("url", "")
+                if entry.get("request", {}).get("method") == "DELETE":  # Type/id, else rejected
+                    expected[url.split("/")[0] if re.fullmatch(r"[A-Z]\w+/[\w.-]+", url) else "Bundle"] += 1
+                else:
+                    expected[entry["resource"]["resourceType"] if "resource" in entry else "Bundle"] += 1
         else:
             expected[document["resourceType"]] += 1
     assert loaded + rejected == expected

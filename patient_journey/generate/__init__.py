@@ -10,18 +10,23 @@ from patient_journey.generate.bad_records import (
     KINDS,
     device_planted,
     plant_count,
+    plant_device_messages,
     plant_device_streams,
     plant_fhir,
+    plant_questionnaire_responses,
+    plant_redcap,
     plant_registry,
 )
+from patient_journey.generate.fhir_layouts import fhir_variants, write_fhir_variants
 from patient_journey.generate.model import build_cohort
+from patient_journey.generate.proms import redcap_project, write_redcap
 from patient_journey.generate.writers import (
+    encounter_resource,
     fhir_lines,
     registry_rows,
     write_device,
     write_fhir,
     write_ground_truth,
-    write_redcap,
     write_registry,
 )
 
@@ -56,23 +61,37 @@ def generate(out: Path, patients: int, seed: int, bad_rate: float = 0.02) -> Gen
     bad_rng = random.Random(seed * 1_000_003 + 7919)  # separate stream: good data never depends on it
 
     lines = fhir_lines(cohort)
+    variants = fhir_variants(cohort, lines, encounter_resource)
     lines["Observation"], planted = plant_fhir(lines["Observation"], cohort, bad_rng, n_bad)
+    prom_bad_rng = random.Random(seed * 1_000_003 + 104_729)  # PROM plants: no other plant shifts
+    lines["QuestionnaireResponse"], planted_qr = plant_questionnaire_responses(
+        lines["QuestionnaireResponse"], cohort, prom_bad_rng, n_bad
+    )
+    planted += planted_qr
+    redcap = redcap_project(cohort)
+    planted_redcap = plant_redcap(redcap, prom_bad_rng, n_bad)
 
     good_events = [e for j in cohort.journeys for e in j.events]
     bad_events = plant_device_streams(cohort, bad_rng, n_bad)
+    bad_messages = plant_device_messages(cohort, bad_rng, n_bad)
     rows = registry_rows(cohort)
     planted_registry = plant_registry(rows, cohort, bad_rng, n_bad)
 
     landing.mkdir(parents=True)
     resources = write_fhir(landing, lines)
-    blobs, where = write_device(landing, good_events + bad_events)
-    planted += device_planted(where[len(good_events) :])
+    fhir_files = write_fhir_variants(landing, variants)
+    events = good_events + bad_events + [m.event for m in bad_messages]
+    first_message = len(good_events) + len(bad_events)
+    bodies = {first_message + i: m.body for i, m in enumerate(bad_messages)}
+    blobs, where = write_device(landing, events, bodies)
+    planted += device_planted(where[len(good_events) : first_message], bad_messages, where[first_message:])
     planted += planted_registry
     write_registry(landing, rows)
-    redcap_rows = write_redcap(landing, cohort)
+    redcap_rows = write_redcap(landing, redcap)
+    planted += planted_redcap
 
     planted_counts = {kind: sum(1 for p in planted if p.kind == kind) for kind in KINDS}
-    device_messages = len(good_events) + len(bad_events)
+    device_messages = len(events)
     generation = {
         "seed": seed,
         "patients": patients,
@@ -80,6 +99,7 @@ def generate(out: Path, patients: int, seed: int, bad_rate: float = 0.02) -> Gen
         "counts": {
             "episodes": len(cohort.journeys),
             "fhir_resources": resources,
+            "fhir_variant_files": fhir_files,
             "device_messages": device_messages,
             "device_blobs": blobs,
             "or_devices": len(cohort.devices),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -17,10 +18,12 @@ from patient_journey.generate.model import (
     device_stream,
     new_uuid,
 )
+from patient_journey.generate.proms import RedcapProject, questionnaire_response
 from patient_journey.generate.writers import (
     EHR_DIR,
     REGISTRY_PATH,
     RegistryRows,
+    device_body,
     dumps,
     observation_resource,
     updated_at,
@@ -33,8 +36,11 @@ KINDS: tuple[str, ...] = (
     "duplicate_id",
     "device_case_unmatched",
     "unknown_patient_outcome",
+    "unknown_device_type",
+    "invalid_choice_code",
 )
 OBSERVATION_PATH = f"{EHR_DIR}/Observation.000.ndjson"
+QUESTIONNAIRE_RESPONSE_PATH = f"{EHR_DIR}/QuestionnaireResponse.000.ndjson"
 
 
 def plant_count(bad_rate: float, patients: int) -> int:
@@ -109,19 +115,58 @@ def plant_device_streams(cohort: Cohort, rng: random.Random, n: int) -> list[Dev
     return events
 
 
-def device_planted(paths: list[tuple[str, int]]) -> list[PlantedRecord]:
-    return [
-        PlantedRecord(
-            "device_case_unmatched",
-            "device",
-            path,
-            str(index),
-            "device_message",
-            "caseId",
-            "held",
+@dataclass(frozen=True)
+class PlantedMessage:
+    """A device message whose body is replaced, and what it plants."""
+
+    event: DeviceEvent
+    body: dict[str, object]
+    kind: str
+    table: str
+    field: str
+    outcome: str
+
+
+def plant_device_messages(cohort: Cohort, rng: random.Random, n: int) -> list[PlantedMessage]:
+    """Messages of a device type no template knows, and tourniquet pressures out of range."""
+    planted: list[PlantedMessage] = []
+    for _ in range(n):
+        j = rng.choice(cohort.journeys)
+        event = rng.choice([e for e in j.events if e.event_type != "self_test"])
+        body = {**device_body(event), "deviceType": "smoke-evacuator", "eventType": "filter_change"}
+        planted.append(
+            PlantedMessage(event, body, "unknown_device_type", "device_event", "deviceType", "quarantined")
         )
+    with_tourniquet = [
+        j for j in cohort.journeys if any(d.model.device_type == "tourniquet" for d in j.devices)
+    ]
+    for _ in range(n if with_tourniquet else 0):
+        j = rng.choice(with_tourniquet)
+        event = rng.choice([e for e in j.events if e.device.model.device_type == "tourniquet"])
+        body = {
+            **device_body(event),
+            "eventType": "tourniquet_pressure",
+            "value": round(rng.uniform(900.0, 2000.0), 1),
+            "unit": "mm[Hg]",
+        }
+        planted.append(
+            PlantedMessage(event, body, "out_of_range_value", "device_event", "value", "quarantined")
+        )
+    return planted
+
+
+def device_planted(
+    paths: list[tuple[str, int]], messages: list[PlantedMessage], message_paths: list[tuple[str, int]]
+) -> list[PlantedRecord]:
+    records = [
+        PlantedRecord("device_case_unmatched", "device", path, str(index), "device_message", "caseId", "held")
         for path, index in paths
     ]
+    records += [
+        PlantedRecord(m.kind, "device", path, str(index), m.table, m.field, m.outcome)
+        for m, (path, index) in zip(messages, message_paths, strict=True)
+    ]
+    return records
 
 
 def plant_registry(rows: RegistryRows, cohort: Cohort, rng: random.Random, n: int) -> list[PlantedRecord]:
@@ -206,4 +251,55 @@ def plant_registry(rows: RegistryRows, cohort: Cohort, rng: random.Random, n: in
                     "held",
                 )
             )
+    return planted
+
+
+def plant_questionnaire_responses(
+    lines: list[bytes], cohort: Cohort, rng: random.Random, n: int
+) -> tuple[list[bytes], list[PlantedRecord]]:
+    """Insert extra QuestionnaireResponses with one answer outside its item's range (the
+    catalog's rule item_in_range); the good responses are all kept."""
+    candidates = [(j, p) for j in cohort.journeys if j.prom_source == "fhir" for p in j.proms]
+    candidates = candidates or [(j, p) for j in cohort.journeys for p in j.proms]
+    entries: list[tuple[bytes, bool]] = [(line, False) for line in lines]
+    for _ in range(n if candidates else 0):
+        j, p = rng.choice(candidates)
+        resource = questionnaire_response(j, p, new_uuid(rng))
+        item = rng.choice([item for item in resource["item"] if "answer" in item])
+        item["answer"] = [{"valueInteger": rng.choice((-1, 5, 7, 9))}]
+        entries.insert(rng.randint(0, len(entries)), (dumps(resource), True))
+    planted = [
+        PlantedRecord(
+            "out_of_range_value",
+            "fhir",
+            QUESTIONNAIRE_RESPONSE_PATH,
+            str(lineno),
+            "fhir_prom",
+            "item.answer",
+            "quarantined",
+        )
+        for lineno, (_, bad) in enumerate(entries, start=1)
+        if bad
+    ]
+    return [line for line, _ in entries], planted
+
+
+def plant_redcap(project: RedcapProject, rng: random.Random, n: int) -> list[PlantedRecord]:
+    """Put a code that is not one of the field's choices into the ASA class of enrolment rows
+    (rejected at read under redcap_choice_valid; the rest of the row still loads)."""
+    rows = [index for index, row in enumerate(project.records) if row["asa_class"]]
+    planted: list[PlantedRecord] = []
+    for index in sorted(rng.sample(rows, min(n, len(rows)))):
+        project.records[index]["asa_class"] = rng.choice(("0", "5", "9"))
+        planted.append(
+            PlantedRecord(
+                "invalid_choice_code",
+                "redcap",
+                project.records_path,
+                str(project.line_of(index)),
+                "redcap_prom",
+                "asa_class",
+                "quarantined",
+            )
+        )
     return planted

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import random
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from functools import cache
+
+import pyarrow as pa
+
+from patient_journey.scoring import Catalog, load_catalog, score_responses
 
 EXPORT_TIME = datetime(2025, 3, 1, tzinfo=UTC)
 SURGERY_FIRST_DAY = date(2023, 1, 1)
@@ -19,6 +24,11 @@ SURGERY_DAYS = 365
 
 TIMEPOINTS: tuple[str, ...] = ("baseline", "6w", "6m", "12m")
 INSTRUMENTS: dict[str, str] = {"knee": "KOOS JR", "hip": "HOOS JR"}
+INSTRUMENT_IDS: dict[str, str] = {"knee": "koos_jr", "hip": "hoos_jr"}  # catalog/instruments ids
+# Where a patient's PROMs are collected, with cumulative shares: 45% / 35% / 20%.
+PROM_SOURCES: tuple[tuple[str, float], ...] = (("registry", 0.45), ("redcap", 0.80), ("fhir", 1.0))
+# Item-level questionnaires (REDCap, FHIR) left with an item unanswered, hence not scored.
+PARTIAL_RESPONSE_RATE = 0.04
 
 
 def new_uuid(rng: random.Random) -> str:
@@ -163,13 +173,14 @@ _STREETS = (
 )
 _CITIES = ("Springfield", "Riverton", "Fairview", "Lakewood", "Georgetown")
 _SITES = ("SITE-01", "SITE-02", "SITE-03")
+# (display, SNOMED CT concept id): the registry records the description and its code.
 _COMPLICATIONS = (
-    "Superficial wound infection",
-    "Deep vein thrombosis",
-    "Periprosthetic joint infection",
-    "Postoperative anaemia requiring transfusion",
-    "Stiffness requiring manipulation under anaesthesia",
-    "Dislocation",
+    ("Superficial wound infection", "433202001"),  # Surgical site infection (disorder)
+    ("Deep vein thrombosis", "128053003"),  # Deep venous thrombosis (disorder)
+    ("Periprosthetic joint infection", "213121005"),  # Prosthetic joint infection (disorder)
+    ("Postoperative anaemia requiring transfusion", "271737000"),  # Anemia (disorder)
+    ("Stiffness requiring manipulation under anaesthesia", "84445001"),  # Joint stiffness (finding)
+    ("Dislocation", "108367008"),  # Dislocation of joint (disorder)
 )
 _READMISSION_REASONS = (
     "Wound complication",
@@ -188,6 +199,7 @@ class PhysicalDevice:
     firmware: str
     generation_id: str
     busy_until: datetime
+    clock_skew_s: int = 0  # how far the device's clock runs ahead of true time (negative: behind)
 
     @property
     def iot_id(self) -> str:
@@ -199,10 +211,10 @@ class DeviceEvent:
     case_id: str
     device: PhysicalDevice
     event_type: str
-    timestamp: datetime
+    timestamp: datetime  # as the device's clock reports it (true time + the device's skew)
     value: float | None
     unit: str | None
-    enqueued: datetime
+    enqueued: datetime  # IoT Hub's clock: true time + transport latency
 
 
 @dataclass(frozen=True)
@@ -227,9 +239,13 @@ class Observation:
 
 @dataclass(frozen=True)
 class Prom:
+    """One completed (or partly completed) questionnaire at one timepoint."""
+
     timepoint: str
-    score: float
+    score: float | None  # the catalog score of ``items``; None when the catalog does not score them
     collected_on: date
+    # catalog item id -> response code; an item left unanswered is absent
+    items: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -237,6 +253,7 @@ class Complication:
     occurred_on: date
     grade: int
     description: str
+    code: str  # SNOMED CT
 
 
 @dataclass(frozen=True)
@@ -281,13 +298,18 @@ class Journey:
     complications: list[Complication]
     registry_readmissions: list[RegistryReadmission]
     proms: list[Prom]
-    prom_source: str  # registry | redcap
+    prom_source: str  # registry | redcap | fhir
     devices: list[PhysicalDevice] = field(default_factory=list)
     events: list[DeviceEvent] = field(default_factory=list)
 
     @property
     def instrument(self) -> str:
         return INSTRUMENTS[self.joint]
+
+    @property
+    def instrument_id(self) -> str:
+        """The instrument's id in catalog/instruments (koos_jr, hoos_jr)."""
+        return INSTRUMENT_IDS[self.joint]
 
     def or_minutes(self) -> float:
         starts = [e.timestamp for e in self.events if e.event_type == "session_start"]
@@ -344,8 +366,56 @@ def _vitals(rng: random.Random, enc: Encounter, height_m: float, bmi: float) -> 
     ]
 
 
-def _clip_score(value: float) -> float:
-    return round(min(100.0, max(0.0, value)), 1)
+@cache
+def _prom_catalog() -> Catalog:
+    return load_catalog()
+
+
+def _draw_items(rng: random.Random, instrument_id: str, target: float, partial: bool) -> dict[str, int]:
+    """Item answers whose catalog score is the one closest to ``target``; one item left
+    unanswered when ``partial`` (the catalog then gives no score)."""
+    score = _prom_catalog().instrument(instrument_id).scores[0]
+    items = {item.id: item for item in _prom_catalog().instrument(instrument_id).items}
+    members = [items[item_id] for item_id in score.items]
+    low = sum(item.range[0] for item in members)
+    high = sum(item.range[1] for item in members)
+    values = score.lookup or {raw: float(raw) for raw in range(low, high + 1)}
+    raw = min(values, key=lambda r: (abs(values[r] - target), r))
+    answers = {item.id: item.range[0] for item in members}
+    # Spread raw - low over the items: one slot per step an item can rise above its lowest code.
+    slots = [item.id for item in members for _ in range(item.range[1] - item.range[0])]
+    for item_id in rng.sample(slots, raw - low):
+        answers[item_id] += 1
+    if partial:
+        del answers[rng.choice(members).id]
+    return answers
+
+
+def _score_proms(journeys: list[Journey]) -> None:
+    """Set every Prom's score from its items, all at once through the scoring engine."""
+    proms = [(j, k, p) for j in journeys for k, p in enumerate(j.proms)]
+    if not proms:
+        return
+    catalog = _prom_catalog()
+    item_ids = sorted({item_id for _, _, p in proms for item_id in p.items})
+    responses = pa.table(
+        {
+            "response_id": [str(n) for n in range(len(proms))],
+            "instrument": [j.instrument_id for j, _, _ in proms],
+            **{
+                item_id: pa.array([p.items.get(item_id) for _, _, p in proms], pa.int64())
+                for item_id in item_ids
+            },
+        }
+    )
+    primary = {i.id: i.scores[0].name for i in catalog.instruments.values()}
+    scores = {
+        int(row["response_id"]): row["score"]
+        for row in score_responses(responses, catalog).to_pylist()
+        if row["score_name"] == primary[row["instrument"]]
+    }
+    for n, (j, k, p) in enumerate(proms):
+        j.proms[k] = replace(p, score=scores[n])
 
 
 def _build_journey(
@@ -420,13 +490,10 @@ def _build_journey(
     complications: list[Complication] = []
     if rng.random() < 0.10:
         for _ in range(rng.choice((1, 1, 1, 2))):
-            complications.append(
-                Complication(
-                    surgery_day + timedelta(days=rng.randint(2, 80)),
-                    rng.choice((1, 1, 2, 2, 3, 4)),
-                    rng.choice(_COMPLICATIONS),
-                )
-            )
+            occurred_on = surgery_day + timedelta(days=rng.randint(2, 80))
+            grade = rng.choice((1, 1, 2, 2, 3, 4))
+            description, code = rng.choice(_COMPLICATIONS)
+            complications.append(Complication(occurred_on, grade, description, code))
         complications.sort(key=lambda c: c.occurred_on)
 
     baseline = rng.gauss(45.0, 12.0)
@@ -442,18 +509,26 @@ def _build_journey(
         "6m": 182 + rng.randint(-14, 14),
         "12m": 365 + rng.randint(-14, 14),
     }
-    proms: list[Prom] = []
-    for tp in TIMEPOINTS:
-        present = rng.random() < (0.95 if tp == "baseline" else 0.85)
-        if present:
-            proms.append(
-                Prom(
-                    tp,
-                    _clip_score(baseline + gains[tp]),
-                    surgery_day + timedelta(days=offsets[tp]),
-                )
-            )
-    prom_source = "registry" if rng.random() < 0.6 else "redcap"
+    present = [tp for tp in TIMEPOINTS if rng.random() < (0.95 if tp == "baseline" else 0.85)]
+    source_draw = rng.random()
+    prom_source = next(source for source, upto in PROM_SOURCES if source_draw < upto)
+    # Item answers come from a stream of their own, derived once, so they shift no other draw.
+    prom_rng = random.Random(rng.getrandbits(64))
+    instrument_id = INSTRUMENT_IDS[joint]
+    proms = [
+        Prom(
+            tp,
+            None,  # scored from the items by build_cohort, with patient_journey.scoring
+            surgery_day + timedelta(days=offsets[tp]),
+            _draw_items(
+                prom_rng,
+                instrument_id,
+                baseline + gains[tp],
+                partial=prom_source != "registry" and prom_rng.random() < PARTIAL_RESPONSE_RATE,
+            ),
+        )
+        for tp in present
+    ]
 
     onset_day = surgery_day - timedelta(days=rng.randint(365, 5 * 365))
     onset = _random_time(rng, onset_day, 8, 16)
@@ -496,14 +571,27 @@ def _build_journey(
     )
 
 
+def clock_skew(serial: str) -> int:
+    """A device's clock skew in seconds: most clocks are close, one in five is minutes off.
+
+    Drawn from the serial alone, so adding skew did not change any other draw of the cohort.
+    """
+    rng = random.Random(f"clock:{serial}")
+    if rng.random() < 0.2:
+        return rng.choice((-1, 1)) * rng.randint(60, 420)
+    return rng.randint(-5, 5)
+
+
 def _new_device(rng: random.Random, model: DeviceModel, number: int) -> PhysicalDevice:
+    serial = f"{model.serial_prefix}-{number}"
     return PhysicalDevice(
         resource_id=new_uuid(rng),
         model=model,
-        serial=f"{model.serial_prefix}-{number}",
+        serial=serial,
         firmware=rng.choice(model.firmwares),
         generation_id=str(rng.randint(10**17, 10**18 - 1)),
         busy_until=datetime(2000, 1, 1, tzinfo=UTC),
+        clock_skew_s=clock_skew(serial),
     )
 
 
@@ -515,20 +603,32 @@ def device_stream(
     stop: datetime,
     measured: int,
 ) -> list[DeviceEvent]:
-    """session_start, ``measured`` measured events in between, session_stop."""
+    """session_start, ``measured`` measured events in between, session_stop (true times; each
+    event carries the device clock's time and IoT Hub's enqueued time)."""
+    skew = timedelta(seconds=device.clock_skew_s)
 
-    def enqueue(ts: datetime) -> datetime:
-        return ts + timedelta(milliseconds=rng.randint(0, 20_000))
+    def event(event_type: str, ts: datetime, value: float | None, unit: str | None) -> DeviceEvent:
+        enqueued = ts + timedelta(milliseconds=rng.randint(0, 20_000))
+        return DeviceEvent(case_id, device, event_type, ts + skew, value, unit, enqueued)
 
     span = int((stop - start).total_seconds())
-    events = [DeviceEvent(case_id, device, "session_start", start, None, None, enqueue(start))]
+    events = [event("session_start", start, None, None)]
     for offset in sorted(rng.randint(1, max(1, span - 1)) for _ in range(measured)):
         spec = rng.choice(device.model.events)
-        ts = start + timedelta(seconds=offset)
         value = round(rng.uniform(spec.low, spec.high), 1)
-        events.append(DeviceEvent(case_id, device, spec.event_type, ts, value, spec.unit, enqueue(ts)))
-    events.append(DeviceEvent(case_id, device, "session_stop", stop, None, None, enqueue(stop)))
+        events.append(event(spec.event_type, start + timedelta(seconds=offset), value, spec.unit))
+    events.append(event("session_stop", stop, None, None))
     return events
+
+
+def self_test(rng: random.Random, case_id: str, device: PhysicalDevice, after: datetime) -> DeviceEvent:
+    """A self-test a device runs days after a case, still tagged with that case's id: outside the
+    procedure window, so it must not count as part of the procedure."""
+    ts = after + timedelta(days=rng.randint(1, 3), minutes=rng.randint(0, 600))
+    enqueued = ts + timedelta(milliseconds=rng.randint(0, 20_000))
+    return DeviceEvent(
+        case_id, device, "self_test", ts + timedelta(seconds=device.clock_skew_s), None, None, enqueued
+    )
 
 
 def _assign_devices(rng: random.Random, journeys: list[Journey]) -> list[PhysicalDevice]:
@@ -552,6 +652,12 @@ def _assign_devices(rng: random.Random, journeys: list[Journey]) -> list[Physica
             device.busy_until = stop
             j.devices.append(device)
             j.events.extend(device_stream(rng, j.case_id, device, start, stop, rng.randint(3, 10)))
+    # Self-tests come from a separate stream so that they shift no other draw.
+    test_rng = random.Random(f"self-test:{len(journeys)}:{len(created)}")
+    for j in journeys:
+        for device in j.devices:
+            if test_rng.random() < 0.1:
+                j.events.append(self_test(test_rng, j.case_id, device, j.surgery_end))
     return created
 
 
@@ -567,6 +673,7 @@ def build_cohort(patients: int, seed: int) -> Cohort:
         _build_journey(rng, i, f"MRN{mrns[i]:08d}", cases[i], f"IMP-{implant_serials[i]}")
         for i in range(patients)
     ]
+    _score_proms(journeys)
     devices = _assign_devices(rng, journeys)
     return Cohort(seed=seed, journeys=journeys, devices=devices)
 

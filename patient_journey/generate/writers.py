@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
-import sqlite3
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ from patient_journey.generate.model import (
     EXPORT_TIME,
     IMPLANT_MODELS,
     PROCEDURES,
-    TIMEPOINTS,
     Cohort,
     DeviceEvent,
     Encounter,
@@ -31,10 +31,21 @@ from patient_journey.generate.model import (
     iso,
 )
 
+# PROMs with item answers (REDCap project, QuestionnaireResponses) are written by proms.py.
+from patient_journey.generate.proms import questionnaire_responses
+from patient_journey.generate.registry_db import write_registry_db
+from patient_journey.scoring import Catalog, load_catalog
+
 EXPORT_FOLDER = "fhir-export-20250301T000000Z"
 EHR_DIR = f"ehr/{EXPORT_FOLDER}"
-IOT_HUB = "surgical-iot-hub"
-DEVICE_DIR = f"device/{IOT_HUB}"
+# IoT Hub routes to one storage endpoint per encoding; each device type's messages take one route.
+ROUTES: dict[str, tuple[str, str]] = {  # device type -> (endpoint folder, encoding)
+    "robotic-arm": ("or-telemetry-avro", "avro"),
+    "powered-saw": ("or-telemetry-avrodeflate", "avrodeflate"),
+    "tourniquet": ("or-telemetry-json", "json"),
+}
+UNKNOWN_ROUTE = ROUTES["robotic-arm"]
+DEVICE_DIR = "device"
 REGISTRY_PATH = "outcomes/registry.sqlite"
 REDCAP_DIR = "outcomes/redcap"
 RESOURCE_TYPES: tuple[str, ...] = (
@@ -44,6 +55,7 @@ RESOURCE_TYPES: tuple[str, ...] = (
     "Condition",
     "Observation",
     "Device",
+    "QuestionnaireResponse",
 )
 PARTITIONS = 4
 AVRO_SYNC_MARKER = b"patient-journey!"  # 16 bytes, fixed so blobs are byte-identical per seed
@@ -80,28 +92,20 @@ AVRO_SCHEMA: dict[str, Any] = {
 }
 _AUTH_METHOD = '{"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}'
 
-REDCAP_DICTIONARY_HEADER = (
-    '"Variable / Field Name","Form Name","Section Header","Field Type","Field Label",'
-    '"Choices, Calculations, OR Slider Labels","Field Note",'
-    '"Text Validation Type OR Show Slider Number","Text Validation Min","Text Validation Max",'
-    'Identifier?,"Branching Logic (Show field only if...)","Required Field?","Custom Alignment",'
-    '"Question Number (surveys only)","Matrix Group Name","Matrix Ranking?","Field Annotation"'
-)
-REDCAP_EVENTS: dict[str, str] = {
-    "baseline": "baseline_arm_1",
-    "6w": "week_6_arm_1",
-    "6m": "month_6_arm_1",
-    "12m": "month_12_arm_1",
-}
-REDCAP_INSTRUMENT_CODES: dict[str, str] = {"KOOS JR": "1", "HOOS JR": "2"}
 
 EPISODE_COLUMNS: tuple[str, ...] = (
     "case_id", "mrn", "joint", "procedure_code", "robotic_assisted", "admission_time",
     "discharge_time", "surgery_start", "surgery_end", "or_minutes", "devices_used",
     "length_of_stay_days", "complication_30d", "complication_90d", "max_complication_grade_90d",
     "readmission_30d", "readmission_90d", "prom_instrument", "prom_source", "prom_baseline",
-    "prom_6w", "prom_6m", "prom_12m", "prom_change_12m",
+    "prom_6w", "prom_6m", "prom_12m", "prom_change_6w", "prom_change_6m", "prom_change_12m",
+    "prom_mcid_6w", "prom_mcid_6m", "prom_mcid_12m", "complications_90d", "readmissions_90d",
+    "device_events",
 )  # fmt: skip
+INSTRUMENT_IDS = {"KOOS JR": "koos_jr", "HOOS JR": "hoos_jr"}
+# Device events count towards a procedure when their device time is within its start and end,
+# widened by this (the default of JOURNEY_SOURCES__DEVICE_SKEW_TOLERANCE_SECONDS).
+DEVICE_SKEW_TOLERANCE = timedelta(seconds=900)
 PLANTED_COLUMNS: tuple[str, ...] = (
     "kind",
     "source",
@@ -160,7 +164,7 @@ def _patient(j: Journey) -> dict[str, Any]:
     }
 
 
-def _encounter(j: Journey, e: Encounter) -> dict[str, Any]:
+def encounter_resource(j: Journey, e: Encounter) -> dict[str, Any]:
     return {
         "resourceType": "Encounter",
         "id": e.id,
@@ -299,12 +303,13 @@ def fhir_lines(cohort: Cohort) -> dict[str, list[bytes]]:
     out: dict[str, list[bytes]] = {t: [] for t in RESOURCE_TYPES}
     for j in cohort.journeys:
         out["Patient"].append(dumps(_patient(j)))
-        out["Encounter"].extend(dumps(_encounter(j, e)) for e in j.encounters)
+        out["Encounter"].extend(dumps(encounter_resource(j, e)) for e in j.encounters)
         out["Procedure"].append(dumps(_procedure(j)))
         out["Condition"].append(dumps(_condition(j)))
         out["Observation"].extend(dumps(observation_resource(j, o)) for o in j.observations)
         out["Device"].append(dumps(_implant(j)))
     out["Device"].extend(dumps(_or_device(d)) for d in cohort.devices)
+    out["QuestionnaireResponse"] = questionnaire_responses(cohort)
     return out
 
 
@@ -348,8 +353,8 @@ def _enqueued_str(ts: datetime) -> str:
     return f"{ts:%Y-%m-%dT%H:%M:%S}.{ts.microsecond * 10:07d}Z"
 
 
-def _avro_record(e: DeviceEvent) -> dict[str, Any]:
-    body = {
+def device_body(e: DeviceEvent) -> dict[str, Any]:
+    return {
         "caseId": e.case_id,
         "deviceType": e.device.model.device_type,
         "udiDi": e.device.model.udi_di,
@@ -360,56 +365,81 @@ def _avro_record(e: DeviceEvent) -> dict[str, Any]:
         "value": e.value,
         "unit": e.unit,
     }
+
+
+def embeds_json_body(device: PhysicalDevice) -> bool:
+    """Whether the device declares application/json in UTF-8, so that IoT Hub's JSON encoding
+    embeds the body as JSON; other devices' bodies are written in base64."""
+    return zlib.crc32(device.serial.encode("utf-8")) % 2 == 0
+
+
+def routed_message(e: DeviceEvent, body: dict[str, Any], encoding: str) -> dict[str, Any]:
+    """One message as IoT Hub's storage routing writes it in ``encoding``."""
     enqueued = _enqueued_str(e.enqueued)
-    return {
-        "EnqueuedTimeUtc": enqueued,
-        "Properties": {},
-        "SystemProperties": {
-            "connectionDeviceId": e.device.iot_id,
-            "connectionAuthMethod": _AUTH_METHOD,
-            "connectionDeviceGenerationId": e.device.generation_id,
-            "enqueuedTime": enqueued,
-            "contentType": "application/json",
-            "contentEncoding": "utf-8",
-        },
-        "Body": dumps(body),
+    system = {
+        "connectionDeviceId": e.device.iot_id,
+        "connectionAuthMethod": _AUTH_METHOD,
+        "connectionDeviceGenerationId": e.device.generation_id,
+        "enqueuedTime": enqueued,
     }
+    raw = dumps(body)
+    if encoding != "json":
+        system |= {"contentType": "application/json", "contentEncoding": "utf-8"}
+        return {"EnqueuedTimeUtc": enqueued, "Properties": {}, "SystemProperties": system, "Body": raw}
+    if embeds_json_body(e.device):
+        system |= {"contentType": "application/json", "contentEncoding": "utf-8"}
+        return {"EnqueuedTimeUtc": enqueued, "Properties": {}, "SystemProperties": system, "Body": body}
+    encoded = base64.b64encode(raw).decode("ascii")
+    return {"EnqueuedTimeUtc": enqueued, "Properties": {}, "SystemProperties": system, "Body": encoded}
 
 
-def blob_path(partition: int, enqueued: datetime) -> str:
+def route_of(device: PhysicalDevice) -> tuple[str, str]:
+    return ROUTES.get(device.model.device_type, UNKNOWN_ROUTE)
+
+
+def blob_path(endpoint: str, encoding: str, partition: int, enqueued: datetime) -> str:
     w = enqueued.replace(minute=enqueued.minute - enqueued.minute % 5, second=0, microsecond=0)
-    return f"{DEVICE_DIR}/{partition}/{w:%Y/%m/%d/%H/%M}.avro"
+    suffix = "json" if encoding == "json" else "avro"
+    return f"{DEVICE_DIR}/{endpoint}/{partition}/{w:%Y/%m/%d/%H/%M}.{suffix}"
 
 
-def write_device(landing: Path, events: list[DeviceEvent]) -> tuple[int, list[tuple[str, int]]]:
-    """Write IoT Hub Avro blobs; return blob count and (blob path, record index) per event."""
-    blobs: dict[str, list[int]] = defaultdict(list)
+def _write_blob(target: Path, encoding: str, messages: list[dict[str, Any]]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if encoding == "json":
+        target.write_bytes(b"".join(dumps(m) + b"\n" for m in messages))
+        return
+    buf = io.BytesIO()
+    codec = "deflate" if encoding == "avrodeflate" else "null"
+    fastavro.writer(
+        buf, fastavro.parse_schema(AVRO_SCHEMA), messages, codec=codec, sync_marker=AVRO_SYNC_MARKER
+    )
+    target.write_bytes(buf.getvalue())
+
+
+def write_device(
+    landing: Path, events: list[DeviceEvent], bodies: dict[int, dict[str, Any]] | None = None
+) -> tuple[int, list[tuple[str, int]]]:
+    """Write IoT Hub routed blobs; return blob count and (blob path, message index) per event.
+
+    ``bodies`` replaces the body of the events at those positions (planted bad messages).
+    """
+    bodies = bodies or {}
+    blobs: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, e in enumerate(events):
-        blobs[blob_path(partition_of(e.device), e.enqueued)].append(i)
-    schema = fastavro.parse_schema(AVRO_SCHEMA)
+        endpoint, encoding = route_of(e.device)
+        blobs[(blob_path(endpoint, encoding, partition_of(e.device), e.enqueued), encoding)].append(i)
     where: list[tuple[str, int]] = [("", -1)] * len(events)
-    for path in sorted(blobs):
+    for path, encoding in sorted(blobs):
         order = sorted(
-            blobs[path],
-            key=lambda i: (
-                events[i].enqueued,
-                events[i].device.iot_id,
-                events[i].timestamp,
-                i,
-            ),
+            blobs[(path, encoding)],
+            key=lambda i: (events[i].enqueued, events[i].device.iot_id, events[i].timestamp, i),
         )
         for pos, i in enumerate(order):
             where[i] = (path, pos)
-        target = landing / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        fastavro.writer(
-            buf,
-            schema,
-            [_avro_record(events[i]) for i in order],
-            sync_marker=AVRO_SYNC_MARKER,
-        )
-        target.write_bytes(buf.getvalue())
+        messages = [
+            routed_message(events[i], bodies.get(i) or device_body(events[i]), encoding) for i in order
+        ]
+        _write_blob(landing / path, encoding, messages)
     return len(blobs), where
 
 
@@ -476,6 +506,7 @@ def registry_rows(cohort: Cohort) -> RegistryRows:
                     j.registry_id,
                     c.occurred_on.isoformat(),
                     c.description,
+                    c.code,
                     c.grade,
                     updated_at(c.occurred_on, pk),
                 )
@@ -495,130 +526,11 @@ def registry_rows(cohort: Cohort) -> RegistryRows:
     return rows
 
 
-_REGISTRY_DDL = """
-CREATE TABLE registry_patient (
-    registry_id INTEGER PRIMARY KEY, mrn TEXT NOT NULL, birth_date TEXT, site TEXT,
-    updated_at TEXT NOT NULL);
-CREATE TABLE prom_response (
-    response_id INTEGER PRIMARY KEY, registry_id INTEGER NOT NULL, instrument TEXT,
-    timepoint TEXT, score REAL, collected_on TEXT, updated_at TEXT NOT NULL);
-CREATE TABLE complication (
-    complication_id INTEGER PRIMARY KEY, registry_id INTEGER NOT NULL, occurred_on TEXT,
-    description TEXT, clavien_dindo_grade INTEGER, updated_at TEXT NOT NULL);
-CREATE TABLE readmission (
-    readmission_id INTEGER PRIMARY KEY, registry_id INTEGER NOT NULL, admitted_on TEXT,
-    discharged_on TEXT, reason TEXT, updated_at TEXT NOT NULL);
-"""
-
-
 def write_registry(landing: Path, rows: RegistryRows) -> None:
+    """The registry as the embedded SQLite file (tables from ``registry_db.REGISTRY_METADATA``)."""
     path = landing / REGISTRY_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path)
-    try:
-        con.executescript(_REGISTRY_DDL)
-        with con:
-            con.executemany("INSERT INTO registry_patient VALUES (?,?,?,?,?)", rows.patients)
-            con.executemany("INSERT INTO prom_response VALUES (?,?,?,?,?,?,?)", rows.proms)
-            con.executemany("INSERT INTO complication VALUES (?,?,?,?,?,?)", rows.complications)
-            con.executemany("INSERT INTO readmission VALUES (?,?,?,?,?,?)", rows.readmissions)
-    finally:
-        con.close()
-
-
-# --------------------------------------------------------------------------- REDCap
-
-
-def _redcap_cell(value: str) -> str:
-    if any(ch in value for ch in ' ,"\n'):
-        return '"' + value.replace('"', '""') + '"'
-    return value
-
-
-def _dictionary_row(
-    name: str,
-    ftype: str,
-    label: str,
-    choices: str = "",
-    validation: str = "",
-    vmin: str = "",
-    vmax: str = "",
-    identifier: str = "",
-) -> str:
-    cells = [
-        name,
-        "prom",
-        "",
-        ftype,
-        label,
-        choices,
-        "",
-        validation,
-        vmin,
-        vmax,
-        identifier,
-    ]
-    cells += [""] * 7
-    return ",".join(_redcap_cell(c) for c in cells)
-
-
-def write_redcap(landing: Path, cohort: Cohort) -> int:
-    folder = landing / REDCAP_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    dictionary = [
-        REDCAP_DICTIONARY_HEADER,
-        _dictionary_row("record_id", "text", "Record ID"),
-        _dictionary_row("mrn", "text", "Medical record number", identifier="y"),
-        _dictionary_row("dob", "text", "Date of birth", validation="date_ymd", identifier="y"),
-        _dictionary_row("prom_instrument", "dropdown", "PROM instrument", "1, KOOS JR | 2, HOOS JR"),
-        _dictionary_row(
-            "prom_score",
-            "text",
-            "PROM interval score (0-100)",
-            "",
-            "number",
-            "0",
-            "100",
-        ),
-        _dictionary_row("prom_date", "text", "Date completed", validation="date_ymd"),
-    ]
-    (folder / "prom_dictionary.csv").write_text("\n".join(dictionary) + "\n", encoding="utf-8")
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(
-        [
-            "record_id",
-            "redcap_event_name",
-            "mrn",
-            "dob",
-            "prom_instrument",
-            "prom_score",
-            "prom_date",
-            "prom_complete",
-        ]
-    )
-    rows = 0
-    record_id = 0
-    for j in cohort.journeys:
-        if j.prom_source != "redcap":
-            continue
-        record_id += 1
-        by_tp = {p.timepoint: p for p in j.proms}
-        code = REDCAP_INSTRUMENT_CODES[j.instrument]
-        for tp in TIMEPOINTS:
-            prom = by_tp.get(tp)
-            if prom is None and tp != "baseline":
-                continue
-            ident = [j.mrn, j.birth_date.isoformat()] if tp == "baseline" else ["", ""]
-            if prom is None:
-                values = ["", "", "", "0"]
-            else:
-                values = [code, f"{prom.score:.1f}", prom.collected_on.isoformat(), "2"]
-            writer.writerow([str(record_id), REDCAP_EVENTS[tp], *ident, *values])
-            rows += 1
-    (folder / "prom_records.csv").write_text(buf.getvalue(), encoding="utf-8")
-    return rows
+    write_registry_db(f"sqlite:///{path}", rows)
 
 
 # --------------------------------------------------------------------------- ground truth
@@ -632,6 +544,11 @@ def _score(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
+@cache
+def _catalog() -> Catalog:
+    return load_catalog()
+
+
 def episode_row(j: Journey) -> list[str]:
     surgery_day = j.surgery_start.date()
     discharge_day = j.admission.end.date()
@@ -640,9 +557,24 @@ def episode_row(j: Journey) -> list[str]:
     readmit_days = [(r.admitted_on - discharge_day).days for r in j.registry_readmissions]
     if j.readmission is not None:
         readmit_days.append((j.readmission.start.date() - discharge_day).days)
-    scores = {p.timepoint: p.score for p in j.proms}
-    base, last = scores.get("baseline"), scores.get("12m")
-    change = None if base is None or last is None else round(last - base, 1) + 0.0
+    scores = {p.timepoint: p.score for p in j.proms if p.score is not None}
+    base = scores.get("baseline")
+    instrument = INSTRUMENT_IDS.get(j.instrument, j.instrument)
+    primary = _catalog().instrument(instrument).scores[0]
+    changes: dict[str, float | None] = {}
+    reached: dict[str, str] = {}
+    for timepoint in ("6w", "6m", "12m"):
+        later = scores.get(timepoint)
+        change = None if base is None or later is None else round(later - base, 1) + 0.0
+        changes[timepoint] = change
+        if change is None or primary.mcid.value is None:
+            reached[timepoint] = ""
+        else:
+            better = change if primary.higher_is_better else -change
+            reached[timepoint] = _b(better >= primary.mcid.value - 1e-9)
+    readmit_dates = {r.admitted_on for r in j.registry_readmissions}
+    if j.readmission is not None:
+        readmit_dates.add(j.readmission.start.date())
     return [
         j.case_id,
         j.mrn,
@@ -661,13 +593,29 @@ def episode_row(j: Journey) -> list[str]:
         str(max(grades_90)) if grades_90 else "",
         _b(any(0 <= d <= 30 for d in readmit_days)),
         _b(any(0 <= d <= 90 for d in readmit_days)),
-        j.instrument,
+        instrument,
         j.prom_source,
         _score(base),
         _score(scores.get("6w")),
         _score(scores.get("6m")),
-        _score(last),
-        _score(change),
+        _score(scores.get("12m")),
+        _score(changes["6w"]),
+        _score(changes["6m"]),
+        _score(changes["12m"]),
+        reached["6w"],
+        reached["6m"],
+        reached["12m"],
+        str(sum(1 for d in comp_days if 0 <= d <= 90)),
+        str(sum(1 for day in readmit_dates if 0 <= (day - discharge_day).days <= 90)),
+        str(
+            sum(
+                1
+                for e in j.events
+                if j.surgery_start - DEVICE_SKEW_TOLERANCE
+                <= e.timestamp
+                <= j.surgery_end + DEVICE_SKEW_TOLERANCE
+            )
+        ),
     ]
 
 
@@ -689,4 +637,10 @@ def write_ground_truth(
         [p.kind, p.source, p.path, p.locator, p.table, p.field, p.expected_outcome] for p in planted
     )
     (folder / "planted_bad_records.csv").write_text(buf.getvalue(), encoding="utf-8")
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("device_type", "device_id", "clock_skew_seconds"))
+    writer.writerows((d.model.device_type, d.serial, d.clock_skew_s) for d in cohort.devices)
+    (folder / "device_clock.csv").write_text(buf.getvalue(), encoding="utf-8")
     (folder / "generation.json").write_bytes(orjson.dumps(generation, option=orjson.OPT_INDENT_2) + b"\n")

@@ -1,61 +1,149 @@
-"""Device telemetry routed by Azure IoT Hub to storage: Avro container files.
+"""Device telemetry routed by Azure IoT Hub to storage, mapped by the device templates.
 
-Each Avro record (EnqueuedTimeUtc, Properties, SystemProperties, Body) becomes one bronze record
-whose payload keeps the envelope fields the warehouse needs and the decoded JSON body. The record
-offset is the record's index inside its blob.
+IoT Hub writes routed messages under ``{iothub}/{partition}/{YYYY}/{MM}/{DD}/{HH}/{mm}`` in the
+encoding of the routing endpoint:
+
+* ``avro`` and ``avrodeflate``: Avro container files (``.avro``; the deflate codec is declared in
+  the file header, so one reader serves both); ``Body`` is bytes;
+* ``json``: one JSON object per line (``.json``); ``Body`` is the message itself when the device
+  declared ``application/json`` in UTF-8, else the message bytes in base64.
+
+Every message is mapped by the device templates (``catalog/devices``, one file per device type)
+as soon as it is read. Each template match becomes one bronze record (entity
+``device_measurement``) holding the match's device id, case id, time, the IoT Hub envelope times
+and its named values; the offset is the message's index in its blob (record or line). A message
+that no template matches, or that lacks a value its template requires, is rejected with the
+rule it broke. Changing a template applies to messages read afterwards; ``journey reprocess
+device`` reads the landed blobs again.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+from collections.abc import Iterator
+from typing import Any
 
 import fastavro
 import orjson
 
+from patient_journey.device_templates import DeviceTemplates, Envelope, Measurement
 from patient_journey.sources.records import Extraction, InputSelection, content_hash, new_files
 from patient_journey.storage import Storage
 
 SOURCE = "device"
-ENTITY = "device_message"
+ENTITY = "device_measurement"
 AVRO_MAGIC = b"Obj\x01"
+SUFFIXES = (".avro", ".json")
 
 
-def extract_avro(out: Extraction, url: str, data: bytes) -> None:
+class _BadMessage(Exception):
+    def __init__(self, rule: str, detail: str) -> None:
+        super().__init__(detail)
+        self.rule = rule
+        self.detail = detail
+
+
+def decode_body(body: Any) -> Any:
+    """A message body as JSON: bytes or text of UTF-8 JSON, or the same in base64."""
+    if isinstance(body, dict | list):
+        return body
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if not isinstance(body, bytes | bytearray):
+        raise _BadMessage("device_body_present", "no Body")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        first_error = exc
+    try:
+        decoded = base64.b64decode(bytes(body), validate=True)
+        return orjson.loads(decoded)
+    except (binascii.Error, ValueError):
+        raise _BadMessage(
+            "json_well_formed", f"Body is neither JSON nor base64 JSON (column {first_error.colno})"
+        ) from None
+
+
+def avro_messages(data: bytes) -> Iterator[dict[str, Any]]:
     if not data.startswith(AVRO_MAGIC):
-        out.add_reject(ENTITY, url, 0, "avro_container_readable", "not an Avro container file")
-        return
+        raise _BadMessage("avro_container_readable", "not an Avro container file")
     try:
         records = list(fastavro.reader(io.BytesIO(data)))
     except Exception as exc:  # fastavro raises many types for corrupt blocks
-        out.add_reject(ENTITY, url, 0, "avro_container_readable", type(exc).__name__)
-        return
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            out.add_reject(ENTITY, url, index, "iothub_message_shape", "record is not a message")
-            continue
-        body = record.get("Body")
-        system = record.get("SystemProperties") or {}
-        if not isinstance(body, bytes | bytearray):
-            out.add_reject(ENTITY, url, index, "device_body_present", "no Body bytes")
+        raise _BadMessage("avro_container_readable", type(exc).__name__) from None
+    for record in records:
+        yield record if isinstance(record, dict) else {}
+
+
+def json_messages(data: bytes) -> Iterator[dict[str, Any] | _BadMessage]:
+    for line in data.split(b"\n"):
+        if not line.strip():
             continue
         try:
-            event = orjson.loads(body)
+            record = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            out.add_reject(ENTITY, url, index, "json_well_formed", f"Body column {exc.colno}")
+            yield _BadMessage("json_well_formed", f"not well-formed JSON (column {exc.colno})")
             continue
-        envelope = {
-            "enqueuedTimeUtc": record.get("EnqueuedTimeUtc"),
-            "connectionDeviceId": system.get("connectionDeviceId"),
-            "body": event,
-        }
-        device_id = system.get("connectionDeviceId") or ""
-        raw = orjson.dumps(envelope)
-        out.add_record(ENTITY, f"{device_id}:{content_hash(bytes(body))[:16]}", raw.decode(), url, index, raw)
+        yield record if isinstance(record, dict) else _BadMessage("iothub_message_shape", "not an object")
 
 
-def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) -> Extraction:
-    """Read every telemetry blob under ``prefix`` that the ledger has not seen with this content."""
+def _payload(measurements: list[Measurement], envelope: Envelope) -> dict[str, Any]:
+    first = measurements[0]
+    system = envelope.system_properties
+    return {
+        "typeName": first.type_name,
+        "template": first.template,
+        "match": first.match,
+        "deviceId": first.device_id,
+        "caseId": first.case_id,
+        "patientId": first.patient_id,
+        "measuredAt": first.measured_at.isoformat(),
+        "iotDeviceId": system.get("connectionDeviceId") or system.get("iothub-connection-device-id"),
+        "enqueuedTime": envelope.enqueued_time,
+        "values": {m.value_name: m.value for m in measurements},
+    }
+
+
+def map_blob(out: Extraction, templates: DeviceTemplates, url: str, data: bytes) -> None:
+    """Map every message of one routed blob into bronze records or rejects."""
+    try:
+        messages: list[dict[str, Any] | _BadMessage] = list(
+            avro_messages(data) if url.endswith(".avro") else json_messages(data)
+        )
+    except _BadMessage as exc:
+        out.add_reject(ENTITY, url, 0, exc.rule, exc.detail)
+        return
+    for index, message in enumerate(messages):
+        if isinstance(message, _BadMessage):
+            out.add_reject(ENTITY, url, index, message.rule, message.detail)
+            continue
+        try:
+            body = decode_body(message.get("Body"))
+        except _BadMessage as exc:
+            out.add_reject(ENTITY, url, index, exc.rule, exc.detail)
+            continue
+        envelope = Envelope.from_routed_record(message)
+        result = templates.map_message(body, envelope, message=index)
+        if result.rejects:  # a message with any reject loads nothing: one reject row for it
+            first = result.rejects[0]
+            out.add_reject(ENTITY, url, index, first.rule, first.detail)
+            continue
+        matches: dict[int, list[Measurement]] = {}
+        for row in result.rows:
+            matches.setdefault(row.match, []).append(row)
+        for match, rows in matches.items():
+            raw = orjson.dumps(_payload(rows, envelope), default=str)
+            record_id = f"{rows[0].device_id}:{content_hash(raw)[:16]}:{match}"
+            out.add_record(ENTITY, record_id, raw.decode(), url, index, raw)
+
+
+def extract(
+    landing: Storage, prefix: str, seen: InputSelection, run_id: str, templates: DeviceTemplates
+) -> Extraction:
+    """Read every routed telemetry blob under ``prefix`` that the ledger has not seen."""
     out = Extraction(SOURCE, run_id)
-    for file, data in new_files(out, landing, prefix, (), seen):
-        extract_avro(out, file.url, data)
+    for file, data in new_files(out, landing, prefix, SUFFIXES, seen):
+        map_blob(out, templates, file.url, data)
     return out

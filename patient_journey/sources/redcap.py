@@ -1,99 +1,184 @@
-"""REDCap exports: a data dictionary CSV and a flat records CSV per project.
+"""REDCap exports, read through each project's data dictionary (``redcap_export``).
 
-Files are paired by name: ``<project>_dictionary.csv`` with ``<project>_records.csv``. Each
-records row becomes one bronze record (entity ``redcap:<project>``); its offset is the CSV line.
-Columns that the dictionary does not define are rejected as a whole file, naming the column.
+Files are paired by project name under the REDCap prefix:
+
+- ``<project>_records.csv``: the records export (raw codes, flat); the input this adapter reads;
+- ``<project>_dictionary.csv``: the data dictionary, required beside it;
+- ``<project>_events.csv`` and ``<project>_arms.csv``: the events and arms exports of a
+  longitudinal project, optional. With the events, each row's arm comes from its event and an
+  event outside them is rejected; without them, the arm is the ``_arm_<n>`` suffix of the event.
+
+Grain: one bronze record per form instance with at least one value, i.e. per (record, event,
+repeat instrument, repeat instance, form); a blank form (only its ``<form>_complete`` status) has
+none. Entity ``redcap:<project>``; record id ``record|event|repeat instrument|instance|form``;
+offset = the CSV line where the row starts (quoted notes may span lines). The payload:
+
+    {"record_id": "12", "event": "baseline_arm_1", "arm": 1, "arm_name": "Knee arthroplasty",
+     "repeat_instrument": null, "repeat_instance": null, "data_access_group": null,
+     "form": "koos_jr", "form_status": 0, "form_state": "incomplete",
+     "values": {"koos_jr_date": "2023-01-09", "koos_jr_1": "3", "comorbid": ["1", "4"]}}
+
+``values`` holds raw codes as exported, in dictionary order; a checkbox field is the list of its
+checked codes. Cells the parser rejects (a code that is not a choice, a value failing its
+validation or range, a column outside the dictionary, a malformed row) become extraction rejects
+with the parser's rule and the export column, never the value; the rest of the row still loads.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+from collections.abc import Iterator
+from typing import Any
 
 import orjson
+import pyarrow as pa
 
 from patient_journey.errors import SourceError
 from patient_journey.sources.records import Extraction, InputSelection, new_files
+from patient_journey.sources.redcap_export import (
+    DataDictionary,
+    EventDefinition,
+    parse_arms,
+    parse_dictionary,
+    parse_events,
+    parse_records,
+)
 from patient_journey.storage import Storage
 
 SOURCE = "redcap"
-DICTIONARY_SUFFIX = "_dictionary.csv"
 RECORDS_SUFFIX = "_records.csv"
-SYSTEM_COLUMNS = {
-    "redcap_event_name",
-    "redcap_repeat_instrument",
-    "redcap_repeat_instance",
-    "redcap_data_access_group",
-}
+DICTIONARY_SUFFIX = "_dictionary.csv"
+EVENTS_SUFFIX = "_events.csv"
+ARMS_SUFFIX = "_arms.csv"
+
+RULE_DICTIONARY_PRESENT = "redcap_dictionary_present"
+RULE_DICTIONARY_VALID = "redcap_dictionary_valid"
+RULE_EVENTS_VALID = "redcap_events_valid"
+RULE_EXPORT_READABLE = "redcap_export_readable"
+
+_KEYS = ("record_id", "event", "arm", "repeat_instrument", "repeat_instance", "data_access_group")
 
 
-def dictionary_columns(data: bytes) -> tuple[str, set[str]]:
-    """The record id field (first field) and every column a records export may hold."""
-    rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
-    if not rows:
-        return "", set()
-    name_key = next(iter(rows[0]))  # "Variable / Field Name"
-    form_key = "Form Name"
-    type_key = "Field Type"
-    columns: set[str] = set()
-    forms: set[str] = set()
-    for row in rows:
-        field = row[name_key]
-        forms.add(row.get(form_key, ""))
-        if row.get(type_key) == "checkbox":
-            choices = row.get("Choices, Calculations, OR Slider Labels", "")
-            for choice in choices.split("|"):
-                code = choice.split(",", 1)[0].strip()
-                columns.add(f"{field}___{code}")
-        elif row.get(type_key) != "descriptive":
-            columns.add(field)
-    columns |= {f"{form}_complete" for form in forms if form}
-    return rows[0][name_key], columns | SYSTEM_COLUMNS
+def _optional(landing: Storage, url: str) -> bytes | None:
+    try:
+        return landing.read_bytes(url)
+    except SourceError:
+        return None
 
 
-def extract_project(out: Extraction, project: str, dictionary: bytes, records_url: str, data: bytes) -> None:
-    entity = f"redcap:{project}"
-    id_field, allowed = dictionary_columns(dictionary)
-    reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""))
-    header = next(reader, None)
-    if header is None:
-        return
-    unknown = [column for column in header if column not in allowed]
-    if unknown:
-        out.add_reject(entity, records_url, 1, "redcap_columns_in_dictionary", f"unknown column {unknown[0]}")
-        return
-    for row in reader:
-        line = reader.line_num
-        if len(row) != len(header):
-            out.add_reject(
-                entity, records_url, line, "redcap_row_width", f"{len(row)} of {len(header)} fields"
-            )
-            continue
-        values = dict(zip(header, row, strict=True))
-        record_id = "|".join(
-            [
-                values.get(id_field, ""),
-                values.get("redcap_event_name", ""),
-                values.get("redcap_repeat_instrument", ""),
-                values.get("redcap_repeat_instance", ""),
-            ]
+def form_records(
+    records: pa.Table, completion: pa.Table, dictionary: DataDictionary, arm_names: dict[int, str]
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(record id, line, payload) per form instance with any value, in reading order."""
+    checkbox = {f.name for f in dictionary.fields if f.field_type == "checkbox"}
+    status: dict[tuple[int, str], tuple[int | None, str]] = {
+        (line, form): (code, state)
+        for line, form, code, state in zip(
+            completion.column("source_line").to_pylist(),
+            completion.column("form").to_pylist(),
+            completion.column("status").to_pylist(),
+            completion.column("state").to_pylist(),
+            strict=True,
         )
-        raw = orjson.dumps(values)
+    }
+    forms: dict[tuple[int, str], dict[str, Any]] = {}
+    columns = {
+        name: records.column(name).to_pylist() for name in (*_KEYS, "form", "field", "value", "source_line")
+    }
+    for row in range(records.num_rows):
+        line, form = columns["source_line"][row], columns["form"][row]
+        payload = forms.get((line, form))
+        if payload is None:
+            keys = {name: columns[name][row] for name in _KEYS}
+            code, state = status.get((line, form), (None, "no_status"))
+            payload = {
+                **keys,
+                "arm_name": arm_names.get(keys["arm"]) if keys["arm"] is not None else None,
+                "form": form,
+                "form_status": code,
+                "form_state": state,
+                "values": {},
+            }
+            forms[(line, form)] = payload
+        name, value = columns["field"][row], columns["value"][row]
+        if name in checkbox:
+            payload["values"].setdefault(name, []).append(value)
+        else:
+            payload["values"][name] = value
+    order = {form: index for index, form in enumerate(dictionary.forms)}
+    field_order = {f.name: index for index, f in enumerate(dictionary.fields)}
+    for line, form in sorted(forms, key=lambda key: (key[0], order[key[1]])):
+        payload = forms[(line, form)]
+        payload["values"] = dict(sorted(payload["values"].items(), key=lambda item: field_order[item[0]]))
+        record_id = "|".join(
+            "" if payload[name] is None else str(payload[name])
+            for name in ("record_id", "event", "repeat_instrument", "repeat_instance", "form")
+        )
+        yield record_id, line, payload
+
+
+def extract_project(
+    out: Extraction,
+    project: str,
+    records_url: str,
+    data: bytes,
+    dictionary: bytes,
+    events: bytes | None = None,
+    arms: bytes | None = None,
+) -> None:
+    """One records export into bronze records and rejects (see the module docstring)."""
+    entity = f"redcap:{project}"
+    try:
+        parsed_dictionary = parse_dictionary(dictionary)
+    except SourceError as error:
+        out.add_reject(entity, records_url, 0, RULE_DICTIONARY_VALID, str(error))
+        return
+    event_definitions: tuple[EventDefinition, ...] | None = None
+    arm_names: dict[int, str] = {}
+    try:
+        if events is not None:
+            event_definitions = parse_events(events)
+        if arms is not None:
+            arm_names = parse_arms(arms)
+    except SourceError as error:
+        out.add_reject(entity, records_url, 0, RULE_EVENTS_VALID, str(error))
+        return
+    try:
+        parsed = parse_records(data, parsed_dictionary, event_definitions)
+    except SourceError as error:
+        out.add_reject(entity, records_url, 1, RULE_EXPORT_READABLE, str(error))
+        return
+    for line, column, rule, detail in zip(
+        parsed.rejects.column("source_line").to_pylist(),
+        parsed.rejects.column("field").to_pylist(),
+        parsed.rejects.column("rule").to_pylist(),
+        parsed.rejects.column("detail").to_pylist(),
+        strict=True,
+    ):
+        out.add_reject(entity, records_url, line, rule, f"column {column}: {detail}" if column else detail)
+    for record_id, line, payload in form_records(
+        parsed.values, parsed.completion, parsed_dictionary, arm_names
+    ):
+        raw = orjson.dumps(payload)
         out.add_record(entity, record_id, raw.decode(), records_url, line, raw)
 
 
 def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) -> Extraction:
-    """Read every records export under ``prefix`` not seen yet, with the dictionary beside it."""
+    """Read every records export under ``prefix`` not seen yet, with the files beside it."""
     out = Extraction(SOURCE, run_id)
     for file, data in new_files(out, landing, prefix, (RECORDS_SUFFIX,), seen):
         project = file.url.rsplit("/", 1)[-1][: -len(RECORDS_SUFFIX)]
-        dictionary_url = file.url[: -len(RECORDS_SUFFIX)] + DICTIONARY_SUFFIX
-        try:
-            dictionary = landing.read_bytes(dictionary_url)
-        except SourceError:
+        base = file.url[: -len(RECORDS_SUFFIX)]
+        dictionary = _optional(landing, base + DICTIONARY_SUFFIX)
+        if dictionary is None:
             out.add_reject(
-                f"redcap:{project}", file.url, 0, "redcap_dictionary_present", "no data dictionary beside it"
+                f"redcap:{project}",
+                file.url,
+                0,
+                RULE_DICTIONARY_PRESENT,
+                f"no data dictionary {project}{DICTIONARY_SUFFIX} beside the records export",
             )
             continue
-        extract_project(out, project, dictionary, file.url, data)
+        events = _optional(landing, base + EVENTS_SUFFIX)
+        arms = _optional(landing, base + ARMS_SUFFIX)
+        extract_project(out, project, file.url, data, dictionary, events, arms)
     return out

@@ -1,18 +1,32 @@
 """The outcomes registry, read with SQLAlchemy (SQLite embedded, PostgreSQL in production).
 
-Incremental on each table's ``updated_at``: only rows newer than the watermark kept in the
-ledger are read. Each row becomes one bronze record whose offset is its ordinal in this read.
+Incremental on each table's ``updated_at``, with a look-back: each run reads the rows with
+``updated_at >= watermark - lookback`` (the watermark being the newest ``updated_at`` read so
+far, kept in the ledger), so a row committed late with an older ``updated_at`` is still picked
+up. Rows already read (the same table, primary key and content hash are in bronze) are skipped
+and counted nowhere; a row whose content changed is a new record (a new version of that key).
+A row whose ``updated_at`` is older than the look-back window when it appears is not read.
+
+Each row read becomes one bronze record: entity = table name, record id = primary key,
+payload = the row as JSON, source URI = the database URL (password hidden) + ``#table``,
+offset = its ordinal among the records of this read.
+
+``updated_at`` may be a timestamp column (naive ones are taken as UTC) or ISO 8601 text in UTC
+written as ``2024-03-04T08:12:00+00:00``: the lower bound is computed in Python and compared as
+a timestamp or as text accordingly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 
 import orjson
 import sqlalchemy as sa
 
-from patient_journey.errors import SourceError
-from patient_journey.sources.records import Extraction
+from patient_journey.errors import ConfigurationError, SourceError
+from patient_journey.sources.records import Extraction, content_hash
 
 
 @dataclass(frozen=True)
@@ -29,52 +43,181 @@ TABLES = (
     RegistryTable("complication", "complication_id"),
     RegistryTable("readmission", "readmission_id"),
 )
+URL_SETTING = "JOURNEY_SOURCES__REGISTRY_URL"
+
+# (entity, record_id, content_hash) of registry rows already in bronze.
+ReadRows = Collection[tuple[str, str, str]]
 
 
 def redacted(url: str) -> str:
-    return sa.make_url(url).render_as_string(hide_password=True)
+    """The URL with its password hidden; a URL that does not parse is never echoed."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        raise ConfigurationError(
+            f"{URL_SETTING} is not a SQLAlchemy database URL (e.g. sqlite:///path/registry.sqlite "
+            "or postgresql+psycopg://user@host:5432/db)."
+        ) from None
 
 
-def extract(url: str, watermarks: dict[str, str], run_id: str) -> Extraction:
-    """Read rows changed since each table's watermark."""
+def extract(
+    url: str,
+    watermarks: dict[str, str],
+    run_id: str,
+    lookback_seconds: int = 0,
+    already_read: ReadRows = frozenset(),
+) -> Extraction:
+    """Read the rows changed since each table's watermark (less ``lookback_seconds``) that are
+    not in ``already_read``."""
     out = Extraction(SOURCE, run_id)
     safe_url = redacted(url)
-    engine = sa.create_engine(url)
+    password = sa.make_url(url).password
     try:
-        with engine.connect() as connection:
+        engine = sa.create_engine(url)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise ConfigurationError(
+            f"Cannot open the registry at {safe_url} ({URL_SETTING}): {type(exc).__name__}; "
+            "check the dialect and that its driver is installed."
+        ) from None
+    try:
+        try:
+            connection = engine.connect()
+        except sa.exc.DBAPIError as exc:
+            reason = _connect_reason(exc, str(password) if password else None)
+            raise SourceError(f"Cannot connect to the registry at {safe_url}: {reason}") from None
+        with connection:
             metadata = sa.MetaData()
             for spec in TABLES:
+                table = _reflect(connection, metadata, spec, safe_url)
                 try:
-                    table = sa.Table(spec.name, metadata, autoload_with=connection)
-                except sa.exc.NoSuchTableError as exc:
+                    _read_table(
+                        out, connection, table, spec, safe_url, watermarks, lookback_seconds, already_read
+                    )
+                except sa.exc.DBAPIError as exc:
                     raise SourceError(
-                        f"The registry at {safe_url} has no table {spec.name!r}; expected tables: "
-                        f"{', '.join(t.name for t in TABLES)}."
-                    ) from exc
-                since = watermarks.get(spec.name)
-                query = sa.select(table).order_by(table.c[spec.updated_at], table.c[spec.primary_key])
-                if since is not None:
-                    query = query.where(table.c[spec.updated_at] > since)
-                uri = f"{safe_url}#{spec.name}"
-                count = 0
-                newest = since
-                for ordinal, row in enumerate(connection.execute(query).mappings(), start=1):
-                    values = {str(key): _plain(value) for key, value in row.items()}
-                    raw = orjson.dumps(values)
-                    out.add_record(spec.name, str(values[spec.primary_key]), raw.decode(), uri, ordinal, raw)
-                    count += 1
-                    stamp = str(values[spec.updated_at])
-                    newest = stamp if newest is None or stamp > newest else newest
-                if count:
-                    out.add_input(uri, newest or "", count, "", count, 0, watermark=newest)
-    except sa.exc.OperationalError as exc:
-        raise SourceError(f"Cannot read the registry at {safe_url}: {type(exc.orig).__name__}.") from exc
+                        f"Reading table {spec.name!r} of the registry at {safe_url} failed: {_reason(exc)}."
+                    ) from None
     finally:
         engine.dispose()
     return out
 
 
+def _reflect(
+    connection: sa.Connection, metadata: sa.MetaData, spec: RegistryTable, safe_url: str
+) -> sa.Table:
+    expected = ", ".join(t.name for t in TABLES)
+    try:
+        table = sa.Table(spec.name, metadata, autoload_with=connection)
+    except sa.exc.NoSuchTableError:
+        raise SourceError(
+            f"The registry at {safe_url} has no table {spec.name!r}; expected tables: {expected}."
+        ) from None
+    except sa.exc.DBAPIError as exc:
+        raise SourceError(
+            f"Cannot read the definition of table {spec.name!r} of the registry at {safe_url}: {_reason(exc)}."
+        ) from None
+    missing = [c for c in (spec.primary_key, spec.updated_at) if c not in table.c]
+    if missing:
+        raise SourceError(
+            f"Table {spec.name!r} of the registry at {safe_url} has no column(s) {', '.join(missing)}."
+        )
+    return table
+
+
+def _read_table(
+    out: Extraction,
+    connection: sa.Connection,
+    table: sa.Table,
+    spec: RegistryTable,
+    safe_url: str,
+    watermarks: dict[str, str],
+    lookback_seconds: int,
+    already_read: ReadRows,
+) -> None:
+    stamp_column = table.c[spec.updated_at]
+    query = sa.select(table).order_by(stamp_column, table.c[spec.primary_key])
+    since = watermarks.get(spec.name)
+    since_instant = None
+    if since is not None:
+        since_instant = _instant(since)
+        if since_instant is None:
+            raise SourceError(
+                f"The ledger's watermark of registry table {spec.name!r} is not an ISO 8601 timestamp; "
+                "forget the registry's inputs to read the table again."
+            )
+        lower = since_instant - timedelta(seconds=lookback_seconds)
+        query = query.where(stamp_column >= _bound(lower, stamp_column.type))
+    uri = f"{safe_url}#{spec.name}"
+    count = 0
+    newest = since_instant
+    for row in connection.execute(query).mappings():
+        values = {str(key): _plain(value) for key, value in row.items()}
+        instant = _instant(row[spec.updated_at])
+        if instant is not None and (newest is None or instant > newest):
+            newest = instant
+        raw = orjson.dumps(values)
+        record_id = str(values[spec.primary_key])
+        if (spec.name, record_id, content_hash(raw)) in already_read:
+            continue
+        count += 1
+        out.add_record(spec.name, record_id, raw.decode(), uri, count, raw)
+    # A ledger entry when rows were read or the watermark moved (e.g. bronze was written but the
+    # ledger was not, in a run that crashed between the two); none when nothing changed.
+    if count or (newest is not None and newest != since_instant):
+        watermark = _iso(newest) if newest is not None else since
+        out.add_input(uri, watermark or "", count, "", count, 0, watermark=watermark)
+
+
+def _bound(lower: datetime, column_type: sa.types.TypeEngine[object]) -> object:
+    """The lower bound as the column compares: a datetime for timestamp columns (naive for
+    columns without time zone, taken as UTC), ISO 8601 UTC text otherwise."""
+    if isinstance(column_type, sa.DateTime):
+        return lower if column_type.timezone else lower.astimezone(UTC).replace(tzinfo=None)
+    return _iso(lower)
+
+
+def _instant(value: object) -> datetime | None:
+    """An ``updated_at`` value as an aware UTC datetime (naive ones taken as UTC), else None."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _iso(instant: datetime) -> str:
+    """ISO 8601 in UTC with a +00:00 offset, as the registry's text timestamps are written."""
+    return instant.astimezone(UTC).isoformat()
+
+
 def _plain(value: object) -> object:
+    """A column value as JSON: timestamps as ISO 8601 (aware ones in UTC, so the content hash
+    does not depend on the session's time zone), dates as YYYY-MM-DD, others as text."""
     if value is None or isinstance(value, str | int | float | bool):
         return value
+    if isinstance(value, datetime):
+        return _iso(value) if value.tzinfo is not None else value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
     return str(value)
+
+
+def _reason(exc: sa.exc.DBAPIError) -> str:
+    """The driver's error class and SQLSTATE, never its message (which can quote row values)."""
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
+    name = type(orig).__name__ if orig is not None else type(exc).__name__
+    return f"{name} ({code})" if code else name
+
+
+def _connect_reason(exc: sa.exc.DBAPIError, password: str | None) -> str:
+    """Why a connection failed: the driver's message (server unreachable, database missing,
+    authentication failed; no data is involved yet) on one line, with any password masked."""
+    message = str(exc.orig) if exc.orig is not None else ""
+    detail = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    if password:
+        detail = detail.replace(password, "***")
+    return f"{_reason(exc)}: {detail}" if detail else f"{_reason(exc)}."

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import sqlite3
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,7 +24,9 @@ EPISODE_HEADER = (
     "case_id,mrn,joint,procedure_code,robotic_assisted,admission_time,discharge_time,"
     "surgery_start,surgery_end,or_minutes,devices_used,length_of_stay_days,complication_30d,"
     "complication_90d,max_complication_grade_90d,readmission_30d,readmission_90d,"
-    "prom_instrument,prom_source,prom_baseline,prom_6w,prom_6m,prom_12m,prom_change_12m"
+    "prom_instrument,prom_source,prom_baseline,prom_6w,prom_6m,prom_12m,"
+    "prom_change_6w,prom_change_6m,prom_change_12m,prom_mcid_6w,prom_mcid_6m,prom_mcid_12m,"
+    "complications_90d,readmissions_90d,device_events"
 )
 
 
@@ -84,6 +87,7 @@ def test_manifest_counts_match_lines(run: GenerationResult) -> None:
         "Condition",
         "Observation",
         "Device",
+        "QuestionnaireResponse",
     }
     for entry in manifest["output"]:
         name = entry["url"].rsplit("/", 1)[1]
@@ -112,36 +116,57 @@ def _read_avro(path: Path) -> list[dict[str, Any]]:
         return [cast(dict[str, Any], record) for record in reader]
 
 
+def _routed_messages(blob: Path) -> list[dict[str, Any]]:
+    if blob.suffix == ".avro":
+        return _read_avro(blob)
+    return [orjson.loads(line) for line in blob.read_bytes().splitlines()]
+
+
+def _body(message: dict[str, Any]) -> dict[str, Any]:
+    body = message["Body"]
+    if isinstance(body, dict):
+        return body
+    if isinstance(body, str):  # JSON routing of a body not declared as UTF-8 JSON: base64
+        body = base64.b64decode(body)
+    return cast(dict[str, Any], orjson.loads(body))
+
+
 def test_avro_reads_back(run: GenerationResult, planted: list[dict[str, str]]) -> None:
-    blobs = sorted((run.out / "landing/device/surgical-iot-hub").rglob("*.avro"))
+    device = run.out / "landing/device"
+    blobs = sorted(p for p in device.rglob("*") if p.suffix in (".avro", ".json"))
+    skews = {
+        row["device_id"]: int(row["clock_skew_seconds"])
+        for row in csv.DictReader((run.out / "ground_truth/device_clock.csv").open())
+    }
     total = 0
     for blob in blobs:
-        records = _read_avro(blob)
+        records = _routed_messages(blob)
         total += len(records)
         enqueued = [r["EnqueuedTimeUtc"] for r in records]
         assert enqueued == sorted(enqueued)
-        rel = blob.relative_to(run.out / "landing/device/surgical-iot-hub").parts
-        assert rel[0] in {"0", "1", "2", "3"}
+        rel = blob.relative_to(device).parts
+        assert rel[0].startswith("or-telemetry-") and rel[1] in {"0", "1", "2", "3"}
         for r in records:
             enq = datetime.fromisoformat(r["EnqueuedTimeUtc"])
-            window = f"{enq:%Y/%m/%d/%H}/{enq.minute // 5 * 5:02d}.avro"
-            assert "/".join(rel[1:]) == window
+            window = f"{enq:%Y/%m/%d/%H}/{enq.minute // 5 * 5:02d}{blob.suffix}"
+            assert "/".join(rel[2:]) == window
             sp = r["SystemProperties"]
-            assert sp["contentType"] == "application/json"
-            assert sp["contentEncoding"] == "utf-8"
-            body = orjson.loads(r["Body"])
-            assert sp["connectionDeviceId"] == f"{body['deviceType']}-{body['serial']}"
+            body = _body(r)
+            assert sp["connectionDeviceId"].endswith(f"-{body['serial']}")
             assert set(body) == {
                 "caseId", "deviceType", "udiDi", "serial", "firmware",
                 "eventType", "timestamp", "value", "unit",
             }  # fmt: skip
-            ts = datetime.fromisoformat(body["timestamp"])
+            ts = datetime.fromisoformat(body["timestamp"]) - timedelta(seconds=skews.get(body["serial"], 0))
             assert 0 <= (enq - ts).total_seconds() <= 21
     assert total == run.device_messages
     for p in planted:
-        if p["source"] == "device":
-            record = _read_avro(run.out / "landing" / p["path"])[int(p["locator"])]
-            assert orjson.loads(record["Body"])["caseId"].startswith("CASE-9")
+        if p["kind"] == "device_case_unmatched":
+            record = _routed_messages(run.out / "landing" / p["path"])[int(p["locator"])]
+            assert _body(record)["caseId"].startswith("CASE-9")
+        elif p["kind"] == "unknown_device_type":
+            record = _routed_messages(run.out / "landing" / p["path"])[int(p["locator"])]
+            assert _body(record)["deviceType"] == "smoke-evacuator"
 
 
 def test_planted_counts(run: GenerationResult, planted: list[dict[str, str]]) -> None:
@@ -149,10 +174,13 @@ def test_planted_counts(run: GenerationResult, planted: list[dict[str, str]]) ->
     expected = {
         "malformed_json": n,
         "missing_required_field": n,
-        "out_of_range_value": n,
+        # registry score, device value, QuestionnaireResponse item
+        "out_of_range_value": 3 * n,
         "duplicate_id": n,
         "device_case_unmatched": 4 * n,  # one bad record per message of each extra stream
         "unknown_patient_outcome": 2 * n,  # registry_patient row + prom_response row
+        "unknown_device_type": n,
+        "invalid_choice_code": n,
     }
     assert Counter(p["kind"] for p in planted) == expected
     assert run.planted == expected
@@ -209,7 +237,7 @@ def test_ground_truth_invariants(run: GenerationResult, planted: list[dict[str, 
         assert e["case_id"] in case_ids
         assert e["mrn"] in ehr_dob
         assert len(e["devices_used"].split(";")) == 2
-        assert e["prom_source"] in {"registry", "redcap"}
+        assert e["prom_source"] in {"registry", "redcap", "fhir"}
 
     planted_keys = {p["locator"] for p in planted if p["source"] == "registry"}
     con = sqlite3.connect(run.out / "landing/outcomes/registry.sqlite")
