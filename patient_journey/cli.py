@@ -35,9 +35,10 @@ EXAMPLE_QUERIES = {
         "round(avg(readmission_90d::int) * 100, 1) as readmit_90d_pct, "
         "round(avg(complication_90d::int) * 100, 1) as complication_90d_pct from surgical_episode"
     ),
-    "PROM change at 12 months": (
-        "select prom_instrument, count(prom_change_12m) as with_12m, round(avg(prom_change_12m), 1) as mean_change "
-        "from surgical_episode group by all order by all"
+    "PROM change at 12 months, and the share reaching the MCID": (
+        "select prom_instrument, count(prom_change_12m) as with_12m, round(avg(prom_change_12m), 1) as mean_change, "
+        "round(avg(prom_mcid_12m::int) * 100, 1) as reached_mcid_pct "
+        "from surgical_episode where prom_instrument is not null group by all order by all"
     ),
 }
 
