@@ -167,7 +167,8 @@ class QualityGate:
         configs = suite_file.document["expectations"]
         context = _gx_context()
         suite = _build_suite(suite_file)
-        if ROW_ID not in data.column_names:
+        added_row_id = ROW_ID not in data.column_names
+        if added_row_id:
             data = data.append_column(ROW_ID, pa.array(range(1, data.num_rows + 1), pa.int64()))
         frame = data.to_pandas()
         name = f"{layer}.{table}"
@@ -248,4 +249,6 @@ class QualityGate:
             schema=QUARANTINE_SCHEMA,
         )
         passed = data.filter(pc.invert(mask))
+        if added_row_id:  # the gate's own row id does not belong in the table it passes on
+            passed = passed.drop_columns([ROW_ID])
         return GateResult(name, passed, quarantined, tuple(outcomes))
