@@ -25,8 +25,9 @@ INDEX_PROCEDURE_CODES = ("609588000", "52734007")  # SNOMED CT total knee / tota
 
 
 def _reaches_mcid(timepoint: str) -> str:
-    """Did the change from baseline reach the instrument's MCID, in its better direction?"""
-    change = f"pc.prom_change_{timepoint}"
+    """Did the change from baseline reach the instrument's MCID, in its better direction? (on the
+    scores themselves, not the rounded change; as :func:`scoring.change_reaches_mcid` does)"""
+    change = f"(pc.prom_{timepoint} - pc.prom_baseline)"
     return (
         f"CASE WHEN pc.higher_is_better THEN {change} >= pc.mcid - 1e-9 ELSE -{change} >= pc.mcid - 1e-9 END"
     )
@@ -35,7 +36,11 @@ def _reaches_mcid(timepoint: str) -> str:
 def instrument_mcid(catalog: Catalog) -> pa.Table:
     """Per instrument, the MCID and direction of its first (primary) score."""
     rows = [
-        {"instrument": i.id, "mcid": i.scores[0].mcid.value, "higher_is_better": i.scores[0].higher_is_better}
+        {
+            "instrument": i.id,
+            "mcid": i.primary_score.mcid.value,
+            "higher_is_better": i.primary_score.higher_is_better,
+        }
         for i in catalog.instruments.values()
     ]
     schema = pa.schema(

@@ -42,7 +42,7 @@ def score_table(table: pa.Table, catalog: Catalog, catalog_forms_only: bool) -> 
     primary = pa.table(
         {
             "instrument": list(catalog.instruments),
-            "score_name": [instrument.scores[0].name for instrument in catalog.instruments.values()],
+            "score_name": [instrument.primary_score.name for instrument in catalog.instruments.values()],
         }
     )
     connection = duckdb.connect()

@@ -155,6 +155,11 @@ class Instrument(_Strict):
             _check_score(score, items)
         return self
 
+    @property
+    def primary_score(self) -> Score:
+        """The score the warehouse reports for the instrument: the first in its file."""
+        return self.scores[0]
+
     def score(self, name: str) -> Score:
         for score in self.scores:
             if score.name == name:

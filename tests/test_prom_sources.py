@@ -10,7 +10,6 @@ counts are read from the raw CSV with the csv module, independently of the parse
 from __future__ import annotations
 
 import csv
-import io
 import json
 import shutil
 from collections import Counter
@@ -42,6 +41,7 @@ from patient_journey.sources.redcap_export import (
 from patient_journey.staging import SUPERSEDED, stage
 from patient_journey.storage import Storage
 from tests.conftest import TEST_KEY
+from tests.redcap_rows import raw_rows
 
 EXPECTATIONS = Path(__file__).resolve().parents[1] / "expectations"
 # landing project name -> (shared folder, dictionary file)
@@ -59,19 +59,6 @@ QR = "ehr/fhir-export-20250301T000000Z/QuestionnaireResponse.000.ndjson"
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _raw_rows(text: str) -> list[tuple[int, dict[str, str]]]:
-    """(line the row starts on, column -> cell) per data row, by the csv module."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader)
-    rows: list[tuple[int, dict[str, str]]] = []
-    end = reader.line_num
-    for row in reader:
-        start, end = end + 1, reader.line_num
-        if any(cell for cell in row):
-            rows.append((start, dict(zip(header, row, strict=True))))
-    return rows
-
-
 def _field_forms(dictionary: Path) -> dict[str, str]:
     """field -> form, from the dictionary's first two columns (both header variants put them there)."""
     with dictionary.open(newline="", encoding="utf-8-sig") as file:
@@ -86,7 +73,7 @@ def _forms_with_values(records: Path, dictionary: Path, rejects: pa.Table) -> se
         (r["source_offset"], r["detail"].split(":")[0].removeprefix("column ")) for r in rejects.to_pylist()
     }
     found: set[tuple[int, str]] = set()
-    for line, row in _raw_rows(records.read_text(encoding="utf-8-sig")):
+    for line, row in raw_rows(records.read_text(encoding="utf-8-sig"), skip_blank=True):
         for column, value in row.items():
             field = column.split("___")[0] if "___" in column else column
             if column == record_id or field not in forms or (line, column) in rejected:
@@ -174,7 +161,7 @@ def test_every_shared_export_loads_one_record_per_form_with_values(
     assert len(mine) == len(loaded) == len(expected)
     assert loaded == expected
     # Every bronze record keys back to the row it came from, and its values are that row's cells.
-    raw = dict(_raw_rows((folder / f"{project}_records.csv").read_text(encoding="utf-8-sig")))
+    raw = dict(raw_rows((folder / f"{project}_records.csv").read_text(encoding="utf-8-sig"), skip_blank=True))
     id_field = next(iter(_field_forms(folder / f"{project}_dictionary.csv")))
     for r in mine:
         payload = orjson.loads(r["payload"])

@@ -19,7 +19,6 @@ Expected counts come from reading the raw CSV with the csv module, independently
 from __future__ import annotations
 
 import csv
-import io
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from patient_journey.sources.redcap_export import (
     parse_events,
     parse_records,
 )
+from tests.redcap_rows import raw_rows
 
 REDCAP_EXPORTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "redcap-exports"
 
@@ -80,18 +80,6 @@ def _parse(
 # --- an independent reading of the raw files --------------------------------------------------------
 
 
-def _raw_rows(text: str) -> list[tuple[int, dict[str, str]]]:
-    """(line the row starts on, column -> cell) per data row, by the csv module."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader)
-    rows: list[tuple[int, dict[str, str]]] = []
-    end = reader.line_num
-    for row in reader:
-        start, end = end + 1, reader.line_num
-        rows.append((start, dict(zip(header, row, strict=True))))
-    return rows
-
-
 def _raw_forms(path: Path) -> dict[str, str]:
     """field -> form, from the dictionary's first two columns (both header variants put them there)."""
     with path.open(newline="", encoding="utf-8-sig") as file:
@@ -113,7 +101,7 @@ def _expected(exports: Path, folder: str, dictionary: str) -> tuple[int, set[tup
     record_id = next(iter(forms))
     cells = 0
     statuses: set[tuple[int, str]] = set()
-    for line, row in _raw_rows((exports / folder / "data.csv").read_text(encoding="utf-8-sig")):
+    for line, row in raw_rows((exports / folder / "data.csv").read_text(encoding="utf-8-sig")):
         for column, value in row.items():
             if column.endswith("_complete") and value != "":
                 statuses.add((line, column[: -len("_complete")]))
@@ -145,7 +133,7 @@ def test_shared_export_reconciles_with_the_raw_csv(
     assert parsed.values.schema == VALUES_SCHEMA
     assert parsed.completion.schema == COMPLETION_SCHEMA
     assert parsed.rejects.schema == REJECTS_SCHEMA
-    raw = _raw_rows((exports / folder / records).read_text(encoding="utf-8-sig"))
+    raw = raw_rows((exports / folder / records).read_text(encoding="utf-8-sig"))
     cells, statuses = _expected(exports, folder, dictionary)
 
     value_rejects = [r for r in parsed.rejects.to_pylist() if r["rule"] in VALUE_RULES]
@@ -170,7 +158,7 @@ def test_shared_export_reconciles_with_the_raw_csv(
 def test_simple_rejects_the_exported_booleans_and_the_out_of_range_measures(exports: Path) -> None:
     _, parsed = _parse(exports, "simple")
     rejects = Counter((r["field"], r["rule"]) for r in parsed.rejects.to_pylist())
-    raw = _raw_rows((exports / "simple" / "data.csv").read_text(encoding="utf-8-sig"))
+    raw = raw_rows((exports / "simple" / "data.csv").read_text(encoding="utf-8-sig"))
     below_height = sum(1 for _, row in raw if float(row["height"]) < 130)
     below_weight = sum(1 for _, row in raw if float(row["weight"]) < 35)
     assert rejects == {
@@ -259,7 +247,7 @@ def test_a_blank_form_is_not_started_and_a_partly_filled_one_incomplete(exports:
 @pytest.mark.shared_data
 def test_repeating_instrument_instances(exports: Path) -> None:
     _, parsed = _parse(exports, "repeating-instruments")
-    raw = _raw_rows((exports / "repeating-instruments" / "data.csv").read_text())
+    raw = raw_rows((exports / "repeating-instruments" / "data.csv").read_text())
     expected = {
         (row["record_id"], int(row["redcap_repeat_instance"]), row["bp_systolic"])
         for _, row in raw
@@ -292,7 +280,7 @@ def test_longitudinal_events_and_arms(exports: Path) -> None:
     assert len(events) == 12 and {e.arm for e in events} == {1, 2}
     arm_of_event = {e.unique_event_name: e.arm for e in events}
 
-    raw = _raw_rows((exports / "longitudinal" / "data.csv").read_text())
+    raw = raw_rows((exports / "longitudinal" / "data.csv").read_text())
     rows_per_record = Counter((row["study_id"], row["redcap_event_name"]) for _, row in raw)
     assert {e for _, e in rows_per_record} <= set(arm_of_event)
     assert {(r, arm_of_event[e]) for r, e in rows_per_record} == {("100", 1), ("220", 1), ("304", 2)}

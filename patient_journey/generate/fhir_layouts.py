@@ -57,10 +57,17 @@ def _with(line: bytes, **changes: Any) -> dict[str, Any]:
     return dict(resource)
 
 
-def _take(lines: list[bytes], ids: set[str]) -> list[bytes]:
-    """Remove and return the lines whose resource id is in ``ids``."""
-    taken = [line for line in lines if _id(line) in ids]
-    lines[:] = [line for line in lines if _id(line) not in ids]
+def _take(lines: list[bytes], ids: set[str]) -> dict[str, bytes]:
+    """Remove the lines whose resource id is in ``ids``; returns them by id, in line order."""
+    taken: dict[str, bytes] = {}
+    kept: list[bytes] = []
+    for line in lines:
+        resource_id = _id(line)
+        if resource_id in ids:
+            taken[resource_id] = line
+        else:
+            kept.append(line)
+    lines[:] = kept
     return taken
 
 
@@ -126,20 +133,21 @@ def fhir_variants(cohort: Cohort, lines: dict[str, list[bytes]], encounter: Any)
                 deletions_in_bundle.append(request)
 
     # D. Follow-up visits posted in transaction Bundles (one per patient).
+    posted: list[tuple[Journey, list[str]]] = []
     for j in journeys:
         follow_ups = {e.id for e in j.encounters if e.purpose == "follow-up"}
         if not follow_ups or rng.random() >= 0.05:
             continue
-        observations = {o.id for o in j.observations if o.encounter_id in follow_ups}
-        moved = _take(lines["Encounter"], follow_ups) + _take(lines["Observation"], observations)
-        entries = [
-            {
-                "fullUrl": f"urn:uuid:{_id(line)}",
-                "resource": orjson.loads(line),
-                "request": {"method": "POST", "url": orjson.loads(line)["resourceType"]},
-            }
-            for line in moved
-        ]
+        encounters = [e.id for e in j.encounters if e.id in follow_ups]
+        posted.append((j, encounters + [o.id for o in j.observations if o.encounter_id in follow_ups]))
+    moving = {resource_id for _, ids in posted for resource_id in ids}
+    moved = _take(lines["Encounter"], moving) | _take(lines["Observation"], moving)
+    for j, ids in posted:
+        entries: list[dict[str, Any]] = []
+        for resource_id in ids:
+            resource = orjson.loads(moved[resource_id])
+            post = {"method": "POST", "url": resource["resourceType"]}
+            entries.append({"fullUrl": f"urn:uuid:{resource_id}", "resource": resource, "request": post})
         out.bundles[f"transaction-{j.index:05d}.json"] = _bundle("transaction", entries, FIRST_UPDATE)
     out.bundles["transaction-deletions.json"] = _bundle("transaction", deletions_in_bundle, SECOND_UPDATE)
 
@@ -147,14 +155,14 @@ def fhir_variants(cohort: Cohort, lines: dict[str, list[bytes]], encounter: Any)
     conditions = {j.condition_id for j in journeys if rng.random() < 0.05}
     batch = [
         {"resource": orjson.loads(line), "request": {"method": "PUT", "url": f"Condition/{_id(line)}"}}
-        for line in _take(lines["Condition"], conditions)
+        for line in _take(lines["Condition"], conditions).values()
     ]
     out.bundles["batch-conditions.json"] = _bundle("batch", batch, FIRST_UPDATE)
 
     # F. Observations of some patients only in the second export (gzipped there).
     moved_patients = {j.patient_id for j in journeys if rng.random() < 0.10}
     moved_obs = {o.id for j in journeys if j.patient_id in moved_patients for o in j.observations}
-    out.second_export["Observation"] = _take(lines["Observation"], moved_obs)
+    out.second_export["Observation"] = list(_take(lines["Observation"], moved_obs).values())
 
     # G. Patients delivered again, unchanged (a repeated export must not duplicate them).
     out.second_export["Patient"] = [line for line in lines["Patient"] if rng.random() < 0.10]

@@ -367,15 +367,16 @@ def _vitals(rng: random.Random, enc: Encounter, height_m: float, bmi: float) -> 
 
 
 @cache
-def _prom_catalog() -> Catalog:
+def prom_catalog() -> Catalog:
+    """The instrument catalog, read once per process."""
     return load_catalog()
 
 
 def _draw_items(rng: random.Random, instrument_id: str, target: float, partial: bool) -> dict[str, int]:
     """Item answers whose catalog score is the one closest to ``target``; one item left
     unanswered when ``partial`` (the catalog then gives no score)."""
-    score = _prom_catalog().instrument(instrument_id).scores[0]
-    items = {item.id: item for item in _prom_catalog().instrument(instrument_id).items}
+    score = prom_catalog().instrument(instrument_id).primary_score
+    items = {item.id: item for item in prom_catalog().instrument(instrument_id).items}
     members = [items[item_id] for item_id in score.items]
     low = sum(item.range[0] for item in members)
     high = sum(item.range[1] for item in members)
@@ -396,7 +397,7 @@ def _score_proms(journeys: list[Journey]) -> None:
     proms = [(j, k, p) for j in journeys for k, p in enumerate(j.proms)]
     if not proms:
         return
-    catalog = _prom_catalog()
+    catalog = prom_catalog()
     item_ids = sorted({item_id for _, _, p in proms for item_id in p.items})
     responses = pa.table(
         {
@@ -408,7 +409,7 @@ def _score_proms(journeys: list[Journey]) -> None:
             },
         }
     )
-    primary = {i.id: i.scores[0].name for i in catalog.instruments.values()}
+    primary = {i.id: i.primary_score.name for i in catalog.instruments.values()}
     scores = {
         int(row["response_id"]): row["score"]
         for row in score_responses(responses, catalog).to_pylist()

@@ -9,7 +9,6 @@ import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,13 @@ from patient_journey.generate.model import (
     PhysicalDevice,
     PlantedRecord,
     iso,
+    prom_catalog,
 )
 
 # PROMs with item answers (REDCap project, QuestionnaireResponses) are written by proms.py.
 from patient_journey.generate.proms import questionnaire_responses
 from patient_journey.generate.registry_db import write_registry_db
-from patient_journey.scoring import Catalog, load_catalog
+from patient_journey.scoring import change_reaches_mcid
 
 EXPORT_FOLDER = "fhir-export-20250301T000000Z"
 EHR_DIR = f"ehr/{EXPORT_FOLDER}"
@@ -102,7 +102,6 @@ EPISODE_COLUMNS: tuple[str, ...] = (
     "prom_mcid_6w", "prom_mcid_6m", "prom_mcid_12m", "complications_90d", "readmissions_90d",
     "device_events",
 )  # fmt: skip
-INSTRUMENT_IDS = {"KOOS JR": "koos_jr", "HOOS JR": "hoos_jr"}
 # Device events count towards a procedure when their device time is within its start and end,
 # widened by this (the default of JOURNEY_SOURCES__DEVICE_SKEW_TOLERANCE_SECONDS).
 DEVICE_SKEW_TOLERANCE = timedelta(seconds=900)
@@ -544,37 +543,29 @@ def _score(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
-@cache
-def _catalog() -> Catalog:
-    return load_catalog()
-
-
 def episode_row(j: Journey) -> list[str]:
     surgery_day = j.surgery_start.date()
     discharge_day = j.admission.end.date()
     comp_days = [(c.occurred_on - surgery_day).days for c in j.complications]
     grades_90 = [c.grade for c in j.complications if 0 <= (c.occurred_on - surgery_day).days <= 90]
-    readmit_days = [(r.admitted_on - discharge_day).days for r in j.registry_readmissions]
+    # An admission the EHR and the registry both report (same day) is one readmission.
+    readmit_dates = {r.admitted_on for r in j.registry_readmissions}
     if j.readmission is not None:
-        readmit_days.append((j.readmission.start.date() - discharge_day).days)
+        readmit_dates.add(j.readmission.start.date())
+    readmit_days = [(day - discharge_day).days for day in readmit_dates]
     scores = {p.timepoint: p.score for p in j.proms if p.score is not None}
     base = scores.get("baseline")
-    instrument = INSTRUMENT_IDS.get(j.instrument, j.instrument)
-    primary = _catalog().instrument(instrument).scores[0]
+    primary = prom_catalog().instrument(j.instrument_id).primary_score
     changes: dict[str, float | None] = {}
     reached: dict[str, str] = {}
     for timepoint in ("6w", "6m", "12m"):
         later = scores.get(timepoint)
-        change = None if base is None or later is None else round(later - base, 1) + 0.0
-        changes[timepoint] = change
-        if change is None or primary.mcid.value is None:
-            reached[timepoint] = ""
-        else:
-            better = change if primary.higher_is_better else -change
-            reached[timepoint] = _b(better >= primary.mcid.value - 1e-9)
-    readmit_dates = {r.admitted_on for r in j.registry_readmissions}
-    if j.readmission is not None:
-        readmit_dates.add(j.readmission.start.date())
+        if base is None or later is None:
+            changes[timepoint], reached[timepoint] = None, ""
+            continue
+        changes[timepoint] = round(later - base, 1) + 0.0
+        mcid = change_reaches_mcid(j.instrument_id, primary.name, [base], [later], prom_catalog())[0].as_py()
+        reached[timepoint] = "" if mcid is None else _b(mcid)
     return [
         j.case_id,
         j.mrn,
@@ -593,7 +584,7 @@ def episode_row(j: Journey) -> list[str]:
         str(max(grades_90)) if grades_90 else "",
         _b(any(0 <= d <= 30 for d in readmit_days)),
         _b(any(0 <= d <= 90 for d in readmit_days)),
-        instrument,
+        j.instrument_id,
         j.prom_source,
         _score(base),
         _score(scores.get("6w")),
@@ -606,7 +597,7 @@ def episode_row(j: Journey) -> list[str]:
         reached["6m"],
         reached["12m"],
         str(sum(1 for d in comp_days if 0 <= d <= 90)),
-        str(sum(1 for day in readmit_dates if 0 <= (day - discharge_day).days <= 90)),
+        str(sum(1 for d in readmit_days if 0 <= d <= 90)),
         str(
             sum(
                 1
