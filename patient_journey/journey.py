@@ -2,7 +2,10 @@
 
 * ``surgical_episode``: one row per index procedure (a patient's first total knee or hip
   arthroplasty), with the admission, the OR time the devices recorded, the devices used, length
-  of stay, complications and readmissions within 30 and 90 days, and PROM scores.
+  of stay, complications and readmissions within 30 and 90 days, and PROM scores. Complications
+  come from the registry and from EHR Conditions whose code is in catalog/complications.csv;
+  readmissions from the registry and from EHR inpatient encounters; an event both report (same
+  code / same admission day) counts once.
 * ``journey_event``: one row per event per patient, with its phase relative to the index
   procedure (pre / intra / post; null for a patient with no index procedure).
 * ``device_clock``: one row per device, the skew of its clock seen against IoT Hub's enqueued
@@ -16,12 +19,22 @@ Grain and columns are documented in docs/warehouse.md.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from patient_journey.scoring import Catalog, load_catalog
 from patient_journey.staging import connect
 
 INDEX_PROCEDURE_CODES = ("609588000", "52734007")  # SNOMED CT total knee / total hip replacement
+# SNOMED CT codes of an EHR Condition that count as a post-operative complication.
+COMPLICATION_CODES = Path(__file__).resolve().parents[1] / "catalog" / "complications.csv"
+
+
+def load_complication_codes(path: Path = COMPLICATION_CODES) -> pa.Table:
+    options = pacsv.ConvertOptions(column_types={"code": pa.string(), "display": pa.string()})
+    return pacsv.read_csv(path, convert_options=options).select(["code", "display"])
 
 
 def _reaches_mcid(timepoint: str) -> str:
@@ -78,10 +91,18 @@ WITH idx AS (
            date_diff('day', CAST(adm.period_end AS DATE), r.admitted_on) AS days
     FROM idx JOIN adm USING (episode_key) JOIN readmit r ON r.patient_key = idx.patient_key
     WHERE r.encounter_id IS DISTINCT FROM adm.encounter_id
+), comp_event AS (
+    SELECT patient_key, code, occurred_on, grade FROM complication
+    UNION ALL
+    SELECT patient_key, code, CAST(onset_time AS DATE), NULL FROM condition
+    WHERE code IN (SELECT code FROM complication_code)
 ), comp_days AS (
-    SELECT idx.episode_key, c.grade,
+    -- GROUP BY: a complication both the registry and the EHR report (same code and day) counts
+    -- once, with the registry's Clavien-Dindo grade (the EHR has none)
+    SELECT idx.episode_key, c.code, c.occurred_on, max(c.grade) AS grade,
            date_diff('day', CAST(idx.performed_start AS DATE), c.occurred_on) AS days
-    FROM idx JOIN complication c ON c.patient_key = idx.patient_key
+    FROM idx JOIN comp_event c ON c.patient_key = idx.patient_key
+    GROUP BY ALL
 ), comp AS (
     SELECT episode_key, bool_or(days BETWEEN 0 AND 30) AS within_30d, bool_or(days BETWEEN 0 AND 90) AS within_90d,
            max(grade) FILTER (WHERE days BETWEEN 0 AND 90) AS max_grade_90d,
@@ -181,14 +202,14 @@ ORDER BY ev.patient_key, ev.event_time, ev.source, ev.event_type, ev.source_uri,
 
 
 DEVICE_CLOCK_SQL = """
-SELECT device_type, device_id, count(*) AS messages,
+SELECT device_type, device_key, count(*) AS messages,
        round(median(epoch(event_time) - epoch(enqueued_time))) AS median_skew_seconds,
        round(max(abs(epoch(event_time) - epoch(enqueued_time)))) AS max_abs_skew_seconds,
        abs(median(epoch(event_time) - epoch(enqueued_time))) > $tolerance AS beyond_tolerance
 FROM device_event
 WHERE event_time IS NOT NULL AND enqueued_time IS NOT NULL
-GROUP BY device_type, device_id
-ORDER BY device_type, device_id
+GROUP BY device_type, device_key
+ORDER BY device_type, device_key
 """
 
 
@@ -200,6 +221,7 @@ def build_journey(
     for name, table in silver.items():
         connection.register(name, table)
     connection.register("instrument_mcid", instrument_mcid(catalog or load_catalog()))
+    connection.register("complication_code", load_complication_codes())
     tolerance = {"tolerance": skew_tolerance_seconds}
     episode = connection.execute(EPISODE_SQL, tolerance).to_arrow_table()
     connection.register("surgical_episode", episode)

@@ -9,6 +9,9 @@ Links, in the order they are derived:
 * REDCap record -> EHR patient with the same MRN (given on the record's baseline event).
 * FHIR QuestionnaireResponse -> its Patient reference, like the other EHR records.
 
+A device's serial number (a direct identifier under HIPAA Safe Harbor) reaches silver only as
+``device_key`` = HMAC("device-serial:" + serial): the same device keeps the same key.
+
 A record whose link is missing is held with the rule it could not satisfy; held records stay in
 bronze and are linked again on every later build, so they load as soon as their patient arrives.
 The crosswalk (source identifier -> patient key) is written to the restricted zone only.
@@ -119,7 +122,8 @@ LINKS: tuple[LinkSpec, ...] = (
         "measurement_id",
         "s LEFT JOIN case_link k USING (case_id)",
         "case_id_links_to_procedure",
-        "s.measurement_id, k.episode_key, k.patient_key, s.device_type, s.device_id, s.udi_di, s.firmware, "
+        "s.measurement_id, k.episode_key, k.patient_key, s.device_type, "
+        "pseudonym('device-serial', s.device_id) AS device_key, s.udi_di, s.firmware, "
         "s.event_type, s.event_time, s.value, s.unit, s.enqueued_time, s.measured_values",
     ),
     LinkSpec(
@@ -147,7 +151,7 @@ LINKS: tuple[LinkSpec, ...] = (
         "complication_id",
         "s LEFT JOIN registry_link k USING (registry_id)",
         "registry_id_links_to_patient",
-        "k.patient_key, s.occurred_on, s.description, s.grade",
+        "k.patient_key, s.occurred_on, s.description, s.code, s.grade",
     ),
     LinkSpec(
         "readmission",

@@ -254,11 +254,48 @@ def _last_build(lake: Lake) -> dict[str, int] | None:
     return {k: int(v) for k, v in (item.split("=") for item in last["bronze_versions"].split(",") if item)}
 
 
-def _rejects_as_quarantine(lake: Lake) -> pa.Table:
-    """Every record rejected while reading, as quarantine rows of the staged table it belongs to."""
+def latest_reads(lake: Lake) -> pa.Table:
+    """(source_uri, run_id) of the latest read of every input of the file sources, from their
+    ledgers. An input read again (``journey reprocess``, or new content under the same name)
+    replaces what its earlier reads produced: records and rejects alike."""
+    parts = [
+        ledger
+        for source in FILE_SOURCES
+        if (ledger := lake.read(ledger_table(source), columns=["uri", "run_id", "processed_at"])) is not None
+    ]
+    if not parts:
+        return pa.table({"source_uri": pa.array([], pa.string()), "latest_run_id": pa.array([], pa.string())})
+    reads = pa.concat_tables(parts)
+    latest = (
+        reads.group_by("uri").aggregate([("processed_at", "max")]).rename_columns(["uri", "processed_at"])
+    )
+    latest = latest.join(reads, keys=["uri", "processed_at"])
+    return pa.table({"source_uri": latest.column("uri"), "latest_run_id": latest.column("run_id")})
+
+
+def from_latest_read(table: pa.Table, reads: pa.Table) -> pa.Table:
+    """The rows of ``table`` that came from the latest read of their input. Rows of an input the
+    ledgers do not list (a read that stopped before its ledger entry, a forgotten input not read
+    again yet, a registry table) are all kept; staging collapses exact re-reads among them."""
+    if table.num_rows == 0 or reads.num_rows == 0:
+        return table
+    numbered = table.select(["source_uri", "run_id"]).append_column(
+        "_n", pa.array(range(table.num_rows), pa.int64())
+    )
+    joined = numbered.join(reads, keys="source_uri", join_type="left outer")
+    latest = joined.column("latest_run_id")
+    keep = pc.or_kleene(pc.is_null(latest), pc.equal(joined.column("run_id"), latest))
+    kept = joined.filter(keep).column("_n")
+    return table.filter(pc.is_in(numbered.column("_n"), value_set=kept.combine_chunks()))
+
+
+def _rejects_as_quarantine(lake: Lake, reads: pa.Table) -> pa.Table:
+    """Every record rejected at the latest read of its input, as quarantine rows of the staged
+    table it belongs to."""
     rejects = pa.concat_tables(
         [lake.read(extraction_rejects_table(source)) or REJECT_SCHEMA.empty_table() for source in SOURCES]
     )
+    rejects = from_latest_read(rejects, reads)
     tables = pa.array([ENTITY_TABLE.get(e, e) for e in rejects.column("entity").to_pylist()], pa.string())
     return (
         rejects.drop_columns(["entity"]).append_column("table_name", tables).select(QUARANTINE_SCHEMA.names)
@@ -316,11 +353,13 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     keys = KeyMaker(settings.patient_hmac_key())
     gate = QualityGate(settings.quality.expectations_dir)
 
+    reads = latest_reads(lake)
     bronze_tables = {
-        name: lake.read(bronze(name)) or BRONZE_SCHEMA.empty_table() for name in BRONZE_TABLES.values()
+        name: from_latest_read(lake.read(bronze(name)) or BRONZE_SCHEMA.empty_table(), reads)
+        for name in BRONZE_TABLES.values()
     }
     staged_tables = stage(bronze_tables)
-    rejected_at_read = _rejects_as_quarantine(lake)
+    rejected_at_read = _rejects_as_quarantine(lake, reads)
     counts = {name: TableCounts(name) for name in staged_tables}
     for item in pc.value_counts(rejected_at_read.column("table_name")).to_pylist():
         table = counts.setdefault(item["values"], TableCounts(item["values"]))

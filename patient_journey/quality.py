@@ -56,6 +56,7 @@ class ExpectationOutcome:
     element_count: int | None
     unexpected_count: int | None
     observed: str | None
+    evaluated: bool = True  # False when GX raised while computing it (e.g. a missing column)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,6 @@ class QualityGate:
 
     def check(self, layer: str, table: str, data: pa.Table, source: str, run_id: str) -> GateResult:
         suite_file = self._suites[(layer, table)]
-        configs = suite_file.document["expectations"]
         context = _gx_context()
         suite = _build_suite(suite_file)
         added_row_id = ROW_ID not in data.column_names
@@ -194,21 +194,27 @@ class QualityGate:
         outcomes: list[ExpectationOutcome] = []
         failed_rows: dict[int, list[str]] = {}
         table_failures: list[ExpectationOutcome] = []
-        for config, item in zip(configs, result.results, strict=True):
+        # Results come back in GX's own order (an expectation that could not be evaluated comes
+        # first), so each one is read with the configuration GX returns alongside it.
+        for item in result.results:
+            expectation = item.expectation_config
             details = item.result or {}
-            severity = (config.get("meta") or {}).get("severity", "error")
-            rule = _rule_of(config)
+            meta = expectation.meta or {}
+            severity = meta.get("severity", "error")
+            column = expectation.kwargs.get("column")
+            rule = _rule_of({"type": expectation.type, "kwargs": {"column": column}, "meta": meta})
             observed = details.get("observed_value")
             outcome = ExpectationOutcome(
                 table=name,
                 rule=rule,
-                expectation=config["type"],
-                column=(config.get("kwargs") or {}).get("column"),
+                expectation=expectation.type,
+                column=column,
                 severity=severity,
                 success=bool(item.success),
                 element_count=details.get("element_count"),
                 unexpected_count=details.get("unexpected_count"),
                 observed=None if observed is None or isinstance(observed, dict | list) else str(observed),
+                evaluated=bool(details),
             )
             outcomes.append(outcome)
             if item.success or severity != "error":
@@ -223,11 +229,14 @@ class QualityGate:
                 table_failures.append(outcome)
         if table_failures:
             first = table_failures[0]
+            what = (
+                f"failed, observed {first.observed}, {first.unexpected_count} unexpected of {first.element_count}"
+                if first.evaluated
+                else "could not be evaluated (does the table have the column it names?)"
+            )
             raise QualityGateError(
-                f"Quality gate failed for table {name}: expectation {first.rule} "
-                f"({first.expectation}) failed, observed {first.observed}, "
-                f"{first.unexpected_count} unexpected of {first.element_count}; "
-                f"{len(table_failures)} table-level error expectation(s) failed. Nothing was loaded."
+                f"Quality gate failed for table {name}: expectation {first.rule} ({first.expectation}) "
+                f"{what}; {len(table_failures)} table-level error expectation(s) failed. Nothing was loaded."
             )
         row_ids = data.column(ROW_ID)
         failed = pa.array(sorted(failed_rows), pa.int64())

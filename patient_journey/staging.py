@@ -272,7 +272,9 @@ def stage(bronze_tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
             SELECT * EXCLUDE (_record_id),
                    row_number() OVER (
                        PARTITION BY _record_id, {SUPERSEDED} ORDER BY {spec.order_by}) = 1 AS _first_of_id,
-                   row_number() OVER (ORDER BY {spec.order_by}) AS _row
+                   -- a total order: one line or message can hold several records (REDCap forms,
+                   -- template matches), and ties would number them differently from run to run
+                   row_number() OVER (ORDER BY {spec.order_by}, _record_id) AS _row
             FROM flat ORDER BY _row
             """
         ).to_arrow_table()

@@ -102,9 +102,11 @@ def device_clock_mismatches(lake: Lake, generated: GenerationResult) -> list[tup
     """
     clock = lake.read(gold("device_clock"))
     assert clock is not None
-    measured = {row["device_id"]: row["median_skew_seconds"] for row in clock.to_pylist()}
-    planted = {
-        row["device_id"]: int(row["clock_skew_seconds"]) for row in truth(generated, "device_clock.csv")
+    measured = {row["device_key"]: row["median_skew_seconds"] for row in clock.to_pylist()}
+    keys = KeyMaker(TEST_KEY.encode())
+    planted = {  # the ground truth names each device by its serial; gold by the serial's keyed hash
+        keys.key("device-serial", row["device_id"]): int(row["clock_skew_seconds"])
+        for row in truth(generated, "device_clock.csv")
     }
     assert set(planted) <= set(measured)
     return [(d, skew, measured[d]) for d, skew in planted.items() if abs(measured[d] - (skew - 10)) > 10]

@@ -262,7 +262,8 @@ def test_rejected_messages_are_quarantined_with_rule_and_lineage(run: Run) -> No
     assert {r["source_uri"] for r in run.quarantine} == {str(run.avro), str(run.json)}
     assert all(r["table_name"] == "device_event" and r["source"] == "device" for r in run.quarantine)
     by_suite = rows[(".avro", 2)]
-    assert by_suite["record_id"].startswith("SE-3302:")  # the measurement id
+    assert re.fullmatch(r"[0-9a-f]{20}-0", by_suite["record_id"])  # the measurement id: message, match
+    assert not any("SE-" in str(r["record_id"]) for r in run.quarantine)  # never the serial
     assert by_suite["record_id"] not in {r["measurement_id"] for r in run.staged}
     assert rows[(".avro", 3)]["record_id"] is None  # rejected as read: no record yet
     assert "5000" not in by_suite["detail"]
@@ -399,12 +400,6 @@ def test_reprocess_maps_messages_that_landed_before_the_template(reprocessed: Re
     assert latest == [(2, FLOW_RULE), (3, RULE_NO_TEMPLATE), (4, RULE_REQUIRED_VALUE)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation (docs/adding-a-device-type.md, section 7): rejects made while "
-    "reading are kept across runs, so a message re-mapped by `journey reprocess` stays quarantined "
-    "under its old rule beside its new outcome",
-)
 def test_a_remapped_message_leaves_the_quarantine(reprocessed: Reprocessed) -> None:
     quarantine = Lake(reprocessed.settings).read(pipeline.QUARANTINE)
     assert quarantine is not None
@@ -412,3 +407,40 @@ def test_a_remapped_message_leaves_the_quarantine(reprocessed: Reprocessed) -> N
     assert offsets == [2, 3, 4]
     [events] = [t for t in reprocessed.silver.tables if t.table == "device_event"]
     assert events.read == 5
+
+
+def test_reprocessing_after_a_template_change_replaces_the_measurements(tmp_path: Path) -> None:
+    settings = _project(tmp_path)
+    (tmp_path / "data" / "ground_truth").mkdir(parents=True)
+    (tmp_path / "data" / "ground_truth" / "episodes.csv").write_text(
+        "case_id,surgery_start\nCASE-204871,2025-02-11T09:09:30+00:00\n"
+    )
+    _run_script(settings)
+    pipeline.ingest(settings, "device", "run-1")
+    first = pipeline.build_silver(settings, "run-1")
+    lake = Lake(settings)
+    before = lake.read(staged("device_event"))
+    assert before is not None and before.num_rows > 0
+    assert any('"firmware"' in values for values in before.column("measured_values").to_pylist())
+
+    template = tmp_path / TEMPLATE
+    text = template.read_text(encoding="utf-8")
+    changed = re.sub(r',\n\s*\{ "valueName": "firmware"[^}]*\}', "", text)
+    assert changed != text  # the template no longer maps the firmware
+    template.write_text(changed, encoding="utf-8")
+    assert pipeline.forget_inputs(settings, "device") == 1
+    pipeline.ingest(settings, "device", "run-2")
+    second = pipeline.build_silver(settings, "run-2")
+
+    after = lake.read(staged("device_event"))
+    assert after is not None
+    assert sorted(after.column("measurement_id").to_pylist()) == sorted(
+        before.column("measurement_id").to_pylist()
+    )
+    assert set(after.column("run_id").to_pylist()) == {"run-2"}
+    assert not any('"firmware"' in values for values in after.column("measured_values").to_pylist())
+    [was] = [t for t in first.tables if t.table == "device_event"]
+    [now] = [t for t in second.tables if t.table == "device_event"]
+    assert (now.read, now.superseded) == (was.read, 0) and now.balanced
+    rejects = lake.read(pipeline.QUARANTINE)
+    assert rejects is not None and set(rejects.column("run_id").to_pylist()) == {"run-2"}

@@ -7,15 +7,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from flows.patient_journey import patient_journey
 from patient_journey.generate import GenerationResult
+from patient_journey.generate.model import build_cohort
+from patient_journey.identity import KeyMaker
 from patient_journey.lake import Lake, gold
 from patient_journey.pipeline import HELD, QUARANTINE
 from patient_journey.query import run_query
 from patient_journey.report import RunSummary, render_markdown
-from tests.conftest import settings_for, use_settings_env
+from tests.conftest import TEST_KEY, settings_for, use_settings_env
 from tests.journey_checks import (
     assert_planted_records_caught,
     device_clock_mismatches,
@@ -79,6 +82,41 @@ def test_the_generator_writes_every_source_variant(generated: GenerationResult) 
     assert bundle_types == {"transaction", "batch", "collection"}
 
 
+def test_complications_reported_by_both_sources_count_once(
+    first_run: tuple[RunSummary, Path], generated: GenerationResult
+) -> None:
+    """The cohort has complications both the registry and the EHR report, and EHR-only ones;
+    gold counts each (code, day) once (the other facts are checked against the ground truth)."""
+    _, root = first_run
+    cohort = build_cohort(generated.patients, seed=20261123)
+    both = [
+        j
+        for j in cohort.journeys
+        if {(c.code, c.occurred_on) for c in j.complications}
+        & {(c.code, c.occurred_on) for c in j.ehr_complications}
+    ]
+    ehr_only = [
+        j
+        for j in cohort.journeys
+        if {(c.code, c.occurred_on) for c in j.ehr_complications}
+        - {(c.code, c.occurred_on) for c in j.complications}
+    ]
+    assert both and ehr_only
+    counts = {
+        row["episode_key"]: row["complications_90d"]
+        for row in run_query(
+            settings_for(root), "select episode_key, complications_90d from surgical_episode"
+        ).to_pylist()
+    }
+    keys = KeyMaker(TEST_KEY.encode())
+    for journey in both:
+        events = {(c.code, c.occurred_on) for c in [*journey.complications, *journey.ehr_complications]}
+        surgery_day = journey.surgery_start.date()
+        expected = sum(1 for _, day in events if 0 <= (day - surgery_day).days <= 90)
+        assert counts[keys.case_key(journey.case_id)] == expected
+        assert expected < len(journey.complications) + len(journey.ehr_complications)
+
+
 def test_every_planted_bad_record_is_quarantined_or_held_under_its_rule(
     first_run: tuple[RunSummary, Path], generated: GenerationResult
 ) -> None:
@@ -119,6 +157,29 @@ def test_the_summary_carries_no_patient_values(
         line.split('"family":"')[1].split('"')[0] for p in patients for line in p.read_text().splitlines()
     ]
     assert names and not any(f"| {name} " in markdown for name in names)
+
+
+def test_no_direct_identifier_reaches_the_analysts_zone(
+    first_run: tuple[RunSummary, Path], generated: GenerationResult
+) -> None:
+    """MRNs, OR case ids and device serials stay in the restricted zone: no Parquet file of the
+    warehouse holds one, in any column (checked on the files' decoded text values)."""
+    _, root = first_run
+    identifiers = {row["mrn"] for row in truth(generated, "episodes.csv")}
+    identifiers |= {row["case_id"] for row in truth(generated, "episodes.csv")}
+    serials = {row["device_id"] for row in truth(generated, "device_clock.csv")}
+    assert serials and identifiers
+    found: set[str] = set()
+    files = list((root / "warehouse").rglob("*.parquet"))
+    assert files
+    for path in files:
+        table = pq.read_table(path)
+        for column in table.columns:
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                values = set(column.drop_null().to_pylist())
+                found |= {v for v in values if v in identifiers or v in serials}
+                found |= {s for s in serials for v in values if s in v}  # also inside ids and JSON
+    assert found == set()
 
 
 def test_the_warehouse_answers_sql_by_table_name(

@@ -545,3 +545,17 @@ def test_a_large_random_batch_matches_a_row_by_row_reference(catalog: Catalog) -
             assert got["score"] == (pytest.approx(expected) if expected is not None else None)
             checked += 1
     assert len(result) == checked
+
+
+def test_the_ground_truth_rounds_prom_changes_as_the_warehouse_sql_does() -> None:
+    # Exactly representable halves and near-halves from score differences: DuckDB rounds them
+    # half away from zero on the scaled double; Python's round() would disagree on some.
+    import duckdb
+
+    from patient_journey.generate.model import sql_round
+
+    values = [12.25, -12.25, 0.05, 2.675, 63.108 - 50.752, 81.667 - 47.487, -0.15, 1e-9, 99.95]
+    values += [a / 8 - b * 0.0033 for a in range(-80, 80) for b in range(0, 40)]
+    sql = duckdb.sql(f"select round(v, 1) from unnest({values}::double[]) t(v)").fetchall()
+    assert [row[0] for row in sql] == [sql_round(v) for v in values]
+    assert any(round(v, 1) != sql_round(v) for v in values)  # the case the helper exists for

@@ -99,6 +99,52 @@ def test_row_rules_of_error_severity_quarantine_only_the_rows_that_break_them(tm
     assert "250" not in repr(result.outcomes)  # counts, never values
 
 
+def test_an_expectation_that_cannot_be_evaluated_does_not_shift_the_others(tmp_path: Path) -> None:
+    # GX returns such a result first: outcomes must still be matched to their own rules.
+    _suite(
+        tmp_path,
+        "staged",
+        "t",
+        [
+            {
+                "type": "expect_column_values_to_be_between",
+                "kwargs": {"column": "score", "min_value": 0, "max_value": 100},
+                "meta": {"severity": "error", "rule": "score_in_range"},
+            },
+            {
+                "type": "expect_column_values_to_not_be_null",
+                "kwargs": {"column": "no_such_column"},
+                "meta": {"severity": "warn", "rule": "optional_present"},
+            },
+        ],
+    )
+    result = QualityGate(tmp_path).check("staged", "t", _rows(), "test", "run-1")
+    assert result.quarantined.column("rule").to_pylist() == ["score_in_range"]
+    outcomes = {o.rule: o for o in result.outcomes}
+    assert outcomes["score_in_range"].unexpected_count == 1 and outcomes["score_in_range"].column == "score"
+    assert outcomes["optional_present"].evaluated is False and outcomes["optional_present"].severity == "warn"
+
+    _suite(
+        tmp_path,
+        "staged",
+        "u",
+        [
+            {
+                "type": "expect_column_values_to_not_be_null",
+                "kwargs": {"column": "id"},
+                "meta": {"severity": "error", "rule": "id_present"},
+            },
+            {
+                "type": "expect_column_values_to_not_be_null",
+                "kwargs": {"column": "no_such_column"},
+                "meta": {"severity": "error", "rule": "required_present"},
+            },
+        ],
+    )
+    with pytest.raises(QualityGateError, match=r"required_present .* could not be evaluated"):
+        QualityGate(tmp_path).check("staged", "u", _rows(), "test", "run-1")
+
+
 def test_a_failing_table_rule_stops_the_run_naming_table_rule_and_counts(tmp_path: Path) -> None:
     _suite(
         tmp_path,

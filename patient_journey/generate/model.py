@@ -182,6 +182,8 @@ _COMPLICATIONS = (
     ("Stiffness requiring manipulation under anaesthesia", "84445001"),  # Joint stiffness (finding)
     ("Dislocation", "108367008"),  # Dislocation of joint (disorder)
 )
+EHR_REPORTS_REGISTRY_COMPLICATION = 0.6
+EHR_ONLY_COMPLICATION_RATE = 0.04
 _READMISSION_REASONS = (
     "Wound complication",
     "Pain control",
@@ -257,6 +259,14 @@ class Complication:
 
 
 @dataclass(frozen=True)
+class EhrComplication:
+    condition_id: str
+    occurred_on: date
+    description: str
+    code: str
+
+
+@dataclass(frozen=True)
 class RegistryReadmission:
     admitted_on: date
     discharged_on: date
@@ -301,6 +311,9 @@ class Journey:
     prom_source: str  # registry | redcap | fhir
     devices: list[PhysicalDevice] = field(default_factory=list)
     events: list[DeviceEvent] = field(default_factory=list)
+    # Complications the EHR records as Conditions (encounter diagnoses, no grade): most registry
+    # complications again (same code and day), and now and then one the registry missed.
+    ehr_complications: list[EhrComplication] = field(default_factory=list)
 
     @property
     def instrument(self) -> str:
@@ -317,6 +330,14 @@ class Journey:
         # Half-up, as SQL's round() does: 74.35 minutes is 74.4, not Python's 74.3.
         minutes = Decimal(int((max(stops) - min(starts)).total_seconds())) / Decimal(60)
         return float(minutes.quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
+def sql_round(value: float, digits: int = 1) -> float:
+    """Round as DuckDB's round(DOUBLE, n) does: scale the double, round half away from zero,
+    scale back. Python's round() differs on about 4% of PROM score differences (it rounds the
+    exact binary value half to even), so ground truth made with it would not match the SQL."""
+    scale = 10.0**digits
+    return float(Decimal(value * scale).quantize(Decimal(1), rounding=ROUND_HALF_UP)) / scale
 
 
 @dataclass
@@ -536,6 +557,9 @@ def _build_journey(
     recorded = onset + timedelta(days=rng.randint(0, 30))
 
     street = f"{rng.randint(1, 999)} {rng.choice(_STREETS)}"
+    ehr_complications = _ehr_complications(
+        random.Random(f"ehr-complications:{mrn}"), surgery_day, complications
+    )
     return Journey(
         index=index,
         registry_id=index + 1,
@@ -569,7 +593,22 @@ def _build_journey(
         registry_readmissions=registry_readmissions,
         proms=proms,
         prom_source=prom_source,
+        ehr_complications=ehr_complications,
     )
+
+
+def _ehr_complications(
+    rng: random.Random, surgery_day: date, registry: list[Complication]
+) -> list[EhrComplication]:
+    """The EHR's view of the complications, from a stream of its own (it shifts no other draw)."""
+    seen = [c for c in registry if rng.random() < EHR_REPORTS_REGISTRY_COMPLICATION]
+    found = [(c.occurred_on, c.description, c.code) for c in seen]
+    if rng.random() < EHR_ONLY_COMPLICATION_RATE:
+        description, code = rng.choice(_COMPLICATIONS)
+        found.append((surgery_day + timedelta(days=rng.randint(2, 80)), description, code))
+    return [
+        EhrComplication(new_uuid(rng), day, description, code) for day, description, code in sorted(found)
+    ]
 
 
 def clock_skew(serial: str) -> int:

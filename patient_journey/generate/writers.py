@@ -22,6 +22,7 @@ from patient_journey.generate.model import (
     PROCEDURES,
     Cohort,
     DeviceEvent,
+    EhrComplication,
     Encounter,
     Journey,
     Observation,
@@ -29,6 +30,7 @@ from patient_journey.generate.model import (
     PlantedRecord,
     iso,
     prom_catalog,
+    sql_round,
 )
 
 # PROMs with item answers (REDCap project, QuestionnaireResponses) are written by proms.py.
@@ -297,6 +299,37 @@ def _implant(j: Journey) -> dict[str, Any]:
     }
 
 
+def _complication_condition(j: Journey, c: EhrComplication) -> dict[str, Any]:
+    """A post-operative complication as the EHR records it: an encounter diagnosis, no grade."""
+    return {
+        "resourceType": "Condition",
+        "id": c.condition_id,
+        "meta": _META,
+        "clinicalStatus": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}
+            ]
+        },
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/condition-category",
+                        "code": "encounter-diagnosis",
+                    }
+                ]
+            }
+        ],
+        "code": {
+            "coding": [{"system": SNOMED, "code": c.code, "display": c.description}],
+            "text": c.description,
+        },
+        "subject": _ref("Patient", j.patient_id),
+        "onsetDateTime": f"{c.occurred_on.isoformat()}T12:00:00+00:00",
+        "recordedDate": f"{c.occurred_on.isoformat()}T12:00:00+00:00",
+    }
+
+
 def fhir_lines(cohort: Cohort) -> dict[str, list[bytes]]:
     """Good NDJSON lines per resource type, in a stable order."""
     out: dict[str, list[bytes]] = {t: [] for t in RESOURCE_TYPES}
@@ -305,6 +338,7 @@ def fhir_lines(cohort: Cohort) -> dict[str, list[bytes]]:
         out["Encounter"].extend(dumps(encounter_resource(j, e)) for e in j.encounters)
         out["Procedure"].append(dumps(_procedure(j)))
         out["Condition"].append(dumps(_condition(j)))
+        out["Condition"].extend(dumps(_complication_condition(j, c)) for c in j.ehr_complications)
         out["Observation"].extend(dumps(observation_resource(j, o)) for o in j.observations)
         out["Device"].append(dumps(_implant(j)))
     out["Device"].extend(dumps(_or_device(d)) for d in cohort.devices)
@@ -546,7 +580,10 @@ def _score(value: float | None) -> str:
 def episode_row(j: Journey) -> list[str]:
     surgery_day = j.surgery_start.date()
     discharge_day = j.admission.end.date()
-    comp_days = [(c.occurred_on - surgery_day).days for c in j.complications]
+    # A complication the registry and the EHR both report (same code, same day) is one event.
+    complications = {(c.code, c.occurred_on) for c in j.complications}
+    complications |= {(c.code, c.occurred_on) for c in j.ehr_complications}
+    comp_days = [(day - surgery_day).days for _, day in complications]
     grades_90 = [c.grade for c in j.complications if 0 <= (c.occurred_on - surgery_day).days <= 90]
     # An admission the EHR and the registry both report (same day) is one readmission.
     readmit_dates = {r.admitted_on for r in j.registry_readmissions}
@@ -563,7 +600,7 @@ def episode_row(j: Journey) -> list[str]:
         if base is None or later is None:
             changes[timepoint], reached[timepoint] = None, ""
             continue
-        changes[timepoint] = round(later - base, 1) + 0.0
+        changes[timepoint] = sql_round(later - base) + 0.0
         mcid = change_reaches_mcid(j.instrument_id, primary.name, [base], [later], prom_catalog())[0].as_py()
         reached[timepoint] = "" if mcid is None else _b(mcid)
     return [

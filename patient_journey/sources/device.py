@@ -106,6 +106,16 @@ def _payload(measurements: list[Measurement], envelope: Envelope) -> dict[str, A
     }
 
 
+def _message_id(body: Any, envelope: Envelope) -> str:
+    """A message's identity: a hash of its decoded body, the sending device connection and
+    IoT Hub's enqueued time. It names the message wherever it is read: in another blob (IoT Hub
+    delivers at least once) or read again with changed templates; never the serial in clear."""
+    system = envelope.system_properties
+    device = system.get("connectionDeviceId") or system.get("iothub-connection-device-id")
+    identity = orjson.dumps([body, device, envelope.enqueued_time], option=orjson.OPT_SORT_KEYS, default=str)
+    return content_hash(identity)[:20]
+
+
 def map_blob(out: Extraction, templates: DeviceTemplates, url: str, data: bytes) -> None:
     """Map every message of one routed blob into bronze records or rejects."""
     try:
@@ -125,6 +135,7 @@ def map_blob(out: Extraction, templates: DeviceTemplates, url: str, data: bytes)
             out.add_reject(ENTITY, url, index, exc.rule, exc.detail)
             continue
         envelope = Envelope.from_routed_record(message)
+        message_id = _message_id(body, envelope)
         result = templates.map_message(body, envelope, message=index)
         if result.rejects:  # a message with any reject loads nothing: one reject row for it
             first = result.rejects[0]
@@ -135,8 +146,7 @@ def map_blob(out: Extraction, templates: DeviceTemplates, url: str, data: bytes)
             matches.setdefault(row.match, []).append(row)
         for match, rows in matches.items():
             raw = orjson.dumps(_payload(rows, envelope), default=str)
-            record_id = f"{rows[0].device_id}:{content_hash(raw)[:16]}:{match}"
-            out.add_record(ENTITY, record_id, raw.decode(), url, index, raw)
+            out.add_record(ENTITY, f"{message_id}-{match}", raw.decode(), url, index, raw)
 
 
 def extract(
