@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo demo-azurite test lint install clean
+.PHONY: demo demo-azurite test lint install clean serve stop
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,12 @@ $(STAMP): pyproject.toml
 $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
+
+# Debian's chromium for the Prefect UI test (Playwright drives it; `playwright install` does not work
+# here). A no-op when it is installed; needs root or sudo the first time.
+$(CHROMIUM):
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
 
 install: $(STAMP) $(NODE_STAMP)
 
@@ -32,8 +39,17 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: $(STAMP) $(NODE_STAMP) lint
+test: $(STAMP) $(NODE_STAMP) $(CHROMIUM) lint
 	$(BIN)/pytest
+
+# A local Prefect server (http://127.0.0.1:4200), a process work pool and worker, and the
+# deployments of infra/prefect.yaml; Ctrl-C or `make stop` stops them.
+serve: $(STAMP)
+	$(BIN)/journey serve
+
+stop: $(STAMP)
+	$(BIN)/journey stop
 
 clean:
 	rm -rf $(VENV) node_modules journey-data test-output
+

@@ -1,38 +1,184 @@
-"""The ``patient-journey`` flow: ingest each source, gate and link, build the journey, report.
+"""The flows: ingest sources, build the journey, backfill a window, or all of it in one run.
 
-Reads like the README's architecture paragraph; all logic lives in the library.
+    ingest          new inputs of the chosen sources -> bronze (deployments ingest-device,
+                    ingest-ehr, ingest-outcomes); its completion triggers journey-build
+    journey-build   stage, gate and link bronze -> silver, then gold
+    backfill        inputs that landed in a date window, read again if asked, then a rebuild
+    patient-journey ingest and build in one run (`journey run`, the demo)
+
+They read like the README's architecture paragraph; all logic lives in the library. Each
+source's inputs are split into batches of files (JOURNEY_ORCHESTRATION__INGEST_BATCH_FILES), one
+task each, so the same flow scales out on a Dask cluster (JOURNEY_ORCHESTRATION__TASK_RUNNER).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as clock
+from enum import StrEnum
+from uuid import UUID
 
 from prefect import flow
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
+from pydantic import BaseModel, Field, model_validator
 
-from patient_journey.pipeline import SOURCES
-from patient_journey.report import RunSummary
-from tasks.journey import build_gold, build_silver, ingest, preflight, publish_summary
+from patient_journey.pipeline import SOURCES, IngestBatch, IngestReport, Window
+from patient_journey.report import RunSummary, combine_ingests
+from patient_journey.settings import load_settings
+from tasks.journey import (
+    build_gold,
+    build_silver,
+    check_quarantine_share,
+    plan_ingest,
+    preflight,
+    publish_summary,
+)
+from tasks.journey import (
+    ingest as ingest_batch,
+)
+from tasks.limits import WAREHOUSE_LIMIT, ensure_limits, holding, ingest_limit, write_limit
+from tasks.runners import task_runner_for
 
 
-@flow(name="patient-journey", log_prints=False)
-def patient_journey(sources: list[str] | None = None, rebuild: bool = False) -> RunSummary:
+class Source(StrEnum):
+    """A source system."""
+
+    fhir = "fhir"
+    device = "device"
+    registry = "registry"
+    redcap = "redcap"
+
+
+ALL_SOURCES = [Source(s) for s in SOURCES]
+
+
+class DateWindow(BaseModel):
+    """Days of landing (UTC), from ``start`` up to and including ``end``."""
+
+    start: date = Field(description="First day (UTC) whose inputs are read, inclusive.")
+    end: date = Field(description="Last day (UTC) whose inputs are read, inclusive.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DateWindow:
+        if self.end < self.start:
+            raise ValueError("the window's end is before its start")
+        return self
+
+    def bounds(self) -> Window:
+        start = datetime.combine(self.start, clock.min, tzinfo=UTC)
+        return start, datetime.combine(self.end, clock.min, tzinfo=UTC) + timedelta(days=1)
+
+
+TASK_RUNNER = task_runner_for(load_settings().orchestration)
+
+
+def _run_id() -> str:
+    return flow_run.get_id() or str(uuid.uuid4())
+
+
+def _ingest(
+    run_id: str, sources: list[Source], window: Window | None = None, reread: bool = False
+) -> list[IngestReport]:
+    """Plan each source, ingest its batches in parallel on the task runner, move the progress
+    artifact as batches finish, and combine the batch reports per source."""
+    chosen = [str(s) for s in dict.fromkeys(sources)]
+    ensure_limits([write_limit(s) for s in chosen])
+    with holding([ingest_limit(s) for s in chosen]):
+        plans = [plan_ingest.submit(s, window, reread) for s in chosen]
+        planned = [p.result() for p in plans]
+        total = sum(len(p.batches) for p in planned)
+        progress = create_progress_artifact(  # sync in a sync flow
+            progress=0.0,
+            key="patient-journey-ingest-progress",
+            description=f"Ingestion tasks finished, of {total} ({sum(p.inputs for p in planned)} input files)",
+        )
+        futures: dict[PrefectFuture[IngestReport], IngestBatch] = {
+            ingest_batch.submit(batch, run_id, window, reread): batch for p in planned for batch in p.batches
+        }
+        assert isinstance(progress, UUID)
+        reports: dict[IngestBatch, IngestReport] = {}
+        for done, future in enumerate(as_completed(list(futures)), start=1):
+            reports[futures[future]] = future.result()
+            update_progress_artifact(progress, 100.0 * done / total if total else 100.0)
+        if total == 0:
+            update_progress_artifact(progress, 100.0)
+    return [combine_ingests(p.source, [reports[b] for b in p.batches], p.pending_inputs) for p in planned]
+
+
+def _build(summary: RunSummary, rebuild: bool) -> None:
+    """Stage, gate and link; then the journey. Holds the warehouse and every source's limit."""
+    with holding([WAREHOUSE_LIMIT, *(ingest_limit(s) for s in SOURCES)]):
+        summary.silver = build_silver(summary.run_id, rebuild)
+        if summary.silver.built:
+            summary.gold = build_gold(summary.run_id)
+
+
+def _finish(summary: RunSummary, started: float) -> RunSummary:
+    summary.seconds = round(time.perf_counter() - started, 2)
+    check_quarantine_share(summary)
+    publish_summary(summary)
+    return summary
+
+
+@flow(name="ingest", task_runner=TASK_RUNNER, log_prints=False)
+def ingest(sources: list[Source] = ALL_SOURCES) -> RunSummary:
+    """Read new inputs of the chosen sources into bronze (nothing is read twice).
+
+    Args:
+        sources: Sources to read: fhir (EHR bulk exports and Bundles), device (IoT Hub
+            telemetry), registry (outcomes database), redcap (REDCap exports).
+    """
+    started, summary = time.perf_counter(), RunSummary(run_id=_run_id(), flow="ingest")
+    preflight()
+    summary.ingests = _ingest(summary.run_id, sources)
+    return _finish(summary, started)
+
+
+@flow(name="journey-build", task_runner=TASK_RUNNER, log_prints=False)
+def journey_build(rebuild: bool = False) -> RunSummary:
+    """Stage, validate and link bronze into silver, then build the gold journey tables.
+
+    Args:
+        rebuild: Rebuild silver and gold even when no new input arrived since the last build.
+    """
+    started, summary = time.perf_counter(), RunSummary(run_id=_run_id(), flow="journey-build")
+    preflight()
+    _build(summary, rebuild)
+    return _finish(summary, started)
+
+
+@flow(name="backfill", task_runner=TASK_RUNNER, log_prints=False)
+def backfill(window: DateWindow, sources: list[Source] = ALL_SOURCES, reread: bool = False) -> RunSummary:
+    """Read the inputs that landed in a date window, then rebuild the warehouse.
+
+    Args:
+        window: Landing days (UTC) to read: files modified on those days; registry rows
+            updated since the window's start.
+        sources: Sources to backfill.
+        reread: Read inputs of the window again even if already read (nothing loads twice:
+            records read again are collapsed by staging).
+    """
+    started, summary = time.perf_counter(), RunSummary(run_id=_run_id(), flow="backfill")
+    preflight()
+    summary.ingests = _ingest(summary.run_id, sources, window.bounds(), reread)
+    _build(summary, rebuild=True)
+    return _finish(summary, started)
+
+
+@flow(name="patient-journey", task_runner=TASK_RUNNER, log_prints=False)
+def patient_journey(sources: list[Source] | None = None, rebuild: bool = False) -> RunSummary:
     """Load new device, EHR and outcome inputs and rebuild the patient-journey warehouse.
 
     Args:
-        sources: which sources to read (default: all of fhir, device, registry, redcap).
-        rebuild: rebuild silver and gold even when no new input arrived.
+        sources: Sources to read (default: all of fhir, device, registry, redcap).
+        rebuild: Rebuild silver and gold even when no new input arrived.
     """
-    started = time.perf_counter()
-    run_id = flow_run.get_id() or str(uuid.uuid4())
+    started, summary = time.perf_counter(), RunSummary(run_id=_run_id())
     preflight()
-    chosen = list(sources or SOURCES)
-    futures = [ingest.with_options(name=f"ingest-{source}").submit(source, run_id) for source in chosen]
-    summary = RunSummary(run_id=run_id, ingests=[future.result() for future in futures])
-    summary.silver = build_silver(run_id, rebuild)
-    if summary.silver.built:
-        summary.gold = build_gold(run_id)
-    summary.seconds = round(time.perf_counter() - started, 2)
-    publish_summary(summary)
-    return summary
+    summary.ingests = _ingest(summary.run_id, sources or ALL_SOURCES)
+    _build(summary, rebuild)
+    return _finish(summary, started)

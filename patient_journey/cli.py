@@ -117,16 +117,69 @@ def run(
         load_settings().patient_hmac_key()
     except JourneyError as exc:
         _fail(exc)
-    from flows.patient_journey import patient_journey
+    from flows.patient_journey import Source, patient_journey
     from patient_journey.report import render_markdown
 
     try:
-        summary = patient_journey(sources=source, rebuild=rebuild)
+        chosen = [Source(s) for s in source] if source else None
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from exc
+    try:
+        summary = patient_journey(sources=chosen, rebuild=rebuild)
     except JourneyError as exc:
         _fail(exc)
     console.print(render_markdown(summary))
     if not summary.balanced:
         raise typer.Exit(code=1)
+
+
+DEFAULT_PREFECT_HOME = DEFAULT_DATA_DIR / "prefect"
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="Port of the Prefect server and UI.")] = 4200,
+    home: Annotated[
+        Path, typer.Option(help="PREFECT_HOME of the local stack: database, logs, serve.json.")
+    ] = DEFAULT_PREFECT_HOME,
+) -> None:
+    """Start a local Prefect server, a process work pool with a worker, and the deployments of
+    infra/prefect.yaml; runs until Ctrl-C or `journey stop`, then stops what it started."""
+    import time
+
+    from patient_journey.operate import LocalPrefect
+
+    stack = LocalPrefect(home=home.resolve(), port=port)
+    try:
+        with console.status("Starting the Prefect server, work pool, deployments and worker..."):
+            stack.start()
+        console.print(f"Prefect UI: [bold]{stack.ui_url}[/bold] (API {stack.api_url}); logs in {stack.home}.")
+        console.print(
+            "Deployments: ingest-device, ingest-ehr, ingest-outcomes, journey-build, backfill, "
+            "patient-journey. Ctrl-C or `journey stop` stops the server and the worker."
+        )
+        while all(p is not None and p.poll() is None for p in (stack.server, stack.worker)):
+            time.sleep(1)
+    except JourneyError as exc:
+        stack.stop()
+        _fail(exc)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+        console.print("Stopped the Prefect worker and server.")
+
+
+@app.command()
+def stop(
+    home: Annotated[Path, typer.Option(help="PREFECT_HOME given to `journey serve`.")] = DEFAULT_PREFECT_HOME,
+) -> None:
+    """Stop the server and worker that `journey serve` started."""
+    from patient_journey.operate import stop_recorded
+
+    stopped = stop_recorded(home.resolve())
+    console.print(f"Stopped: {', '.join(stopped)}." if stopped else "Nothing to stop.")
 
 
 @app.command()

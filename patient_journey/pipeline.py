@@ -9,8 +9,9 @@ so steps can run in separate processes (or on a Dask cluster) and be re-run alon
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -24,10 +25,17 @@ from patient_journey.identity import KeyMaker
 from patient_journey.journey import build_journey
 from patient_journey.lake import Lake, TableRef, bronze, gold, quarantine, restricted, silver, staged
 from patient_journey.linkage import LINKS, link
+from patient_journey.prom import redcap_forms_not_loaded
 from patient_journey.quality import QUARANTINE_SCHEMA, ExpectationOutcome, QualityGate
 from patient_journey.settings import JourneySettings
 from patient_journey.sources import device, fhir, redcap, registry
-from patient_journey.sources.records import BRONZE_SCHEMA, REJECT_SCHEMA, Extraction, InputSelection
+from patient_journey.sources.records import (
+    BRONZE_SCHEMA,
+    REJECT_SCHEMA,
+    Extraction,
+    InputSelection,
+    candidate_files,
+)
 from patient_journey.staging import STAGED_TABLES, SUPERSEDED, stage
 from patient_journey.storage import Storage, check_zones
 
@@ -103,9 +111,29 @@ class BuildReport:
     versions: dict[str, int] = field(default_factory=dict)
     device_clocks: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # Wall seconds per step, in order (silver: stage, validate, link, load; gold: read, build,
+    # validate, load), for the run summary and the benchmark (bench/).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+class StepClock:
+    """Contiguous wall-clock steps: each ``lap`` ends one step (adding to its total) and starts the next."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._seconds: dict[str, float] = {}
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self._seconds[step] = self._seconds.get(step, 0.0) + now - self._last
+        self._last = now
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {step: round(value, 3) for step, value in self._seconds.items()}
 
 
 def preflight(settings: JourneySettings) -> int:
@@ -172,14 +200,126 @@ def _registry_rows_read(lake: Lake) -> set[tuple[str, str, str]]:
     )
 
 
-def ingest(settings: JourneySettings, source: str, run_id: str) -> IngestReport:
-    """Read new inputs of one source into bronze; rejects and the ledger are written after."""
+# The suffixes each file source lists (the adapters read the same ones).
+SOURCE_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "fhir": fhir.NDJSON_SUFFIXES + fhir.BUNDLE_SUFFIXES,
+    "device": device.SUFFIXES,
+    "redcap": (redcap.RECORDS_SUFFIX,),
+}
+Window = tuple[datetime, datetime]  # [start, end), timezone-aware
+
+
+@dataclass(frozen=True)
+class IngestBatch:
+    """One unit of ingestion work: a batch of a file source's new inputs (by URI), or the
+    registry as a whole (no inputs). Each batch writes its own bronze, rejects and ledger rows."""
+
+    source: str
+    number: int
+    of: int
+    inputs: tuple[str, ...] = ()
+    first: str = ""  # the first input's path inside landing, for task names
+
+    @property
+    def label(self) -> str:
+        if not self.inputs:
+            return self.source
+        more = f" +{len(self.inputs) - 1} files" if len(self.inputs) > 1 else ""
+        return f"{self.source} {self.number}/{self.of}: {self.first}{more}"
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """What one source's ingestion will read: its batches, and inputs left for a later run."""
+
+    source: str
+    batches: tuple[IngestBatch, ...]
+    pending_inputs: int = 0
+
+    @property
+    def inputs(self) -> int:
+        return sum(len(b.inputs) for b in self.batches)
+
+
+def _selection(
+    lake: Lake, landing: Storage, settings: JourneySettings, source: str, window: Window | None, reread: bool
+) -> tuple[InputSelection, dict[str, str]]:
+    """The source's ledger selection, narrowed to a backfill window and/or ignoring the ledger."""
+    seen, watermarks = _seen(lake, landing, settings, source)
+    if reread:
+        seen = InputSelection(settle_before=seen.settle_before, other_sources=seen.other_sources)
+        watermarks = {}
+    if window is not None:
+        seen = replace(seen, window=window)
+        start = window[0].isoformat()
+        for table, mark in list(watermarks.items()):
+            try:
+                if datetime.fromisoformat(mark) > window[0]:
+                    watermarks[table] = start
+            except (TypeError, ValueError):
+                continue  # the registry adapter reports an unreadable watermark itself
+    return seen, watermarks
+
+
+def plan_ingest(
+    settings: JourneySettings,
+    source: str,
+    batch_files: int,
+    window: Window | None = None,
+    reread: bool = False,
+) -> IngestPlan:
+    """Split a source's new inputs into batches of at most ``batch_files`` files, by listing
+    alone (nothing is read). The registry is one batch. With ``window``, only inputs modified in
+    it (registry: rows updated since its start); with ``reread``, inputs already in the ledger
+    too (staging collapses records read twice, so nothing loads twice)."""
+    if source not in SOURCES:
+        raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
+    if source == "registry":
+        return IngestPlan(source, (IngestBatch(source, 1, 1),))
+    lake = Lake(settings)
+    landing = lake.storage(settings.storage.landing_url)
+    seen, _ = _selection(lake, landing, settings, source, window, reread)
+    prefix = getattr(settings.sources, f"{source}_prefix")
+    files, pending = candidate_files(landing, prefix, SOURCE_SUFFIXES[source], seen)
+    root = landing.url("").rstrip("/") + "/"
+    chunks = [files[i : i + batch_files] for i in range(0, len(files), batch_files)]
+    batches = tuple(
+        IngestBatch(
+            source,
+            number,
+            len(chunks),
+            tuple(f.url for f in chunk),
+            chunk[0].url.removeprefix(root),
+        )
+        for number, chunk in enumerate(chunks, start=1)
+    )
+    return IngestPlan(source, batches, pending)
+
+
+def ingest(
+    settings: JourneySettings,
+    source: str,
+    run_id: str,
+    inputs: Sequence[str] | None = None,
+    window: Window | None = None,
+    reread: bool = False,
+    write_lock: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> IngestReport:
+    """Read new inputs of one source into bronze; rejects and the ledger are written after.
+
+    ``inputs`` restricts a file source to one planned batch (``plan_ingest``); ``window`` and
+    ``reread`` as in ``plan_ingest``. Batches of one source may read at the same time; their
+    writes are made under ``write_lock`` (e.g. a cluster-wide lock per source): concurrent
+    Delta appends never corrupt a table, but under contention delta-rs gives up after its
+    commit retries (seen with 70 batches in parallel)."""
     if source not in SOURCES:
         raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
     started = time.perf_counter()
     lake = Lake(settings)
     landing = lake.storage(settings.storage.landing_url)
-    seen, watermarks = _seen(lake, landing, settings, source)
+    seen, watermarks = _selection(lake, landing, settings, source, window, reread)
+    if inputs is not None:
+        seen = replace(seen, only=frozenset(inputs))
     if source == "registry":
         url = registry_url(settings)
         if url is None:
@@ -205,12 +345,13 @@ def ingest(settings: JourneySettings, source: str, run_id: str) -> IngestReport:
     report.new_inputs = ledger.num_rows
     # Order matters for crash safety: bronze, then rejects, then the ledger. A crash before the
     # ledger write re-reads the inputs next time; staging collapses such exact re-reads.
-    if extraction.record_count:
-        report.bronze_version = lake.append(bronze(BRONZE_TABLES[source]), extraction.records())
-    if extraction.reject_count:
-        lake.append(extraction_rejects_table(source), extraction.rejects())
-    if ledger.num_rows:
-        lake.append(ledger_table(source), ledger)
+    with write_lock():
+        if extraction.record_count:
+            report.bronze_version = lake.append(bronze(BRONZE_TABLES[source]), extraction.records())
+        if extraction.reject_count:
+            lake.append(extraction_rejects_table(source), extraction.rejects())
+        if ledger.num_rows:
+            lake.append(ledger_table(source), ledger)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 
@@ -345,6 +486,7 @@ def gate_device_types(
 def build_silver(settings: JourneySettings, run_id: str, force: bool = False) -> BuildReport:
     """Stage bronze, gate every staged table, link identities, write staged/silver/quarantine/held."""
     started = time.perf_counter()
+    clock = StepClock()
     lake = Lake(settings)
     versions = _bronze_versions(lake)
     last = _last_build(lake)
@@ -365,6 +507,7 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         table = counts.setdefault(item["values"], TableCounts(item["values"]))
         table.read += item["counts"]
         table.quarantined += item["counts"]
+    clock.lap("stage")
 
     report = BuildReport(built=True)
     passed: dict[str, pa.Table] = {}
@@ -386,6 +529,7 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     counts["device_event"].quarantined += by_type.num_rows
     quarantine_parts.append(by_type)
     report.expectations.extend(asdict(o) for o in outcomes)
+    clock.lap("validate")
 
     linked = link(passed, keys, run_id)
     for name in staged_tables:
@@ -397,6 +541,8 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     for item in pc.value_counts(bronze_tables["fhir_resource"].column("entity")).to_pylist():
         if item["values"] not in modelled:
             report.bronze_only[item["values"]] = item["counts"]
+    report.bronze_only.update(redcap_forms_not_loaded(bronze_tables["redcap_record"]))
+    clock.lap("link")
 
     for name, table in passed.items():
         report.versions[f"staged.{name}"] = lake.overwrite(staged(name), table)
@@ -405,6 +551,8 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     report.versions["quarantine"] = lake.overwrite(QUARANTINE, pa.concat_tables(quarantine_parts))
     report.versions["held"] = lake.overwrite(HELD, linked.held)
     report.versions["crosswalk"] = lake.overwrite(CROSSWALK, linked.crosswalk)
+    clock.lap("load")
+    report.stage_seconds = clock.seconds
     report.tables = sorted(counts.values(), key=lambda c: c.table)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
@@ -424,6 +572,7 @@ def device_clock_metrics(clock: pa.Table, tolerance: int) -> dict[str, int]:
 def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
     """Build, gate and write the gold tables from silver; records the bronze versions it used."""
     started = time.perf_counter()
+    clock = StepClock()
     lake = Lake(settings)
     gate = QualityGate(settings.quality.expectations_dir)
     silver_tables = {}
@@ -435,8 +584,12 @@ def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
             silver_tables[spec.silver] = table
     report = BuildReport(built=True)
     tolerance = settings.sources.device_skew_tolerance_seconds
-    for name, table in build_journey(silver_tables, tolerance).items():
+    clock.lap("read")
+    journey_tables = build_journey(silver_tables, tolerance)
+    clock.lap("build")
+    for name, table in journey_tables.items():
         result = gate.check("gold", name, table, "journey", run_id)
+        clock.lap("validate")
         report.expectations.extend(asdict(o) for o in result.outcomes)
         report.tables.append(
             TableCounts(name, table.num_rows, result.passed.num_rows, result.quarantined.num_rows, 0)
@@ -446,7 +599,10 @@ def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
             report.device_clocks = device_clock_metrics(result.passed, tolerance)
         if result.quarantined.num_rows:
             lake.append(QUARANTINE, result.quarantined)
+        clock.lap("load")
     versions = ",".join(f"{k}={v}" for k, v in sorted(_bronze_versions(lake).items()))
     lake.append(BUILDS, pa.table({"run_id": [run_id], "bronze_versions": [versions]}))
+    clock.lap("load")
+    report.stage_seconds = clock.seconds
     report.seconds = round(time.perf_counter() - started, 3)
     return report

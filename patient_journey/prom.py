@@ -76,6 +76,30 @@ def score_table(table: pa.Table, catalog: Catalog, catalog_forms_only: bool) -> 
     return result
 
 
+def redcap_forms_not_loaded(records: pa.Table, catalog: Catalog | None = None) -> dict[str, int]:
+    """Bronze REDCap form instances that no staged table loads (forms of the PROM project that
+    are no catalog instrument, e.g. enrolment; every form of another project), per
+    ``<entity>/<form>``: reported in the run summary so that nothing is dropped unseen."""
+    if records.num_rows == 0:
+        return {}
+    instruments = pa.table({"instrument": list((catalog or load_catalog()).instruments)})
+    connection = duckdb.connect()
+    try:
+        connection.register("records", records.select(["entity", "payload"]))
+        connection.register("instruments", instruments)
+        rows = connection.sql(
+            """
+            SELECT entity || '/' || coalesce(payload->>'$.form', '?') AS form, count(*) AS n
+            FROM records
+            WHERE entity <> 'redcap:prom' OR (payload->>'$.form') NOT IN (SELECT instrument FROM instruments)
+            GROUP BY 1 ORDER BY 1
+            """
+        ).fetchall()
+    finally:
+        connection.close()
+    return {str(form): int(n) for form, n in rows}
+
+
 def score_prom_tables(staged: dict[str, pa.Table], catalog: Catalog | None = None) -> dict[str, pa.Table]:
     """Score every staged PROM table present in ``staged`` (in place; also returned)."""
     present = [name for name in PROM_TABLES if name in staged]

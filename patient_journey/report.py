@@ -1,10 +1,41 @@
-"""The run summary: what each table read, loaded, quarantined and held. Counts only, no PHI."""
+"""The run summary: what each table read, loaded, quarantined and held. Counts only, no PHI.
+
+What an operator sees of a run is built here, from the pipeline's reports: the markdown summary,
+the rows of the expectations table, the quarantine share that raises an alert, the locations of
+the quarantine tables, and Great Expectations Data Docs rendered from counts (never values).
+"""
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from patient_journey.pipeline import BuildReport, IngestReport, TableCounts
+from patient_journey.azure import is_blob_url
+from patient_journey.lake import Lake
+from patient_journey.pipeline import (
+    QUARANTINE,
+    SOURCES,
+    BuildReport,
+    IngestReport,
+    TableCounts,
+    extraction_rejects_table,
+)
+from patient_journey.quality import load_suite_files
+from patient_journey.settings import JourneySettings
+
+QUARANTINE_EVENT = "patient-journey.quarantine.threshold-exceeded"
+EXPECTATION_COLUMNS = (
+    "table",
+    "rule",
+    "expectation",
+    "column",
+    "severity",
+    "outcome",
+    "element_count",
+    "unexpected_count",
+)
 
 
 @dataclass
@@ -14,6 +45,8 @@ class RunSummary:
     silver: BuildReport | None = None
     gold: BuildReport | None = None
     seconds: float = 0.0
+    flow: str = "patient-journey"
+    links: dict[str, str] = field(default_factory=dict)  # label -> location (paths, no values)
 
     @property
     def tables(self) -> list[TableCounts]:
@@ -22,6 +55,10 @@ class RunSummary:
     @property
     def balanced(self) -> bool:
         return all(t.balanced for t in self.tables)
+
+    @property
+    def built(self) -> bool:
+        return self.silver is not None and self.silver.built
 
     def linkage_rate(self) -> float | None:
         staged = self.silver.tables if self.silver else []
@@ -33,37 +70,109 @@ class RunSummary:
         reports = [r for r in (self.silver, self.gold) if r is not None]
         return [e for r in reports for e in r.expectations if not e["success"]]
 
+    def quarantine_share(self) -> float | None:
+        """Quarantined rows over rows read in the build (silver tables), or, for a run that only
+        ingested, records rejected at read over records read. None when nothing was read."""
+        if self.silver is not None and self.silver.built:
+            read = sum(t.read for t in self.silver.tables)
+            quarantined = sum(t.quarantined for t in self.silver.tables)
+        else:
+            quarantined = sum(i.rejects for i in self.ingests)
+            read = sum(i.records for i in self.ingests) + quarantined
+        return None if read == 0 else quarantined / read
+
+    def expectation_rows(self) -> list[dict[str, object]]:
+        """Every expectation evaluated by the run with its outcome and counts (no observed values)."""
+        rows: list[dict[str, object]] = []
+        for report in (self.silver, self.gold):
+            for e in report.expectations if report is not None else []:
+                outcome = "passed" if e["success"] else ("failed" if e["severity"] == "error" else "warned")
+                rows.append({**{k: e.get(k) for k in EXPECTATION_COLUMNS}, "outcome": outcome})
+        return rows
+
+    def versions(self) -> dict[str, int]:
+        reports = [r for r in (self.silver, self.gold) if r is not None]
+        return {k: v for r in reports for k, v in r.versions.items()}
+
+
+def combine_ingests(source: str, parts: list[IngestReport], pending_inputs: int = 0) -> IngestReport:
+    """One source's report from the reports of its batches (and the inputs its plan left)."""
+    combined = IngestReport(source, pending_inputs=pending_inputs)
+    skipped = [p.skipped for p in parts if p.skipped]
+    combined.skipped = skipped[0] if skipped and len(skipped) == len(parts) else None
+    for part in parts:
+        combined.new_inputs += part.new_inputs
+        combined.pending_inputs += part.pending_inputs
+        combined.changed_inputs += part.changed_inputs
+        combined.records += part.records
+        combined.rejects += part.rejects
+        combined.seconds = round(combined.seconds + part.seconds, 3)
+        if part.bronze_version is not None:
+            combined.bronze_version = max(combined.bronze_version or 0, part.bronze_version)
+    return combined
+
+
+def quarantine_locations(settings: JourneySettings) -> dict[str, str]:
+    """Where rejected records are kept (restricted: rule and lineage only), by table label."""
+    lake = Lake(settings)
+    tables = [QUARANTINE] + [extraction_rejects_table(source) for source in SOURCES]
+    return {f"quarantine: {t.label}": lake.uri(t) for t in tables}
+
 
 def _rate(loaded: int, held: int) -> str:
     return "-" if loaded + held == 0 else f"{100 * loaded / (loaded + held):.1f}%"
 
 
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.2f}%"
+
+
+def _version_of(table: str, versions: dict[str, int]) -> str:
+    for layer in ("gold", "silver"):
+        if f"{layer}.{table}" in versions:
+            return f"{layer} v{versions[f'{layer}.{table}']}"
+    return "-"
+
+
+def _link(location: str) -> str:
+    if is_blob_url(location) or "://" in location:
+        return f"`{location}`"
+    return f"[{location}](file://{location})"
+
+
 def render_markdown(summary: RunSummary) -> str:
-    lines = [f"# patient-journey run `{summary.run_id}`", ""]
-    lines += [
-        "## Sources",
-        "",
-        "| source | new inputs | of which changed | waiting (still settling) | records | rejected at read | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for ingest in summary.ingests:
-        note = f" ({ingest.skipped})" if ingest.skipped else ""
-        lines.append(
-            f"| {ingest.source}{note} | {ingest.new_inputs} | {ingest.changed_inputs} | {ingest.pending_inputs} "
-            f"| {ingest.records} | {ingest.rejects} | {ingest.seconds:.2f} |"
-        )
-    lines.append("")
-    if any(ingest.pending_inputs for ingest in summary.ingests):
+    lines = [f"# {summary.flow} run `{summary.run_id}`", ""]
+    if summary.ingests:
         lines += [
-            "Inputs modified within the settle window (JOURNEY_SOURCES__SETTLE_SECONDS) may still be "
-            "being written: the next run reads them.",
+            "## Sources",
             "",
+            "| source | new inputs | of which changed | waiting (still settling) | records | rejected at read | bronze version | seconds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        for ingest in summary.ingests:
+            note = f" ({ingest.skipped})" if ingest.skipped else ""
+            version = "-" if ingest.bronze_version is None else f"v{ingest.bronze_version}"
+            lines.append(
+                f"| {ingest.source}{note} | {ingest.new_inputs} | {ingest.changed_inputs} | {ingest.pending_inputs} "
+                f"| {ingest.records} | {ingest.rejects} | {version} | {ingest.seconds:.2f} |"
+            )
+        lines.append("")
+        if any(ingest.pending_inputs for ingest in summary.ingests):
+            lines += [
+                "Inputs modified within the settle window (JOURNEY_SOURCES__SETTLE_SECONDS) may still be "
+                "being written: the next run reads them.",
+                "",
+            ]
+    share = summary.quarantine_share()
+    lines += [f"Quarantine share of rows read: {_percent(share)}.", ""]
     if summary.silver is None or not summary.silver.built:
         reason = summary.silver.reason if summary.silver else "not built"
         lines += [f"Warehouse unchanged: {reason}.", ""]
+        _links(lines, summary)
+        lines += [f"Total {summary.seconds:.1f} s.", ""]
         return "\n".join(lines)
     rate = summary.linkage_rate()
+    versions = summary.versions()
     lines += [
         "## Tables",
         "",
@@ -71,13 +180,13 @@ def render_markdown(summary: RunSummary) -> str:
         "held + superseded. Superseded rows were replaced by a later version of the same record, "
         "deleted at the source, or delivered again unchanged.",
         "",
-        "| table | read | loaded | quarantined | held | superseded | linkage rate | balanced |",
-        "|---|---:|---:|---:|---:|---:|---:|:---:|",
+        "| table | read | loaded | quarantined | held | superseded | linkage rate | balanced | version written |",
+        "|---|---:|---:|---:|---:|---:|---:|:---:|---|",
     ]
     for t in summary.tables:
         lines.append(
             f"| {t.table} | {t.read} | {t.loaded} | {t.quarantined} | {t.held} | {t.superseded} | "
-            f"{_rate(t.loaded, t.held)} | {'yes' if t.balanced else '**no**'} |"
+            f"{_rate(t.loaded, t.held)} | {'yes' if t.balanced else '**no**'} | {_version_of(t.table, versions)} |"
         )
     lines += ["", f"Overall linkage rate: {'-' if rate is None else f'{100 * rate:.1f}%'}", ""]
     if summary.silver.bronze_only:
@@ -97,7 +206,8 @@ def render_markdown(summary: RunSummary) -> str:
     lines += [
         "## Expectations",
         "",
-        f"{len(failed)} expectation(s) not met (row rules quarantine, warn rules report):",
+        f"{len(summary.expectation_rows())} expectation(s) evaluated, {len(failed)} not met "
+        "(row rules quarantine, warn rules report):",
         "",
     ]
     if failed:
@@ -106,17 +216,135 @@ def render_markdown(summary: RunSummary) -> str:
             lines.append(
                 f"| {e['table']} | {e['rule']} | {e['severity']} | {e['unexpected_count']} | {e['element_count']} |"
             )
-    durations = f"silver {summary.silver.seconds:.1f} s"
+    durations = [f"{i.source} {i.seconds:.1f} s" for i in summary.ingests]
+    durations.append(f"silver {summary.silver.seconds:.1f} s")
     if summary.gold:
-        durations += f", gold {summary.gold.seconds:.1f} s"
-    versions = {**summary.silver.versions, **(summary.gold.versions if summary.gold else {})}
+        durations.append(f"gold {summary.gold.seconds:.1f} s")
     gold_versions = ", ".join(f"{k} v{v}" for k, v in versions.items() if k.startswith("gold."))
     lines += [
         "",
         "## Run",
         "",
-        f"Durations: {durations}; total {summary.seconds:.1f} s.",
+        f"Durations: {', '.join(durations)}; total {summary.seconds:.1f} s.",
         f"Gold versions written: {gold_versions}.",
         "",
     ]
+    _links(lines, summary)
     return "\n".join(lines)
+
+
+def _links(lines: list[str], summary: RunSummary) -> None:
+    if summary.links:
+        lines += ["## Where to look", ""]
+        lines += [f"- {label}: {_link(location)}" for label, location in summary.links.items()]
+        lines.append("")
+
+
+def _suite_kwargs(expectations_dir: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(layer.table, rule, expectation type) -> the expectation's kwargs in its suite file (the
+    rule's definition, e.g. a value set of codes; never data)."""
+    found: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for (layer, table), suite in load_suite_files(expectations_dir).items():
+        for config in suite.document["expectations"]:
+            meta = config.get("meta") or {}
+            column = (config.get("kwargs") or {}).get("column")
+            rule = str(meta.get("rule") or (f"{config['type']}({column})" if column else config["type"]))
+            found[(f"{layer}.{table}", rule, config["type"])] = dict(config.get("kwargs") or {})
+    return found
+
+
+def render_data_docs(summary: RunSummary, expectations_dir: Path) -> dict[str, str]:
+    """Great Expectations Data Docs of the run, one HTML page per table plus ``index.html``,
+    rendered from the run's counts and the suites' definitions: no unexpected values, no
+    observed values, no row ids."""
+    from great_expectations.core import ExpectationSuiteValidationResult, ExpectationValidationResult
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+    from great_expectations.render.renderer.page_renderer import ValidationResultsPageRenderer
+    from great_expectations.render.view.view import DefaultJinjaPageView
+
+    by_table: dict[str, list[dict[str, object]]] = {}
+    for report in (summary.silver, summary.gold):
+        for e in report.expectations if report is not None else []:
+            by_table.setdefault(str(e["table"]), []).append(e)
+    pages: dict[str, str] = {}
+    index = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Data Docs</title></head><body>",
+        f"<h1>Expectations of run {html.escape(summary.run_id)}</h1>",
+        "<p>Counts only: no values are rendered.</p><table border='1' cellpadding='4'>",
+        "<tr><th>table</th><th>evaluated</th><th>not met</th></tr>",
+    ]
+    renderer, view = ValidationResultsPageRenderer(), DefaultJinjaPageView()
+    definitions = _suite_kwargs(expectations_dir)
+    for table, expectations in sorted(by_table.items()):
+        results = []
+        for e in expectations:
+            kwargs = definitions.get((table, str(e["rule"]), str(e["expectation"])))
+            if kwargs is None:
+                kwargs = {"column": e["column"]} if e.get("column") else {}
+            element_count = e.get("element_count")
+            unexpected = e.get("unexpected_count")
+            counts: dict[str, object] = {}
+            if isinstance(element_count, int):
+                counts["element_count"] = element_count
+            if isinstance(unexpected, int):
+                counts["unexpected_count"] = unexpected
+                if isinstance(element_count, int) and element_count:
+                    counts["unexpected_percent"] = 100 * unexpected / element_count
+            try:
+                config = ExpectationConfiguration(
+                    type=str(e["expectation"]),
+                    kwargs=kwargs,
+                    meta={"rule": e["rule"], "severity": e["severity"]},
+                )
+            except Exception:  # noqa: S112 - a definition GX cannot rebuild: in the table artifact only
+                continue
+            results.append(
+                ExpectationValidationResult(
+                    success=bool(e["success"]), expectation_config=config, result=counts
+                )
+            )
+        failed = sum(not r.success for r in results)
+        layer, _, name = table.partition(".")
+        validation = ExpectationSuiteValidationResult(
+            success=failed == 0,
+            results=results,
+            suite_name=table,
+            statistics={
+                "evaluated_expectations": len(results),
+                "successful_expectations": len(results) - failed,
+                "unsuccessful_expectations": failed,
+                "success_percent": 100 * (len(results) - failed) / len(results) if results else 100.0,
+            },
+            meta={
+                "run_id": {"run_name": summary.run_id, "run_time": "1970-01-01T00:00:00+00:00"},
+                "active_batch_definition": {
+                    "datasource_name": layer,
+                    "data_connector_name": "patient-journey",
+                    "data_asset_name": name or table,
+                    "batch_identifiers": {},
+                },
+            },
+        )
+        page = f"{table}.html"
+        pages[page] = str(view.render(renderer.render(validation)))  # type: ignore[no-untyped-call]
+        index.append(
+            f"<tr><td><a href='{html.escape(page)}'>{html.escape(table)}</a></td>"
+            f"<td>{len(results)}</td><td>{failed}</td></tr>"
+        )
+    index.append("</table></body></html>")
+    pages["index.html"] = "\n".join(index)
+    return pages
+
+
+def write_data_docs(settings: JourneySettings, summary: RunSummary) -> str | None:
+    """Write the run's Data Docs beside the quarantine (``data_docs/<run id>/``); returns the
+    location of their index page, or None when the run evaluated no expectation."""
+    if not summary.expectation_rows():
+        return None
+    pages = render_data_docs(summary, settings.quality.expectations_dir)
+    storage = Lake(settings).storage(settings.storage.quarantine_root)
+    folder = f"data_docs/{summary.run_id}"
+    for name, page in pages.items():
+        storage.write_bytes(f"{folder}/{name}", page.encode())
+    location = storage.url(folder, "index.html")
+    return location if is_blob_url(location) else str(Path(location).resolve())

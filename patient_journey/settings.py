@@ -149,6 +149,53 @@ class QualitySettings(BaseModel):
     )
 
 
+TaskRunnerKind = Literal["default", "dask"]
+
+
+class OrchestrationSettings(BaseModel):
+    """How the Prefect flows run their tasks, split their work and raise alerts."""
+
+    task_runner: TaskRunnerKind = Field(
+        default="default",
+        description=(
+            "default: Prefect's thread pool in the flow-run process; dask: prefect-dask's DaskTaskRunner "
+            "(an existing cluster at dask_address, else a LocalCluster)."
+        ),
+    )
+    dask_address: str | None = Field(
+        default=None, description="Scheduler address of an existing Dask cluster, e.g. tcp://10.0.0.5:8786."
+    )
+    dask_workers: int = Field(
+        default=2, ge=1, description="Worker processes of the LocalCluster started when no address is set."
+    )
+    dask_threads_per_worker: int = Field(default=1, ge=1, description="Threads per LocalCluster worker.")
+    dask_local_directory: Path | None = Field(
+        default=None,
+        description="Scratch folder of LocalCluster workers. Default: a folder under the temp dir.",
+    )
+    ingest_batch_files: int = Field(
+        default=100,
+        ge=1,
+        description="New input files per ingestion task: the unit of parallel work on the task runner.",
+    )
+    quarantine_share_threshold: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "A run whose quarantined (or rejected-at-read) share of rows read exceeds this emits the "
+            "event patient-journey.quarantine.threshold-exceeded."
+        ),
+    )
+    alert_webhook_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Webhook (Slack, Teams, any JSON endpoint) that `journey serve` points the sample "
+            "quarantine alert automation at. Unset: the automation is not created."
+        ),
+    )
+
+
 class JourneySettings(BaseSettings):
     """All of patient-journey's settings."""
 
@@ -161,6 +208,7 @@ class JourneySettings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     sources: SourceSettings = SourceSettings()
     quality: QualitySettings = QualitySettings()
+    orchestration: OrchestrationSettings = OrchestrationSettings()
 
     def patient_hmac_key(self) -> bytes:
         """The HMAC key, or a ConfigurationError that lists every place looked at."""

@@ -1,43 +1,164 @@
 """Prefect tasks around the library's pipeline steps. Settings come from the environment in
-each task (never as parameters: they may hold secrets), and tasks hand each other reports,
-not data frames: the data lives in the lake."""
+each task (never as parameters: they may hold secrets), and tasks hand each other URIs and
+reports, not data frames: the data lives in the lake.
+
+Retries: only an error the library marks as transient (``StorageError.transient``: a timeout, a
+throttled or unavailable storage service) is retried, with backoff; a wrong key, a missing
+container or a failed quality gate fails at once.
+"""
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from typing import Any
+
+from prefect import Task, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.events import emit_event
 
 from patient_journey import pipeline
-from patient_journey.pipeline import BuildReport, IngestReport
-from patient_journey.report import RunSummary, render_markdown
+from patient_journey.errors import StorageError
+from patient_journey.pipeline import BuildReport, IngestBatch, IngestPlan, IngestReport, Window
+from patient_journey.report import (
+    QUARANTINE_EVENT,
+    RunSummary,
+    quarantine_locations,
+    render_markdown,
+    write_data_docs,
+)
+from tasks.limits import writing
 from tasks.settings import journey_settings
 
+RETRY_DELAYS = [2, 10, 30]  # seconds: backoff between attempts
 
-@task(name="preflight")
+
+def is_transient(error: BaseException | None) -> bool:
+    """A StorageError marked transient, itself or as the cause of the error raised."""
+    while error is not None:
+        if isinstance(error, StorageError):
+            return error.transient
+        error = error.__cause__
+    return False
+
+
+def retry_transient_only(_task: Task[..., Any], _task_run: TaskRun, state: State[Any]) -> bool:
+    """``retry_condition_fn``: retry only transient storage errors."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception as exc:  # the failure could not even be read back: do not retry blindly
+        error = exc if isinstance(exc, StorageError) else None
+    return isinstance(error, BaseException) and is_transient(error)
+
+
+RETRYING: dict[str, Any] = {
+    "retries": len(RETRY_DELAYS),
+    "retry_delay_seconds": RETRY_DELAYS,
+    "retry_jitter_factor": 0.2,
+    "retry_condition_fn": retry_transient_only,
+}
+
+
+@task(name="preflight", **RETRYING)
 def preflight() -> int:
-    """Key configured, every suite present and parsable: fail before anything loads."""
+    """Key configured, every suite present and parsable, every zone reachable: fail before
+    anything loads."""
     return pipeline.preflight(journey_settings())
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=[2, 10])
-def ingest(source: str, run_id: str) -> IngestReport:
-    return pipeline.ingest(journey_settings(), source, run_id)
+@task(name="plan-ingest", task_run_name="plan {source}", **RETRYING)
+def plan_ingest(source: str, window: Window | None = None, reread: bool = False) -> IngestPlan:
+    """List a source's new inputs and split them into batches (nothing is read yet)."""
+    settings = journey_settings()
+    return pipeline.plan_ingest(
+        settings, source, settings.orchestration.ingest_batch_files, window=window, reread=reread
+    )
 
 
-@task(name="stage-validate-link")
+@task(name="ingest", task_run_name="ingest {batch.label}", **RETRYING)
+def ingest(
+    batch: IngestBatch, run_id: str, window: Window | None = None, reread: bool = False
+) -> IngestReport:
+    """Read one batch of a source's inputs into bronze (with its rejects and ledger rows)."""
+    inputs = list(batch.inputs) if batch.inputs else None
+    return pipeline.ingest(
+        journey_settings(),
+        batch.source,
+        run_id,
+        inputs,
+        window=window,
+        reread=reread,
+        write_lock=lambda: writing(batch.source),
+    )
+
+
+@task(name="stage-validate-link", **RETRYING)
 def build_silver(run_id: str, rebuild: bool) -> BuildReport:
     return pipeline.build_silver(journey_settings(), run_id, force=rebuild)
 
 
-@task(name="build-journey")
+@task(name="build-journey", **RETRYING)
 def build_gold(run_id: str) -> BuildReport:
     return pipeline.build_gold(journey_settings(), run_id)
 
 
-@task(name="publish-summary")
+@task(name="publish-summary", **RETRYING)
 def publish_summary(summary: RunSummary) -> str:
+    """The run's artifacts: the markdown summary, every expectation as a table, the Data Docs
+    (counts only) and where the quarantine is. Counts, rule and table names, paths: no values."""
+    settings = journey_settings()
+    summary.links.update(quarantine_locations(settings))
+    try:
+        docs = write_data_docs(settings, summary)
+    except StorageError:
+        raise
+    except Exception as exc:  # the Data Docs are a view: their failure must not fail a loaded run
+        get_run_logger().warning(
+            "Data Docs not rendered (%s); the expectations table has every result.", type(exc).__name__
+        )
+        docs = None
+    if docs is not None:
+        summary.links["Great Expectations Data Docs (counts only)"] = docs
+        create_link_artifact(
+            link=docs if "://" in docs else f"file://{docs}",
+            link_text="Data Docs of this run",
+            key="patient-journey-data-docs",
+            description="Great Expectations Data Docs rendered from counts (no values)",
+        )
+    rows = summary.expectation_rows()
+    if rows:
+        create_table_artifact(
+            table=rows,
+            key="patient-journey-expectations",
+            description="Every expectation evaluated by this run: outcome and counts",
+        )
     markdown = render_markdown(summary)
     create_markdown_artifact(
-        key="patient-journey-summary", markdown=markdown, description="Rows read, loaded, quarantined, held"
+        key="patient-journey-summary",
+        markdown=markdown,
+        description="Rows read, loaded, quarantined, held; linkage; durations; versions",
     )
     return markdown
+
+
+@task(name="check-quarantine-share")
+def check_quarantine_share(summary: RunSummary) -> float | None:
+    """Emit ``patient-journey.quarantine.threshold-exceeded`` when the run's quarantine share
+    exceeds the configured threshold (JOURNEY_ORCHESTRATION__QUARANTINE_SHARE_THRESHOLD)."""
+    threshold = journey_settings().orchestration.quarantine_share_threshold
+    share = summary.quarantine_share()
+    if share is not None and share > threshold:
+        emit_event(
+            event=QUARANTINE_EVENT,
+            resource={
+                "prefect.resource.id": f"patient-journey.run.{summary.run_id}",
+                "prefect.resource.name": summary.flow,
+            },
+            payload={
+                "flow": summary.flow,
+                "quarantine_share": round(share, 6),
+                "threshold": threshold,
+                "tables": {t.table: t.quarantined for t in summary.tables if t.quarantined},
+                "rejected_at_read": {i.source: i.rejects for i in summary.ingests if i.rejects},
+            },
+        )
+    return share

@@ -55,6 +55,9 @@ def use_settings_env(monkeypatch: pytest.MonkeyPatch, settings: JourneySettings)
     monkeypatch.setenv("JOURNEY_IDENTITY__PATIENT_KEY", TEST_KEY)
 
 
+from tests.prefect_stack import served, served_client, served_runs  # noqa: E402, F401 - a real served stack
+
+
 @pytest.fixture(scope="session")
 def harness() -> Iterator[None]:
     """One temporary Prefect server for every flow test of the session."""

@@ -172,10 +172,20 @@ class InputSelection:
     hashes: frozenset[tuple[str, str]] = frozenset()  # (uri, content hash) already processed
     settle_before: datetime | None = None  # inputs modified after this are left for later
     other_sources: tuple[str, ...] = ()  # URL prefixes of other sources' inputs
+    only: frozenset[str] | None = None  # a batch of a planned run: read these URIs, no others
+    window: tuple[datetime, datetime] | None = None  # a backfill: inputs modified in [start, end)
 
     @property
     def uris(self) -> frozenset[str]:
         return frozenset(uri for uri, _ in self.versions)
+
+    def wants(self, file: FileInfo) -> bool:
+        """Whether the file belongs to this selection at all (before the ledger and settling)."""
+        if self.only is not None and file.url not in self.only:
+            return False
+        if self.window is not None and not self.window[0] <= file.modified < self.window[1]:
+            return False
+        return not file.url.startswith(self.other_sources)
 
     @classmethod
     def from_ledger(
@@ -195,6 +205,23 @@ class InputSelection:
         )
 
 
+def candidate_files(
+    landing: Storage, prefix: str, suffixes: tuple[str, ...], seen: InputSelection
+) -> tuple[list[FileInfo], int]:
+    """The files under ``prefix`` to read now (by listing alone: not in the ledger under their
+    current version, settled, in the selection), and how many wait for a later run."""
+    files: list[FileInfo] = []
+    pending = 0
+    for file in landing.list_files(prefix, suffixes):
+        if (file.url, file.version) in seen.versions or not seen.wants(file):
+            continue
+        if seen.settle_before is not None and file.modified > seen.settle_before:
+            pending += 1
+            continue
+        files.append(file)
+    return files, pending
+
+
 def new_files(
     out: Extraction, landing: Storage, prefix: str, suffixes: tuple[str, ...], seen: InputSelection
 ) -> Iterator[tuple[FileInfo, bytes]]:
@@ -209,12 +236,9 @@ def new_files(
     adapter keeps the ledger the same way.
     """
     known = seen.uris
-    for file in landing.list_files(prefix, suffixes):
-        if (file.url, file.version) in seen.versions or file.url.startswith(seen.other_sources):
-            continue
-        if seen.settle_before is not None and file.modified > seen.settle_before:
-            out.pending_inputs += 1
-            continue
+    files, pending = candidate_files(landing, prefix, suffixes, seen)
+    out.pending_inputs += pending
+    for file in files:
         try:
             data = landing.read_bytes(file.url, file.version)
         except InputChangedError:
