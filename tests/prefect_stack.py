@@ -138,6 +138,14 @@ def artifacts_of(client: SyncPrefectClient, run: FlowRun) -> dict[str, Any]:
     return {a.type: a for a in found if a.type}
 
 
+def markdowns_of(client: SyncPrefectClient, run: FlowRun) -> list[str]:
+    """Every markdown artifact of a run (a retried task may publish more than one)."""
+    found = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+    )
+    return [str(a.data) for a in found if a.type == "markdown"]
+
+
 @pytest.fixture(scope="session")
 def served_runs(served: Served, served_client: SyncPrefectClient) -> dict[str, list[FlowRun]]:
     """Run the three ingestion deployments through the worker and wait for the builds they trigger."""
