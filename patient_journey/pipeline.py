@@ -9,7 +9,7 @@ so steps can run in separate processes (or on a Dask cluster) and be re-run alon
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -37,7 +37,7 @@ from patient_journey.sources.records import (
     candidate_files,
 )
 from patient_journey.staging import STAGED_TABLES, SUPERSEDED, stage
-from patient_journey.storage import Storage, check_zones
+from patient_journey.storage import FileInfo, Storage, check_zones
 
 SOURCES = ("fhir", "device", "registry", "redcap")
 BRONZE_TABLES = {
@@ -219,6 +219,18 @@ class IngestBatch:
     of: int
     inputs: tuple[str, ...] = ()
     first: str = ""  # the first input's path inside landing, for task names
+    # What the plan listed and what the ledger knew of these inputs, so that a batch neither
+    # lists the source nor reads its ledger again (both grow with the source).
+    files: tuple[FileInfo, ...] = ()
+    ledger_versions: tuple[tuple[str, str], ...] = ()
+    ledger_hashes: tuple[tuple[str, str], ...] = ()
+
+    def selection(self) -> InputSelection:
+        return InputSelection(
+            versions=frozenset(self.ledger_versions),
+            hashes=frozenset(self.ledger_hashes),
+            listed=self.files,
+        )
 
     @property
     def label(self) -> str:
@@ -283,32 +295,37 @@ def plan_ingest(
     files, pending = candidate_files(landing, prefix, SOURCE_SUFFIXES[source], seen)
     root = landing.url("").rstrip("/") + "/"
     chunks = [files[i : i + batch_files] for i in range(0, len(files), batch_files)]
-    batches = tuple(
-        IngestBatch(
-            source,
-            number,
-            len(chunks),
-            tuple(f.url for f in chunk),
-            chunk[0].url.removeprefix(root),
+    batches = []
+    for number, chunk in enumerate(chunks, start=1):
+        urls = {f.url for f in chunk}
+        batches.append(
+            IngestBatch(
+                source,
+                number,
+                len(chunks),
+                tuple(f.url for f in chunk),
+                chunk[0].url.removeprefix(root),
+                tuple(chunk),
+                tuple(sorted(v for v in seen.versions if v[0] in urls)),
+                tuple(sorted(h for h in seen.hashes if h[0] in urls)),
+            )
         )
-        for number, chunk in enumerate(chunks, start=1)
-    )
-    return IngestPlan(source, batches, pending)
+    return IngestPlan(source, tuple(batches), pending)
 
 
 def ingest(
     settings: JourneySettings,
     source: str,
     run_id: str,
-    inputs: Sequence[str] | None = None,
+    batch: IngestBatch | None = None,
     window: Window | None = None,
     reread: bool = False,
     write_lock: Callable[[], AbstractContextManager[object]] = nullcontext,
 ) -> IngestReport:
     """Read new inputs of one source into bronze; rejects and the ledger are written after.
 
-    ``inputs`` restricts a file source to one planned batch (``plan_ingest``); ``window`` and
-    ``reread`` as in ``plan_ingest``. Batches of one source may read at the same time; their
+    ``batch`` restricts a file source to one planned batch (``plan_ingest``), read as the plan
+    listed it; ``window`` and ``reread`` as in ``plan_ingest``. Batches of one source may read at the same time; their
     writes are made under ``write_lock`` (e.g. a cluster-wide lock per source): concurrent
     Delta appends never corrupt a table, but under contention delta-rs gives up after its
     commit retries (seen with 70 batches in parallel)."""
@@ -317,9 +334,11 @@ def ingest(
     started = time.perf_counter()
     lake = Lake(settings)
     landing = lake.storage(settings.storage.landing_url)
-    seen, watermarks = _selection(lake, landing, settings, source, window, reread)
-    if inputs is not None:
-        seen = replace(seen, only=frozenset(inputs))
+    watermarks: dict[str, str] = {}
+    if batch is not None and batch.files:
+        seen = batch.selection()
+    else:
+        seen, watermarks = _selection(lake, landing, settings, source, window, reread)
     if source == "registry":
         url = registry_url(settings)
         if url is None:

@@ -173,8 +173,13 @@ class OrchestrationSettings(BaseModel):
         default=None,
         description="Scratch folder of LocalCluster workers. Default: a folder under the temp dir.",
     )
+    threads: int = Field(
+        default=4,
+        ge=1,
+        description="Threads of the default task runner: ingestion batches read at once in the flow-run process.",
+    )
     ingest_batch_files: int = Field(
-        default=100,
+        default=500,
         ge=1,
         description="New input files per ingestion task: the unit of parallel work on the task runner.",
     )

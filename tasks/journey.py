@@ -79,12 +79,11 @@ def ingest(
     batch: IngestBatch, run_id: str, window: Window | None = None, reread: bool = False
 ) -> IngestReport:
     """Read one batch of a source's inputs into bronze (with its rejects and ledger rows)."""
-    inputs = list(batch.inputs) if batch.inputs else None
     return pipeline.ingest(
         journey_settings(),
         batch.source,
         run_id,
-        inputs,
+        batch,
         window=window,
         reread=reread,
         write_lock=lambda: writing(batch.source),

@@ -15,12 +15,12 @@ Runner = TaskRunner[PrefectFuture[Any]]
 
 
 def task_runner_for(settings: OrchestrationSettings) -> Runner:
-    """``default``: Prefect's thread pool in the flow-run process. ``dask``: prefect-dask's
+    """``default``: Prefect's thread pool in the flow-run process (``threads`` at once). ``dask``: prefect-dask's
     DaskTaskRunner on the cluster at ``dask_address``, or on a LocalCluster of
     ``dask_workers`` processes started for the run (dashboard on a free port, scratch in
     ``dask_local_directory``). Tasks pass URIs and reports, so either gives the same warehouse."""
     if settings.task_runner == "default":
-        return cast(Runner, ThreadPoolTaskRunner())
+        return cast(Runner, ThreadPoolTaskRunner(max_workers=settings.threads))
     from prefect_dask.task_runners import DaskTaskRunner
 
     if settings.dask_address:

@@ -174,6 +174,8 @@ class InputSelection:
     other_sources: tuple[str, ...] = ()  # URL prefixes of other sources' inputs
     only: frozenset[str] | None = None  # a batch of a planned run: read these URIs, no others
     window: tuple[datetime, datetime] | None = None  # a backfill: inputs modified in [start, end)
+    # A planned batch: these files as the plan listed them; the source is not listed again.
+    listed: tuple[FileInfo, ...] | None = None
 
     @property
     def uris(self) -> frozenset[str]:
@@ -212,7 +214,8 @@ def candidate_files(
     current version, settled, in the selection), and how many wait for a later run."""
     files: list[FileInfo] = []
     pending = 0
-    for file in landing.list_files(prefix, suffixes):
+    listing = seen.listed if seen.listed is not None else landing.list_files(prefix, suffixes)
+    for file in listing:
         if (file.url, file.version) in seen.versions or not seen.wants(file):
             continue
         if seen.settle_before is not None and file.modified > seen.settle_before:
