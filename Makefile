@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo demo-azurite test lint install clean serve stop
+.PHONY: demo demo-azurite test lint install clean serve stop bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,3 +53,10 @@ stop: $(STAMP)
 clean:
 	rm -rf $(VENV) node_modules journey-data test-output
 
+# The benchmark (bench/README.md): our flow, the floor and Cumulus ETL on generated inputs at each
+# scale; results in bench/results/. BENCH_SCALES=S,M,L adds L (opt-in: about 10M FHIR resources).
+BENCH_SCALES ?= S,M
+BENCH_RUNS ?= 3
+BENCH_PROFILE ?= M
+bench: $(STAMP)
+	$(BIN)/python -m bench.run --scales $(BENCH_SCALES) --runs $(BENCH_RUNS) --profile $(BENCH_PROFILE)

@@ -28,6 +28,18 @@ class KeyMaker:
     def case_key(self, case_id: str) -> str:
         return self.key("or-case", case_id)
 
-    def keys(self, namespace: str, identifiers: Iterable[str | None]) -> pa.Array:
-        """Vector form; nulls stay null."""
-        return pa.array([None if i is None else self.key(namespace, i) for i in identifiers], pa.string())
+    def keys(
+        self, namespace: str, identifiers: Iterable[str | None] | pa.Array | pa.ChunkedArray
+    ) -> pa.Array:
+        """Vector form; nulls stay null. Each distinct identifier is hashed once (device events
+        repeat a few serials, observations a patient's MRN), then spread back by index."""
+        if not isinstance(identifiers, pa.Array | pa.ChunkedArray):
+            identifiers = pa.array(identifiers, pa.string())
+        if isinstance(identifiers, pa.ChunkedArray):
+            identifiers = identifiers.combine_chunks()
+        encoded = identifiers.cast(pa.string()).dictionary_encode()
+        distinct = pa.array(
+            [None if i is None else self.key(namespace, i) for i in encoded.dictionary.to_pylist()],
+            pa.string(),
+        )
+        return distinct.take(encoded.indices)

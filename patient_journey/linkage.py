@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 from duckdb.func import PythonUDFType
 
 from patient_journey.identity import KeyMaker
@@ -217,9 +218,12 @@ class LinkResult:
 
 def _register_pseudonym(connection: duckdb.DuckDBPyConnection, keys: KeyMaker) -> None:
     def pseudonym(namespace: pa.Array, identifier: pa.Array) -> pa.Array:
+        namespaces = pc.unique(namespace).drop_null().to_pylist()
+        if len(namespaces) == 1:  # the usual case: a literal namespace; hash each distinct id once
+            return keys.keys(namespaces[0], identifier)
         return pa.array(
             [
-                None if i is None else keys.key(n, i)
+                None if i is None or n is None else keys.key(n, i)
                 for n, i in zip(namespace.to_pylist(), identifier.to_pylist(), strict=True)
             ],
             pa.string(),

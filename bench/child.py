@@ -1,0 +1,362 @@
+"""One measured process of the benchmark (started by ``bench.run``, one per measurement).
+
+Modes (``python -m bench.child MODE ARGS``), each printing one JSON object as its last line:
+
+- ``pipeline``: the library's steps in the flow's order (preflight; ingest of every source in
+  threads, as Prefect's default task runner does; build_silver; build_gold), each timed, with its
+  peak RSS (the kernel's high-water mark, reset at each step) and, for the silver and gold steps'
+  sub-steps, the highest RSS sampled every 10 ms.
+- ``flow``: the Prefect flow itself, against the Prefect server in ``PREFECT_API_URL``.
+- ``floor``: the fastest single-library parse of the FHIR NDJSON into Parquet (DuckDB and pyarrow).
+
+The data locations and the patient key come from the environment (``JOURNEY_*``), as in
+production; the parent sets them. Only counts, sizes and timings are printed, never values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+PROCESS_START = time.perf_counter()
+_HWM = re.compile(r"VmHWM:\s+(\d+) kB")
+_RSS = re.compile(r"VmRSS:\s+(\d+) kB")
+
+
+def _status_kib(pattern: re.Pattern[str]) -> int:
+    with open("/proc/self/status") as status:
+        match = pattern.search(status.read())
+    return int(match.group(1)) if match else 0
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_mib() -> float:
+    return round(_status_kib(_HWM) / 1024, 1)
+
+
+class RssSampler:
+    """Samples this process's RSS every ``interval`` seconds: (time, MiB) pairs."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with open("/proc/self/statm") as statm:
+            page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
+            while not self._stop.is_set():
+                statm.seek(0)
+                resident = int(statm.read().split()[1])
+                self.samples.append((time.perf_counter(), resident * page_mib))
+                self._stop.wait(self._interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_between(self, start: float, end: float) -> float | None:
+        values = [mib for at, mib in self.samples if start <= at <= end]
+        return round(max(values), 1) if values else None
+
+
+def dir_bytes(path: str | Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+class Steps:
+    """Times each top-level step with its own peak RSS."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, dict[str, Any]] = {}
+        self.resettable = reset_peak()
+
+    def run(self, name: str, action: Callable[[], T]) -> tuple[T, float, float]:
+        reset_peak()
+        started = time.perf_counter()
+        value = action()
+        ended = time.perf_counter()
+        self.results[name] = {
+            "seconds": round(ended - started, 3),
+            "peak_rss_mib": peak_mib(),
+        }
+        return value, started, ended
+
+
+def _sub_steps(
+    stage_seconds: dict[str, float], start: float, sampler: RssSampler, prefix: str = ""
+) -> dict[str, dict[str, Any]]:
+    """Sub-steps from their contiguous durations, with the highest RSS sampled in each."""
+    out: dict[str, dict[str, Any]] = {}
+    at = start
+    for step, seconds in stage_seconds.items():
+        out[prefix + step] = {"seconds": seconds, "peak_rss_mib": sampler.peak_between(at, at + seconds)}
+        at += seconds
+    return out
+
+
+def run_pipeline(run_id: str) -> dict[str, Any]:
+    """The flow's steps without Prefect, each measured."""
+    imports_started = time.perf_counter()
+    from patient_journey import pipeline
+    from patient_journey.settings import load_settings
+
+    imported = time.perf_counter()
+    settings = load_settings()
+    steps = Steps()
+    sampler = RssSampler()
+    with sampler:
+        steps.run("preflight", lambda: pipeline.preflight(settings))
+
+        def ingest_all() -> list[Any]:
+            with ThreadPoolExecutor(len(pipeline.SOURCES)) as pool:
+                futures = [pool.submit(pipeline.ingest, settings, s, run_id) for s in pipeline.SOURCES]
+                return [f.result() for f in futures]
+
+        ingests, _, _ = steps.run("extract", ingest_all)
+        silver, silver_start, _ = steps.run("silver", lambda: pipeline.build_silver(settings, run_id))
+        gold = None
+        if silver.built:
+            gold, gold_start, _ = steps.run("gold", lambda: pipeline.build_gold(settings, run_id))
+        ended = time.perf_counter()
+    for values in steps.results.values():
+        values.pop("start", None)
+    sub = _sub_steps(silver.stage_seconds, silver_start, sampler)
+    if gold is not None:
+        sub.update(_sub_steps(gold.stage_seconds, gold_start, sampler, prefix="gold_"))
+    tables = {t.table: {"read": t.read, "loaded": t.loaded} for t in silver.tables}
+    if gold is not None:
+        tables.update({t.table: {"read": t.read, "loaded": t.loaded} for t in gold.tables})
+    return {
+        "mode": "pipeline",
+        "import_seconds": round(imported - imports_started, 3),
+        "flow_seconds": round(ended - imported, 3),
+        "steps": steps.results,
+        "sub_steps": sub,
+        "peak_rss_resettable": steps.resettable,
+        "ingests": {
+            r.source: {
+                "seconds": r.seconds,
+                "records": r.records,
+                "rejects": r.rejects,
+                "inputs": r.new_inputs,
+            }
+            for r in ingests
+        },
+        "silver_built": silver.built,
+        "balanced": all(t.balanced for t in silver.tables),
+        "tables": tables,
+        "process_peak_rss_mib": round(max((m for _, m in sampler.samples), default=0.0), 1),
+    }
+
+
+class StepRecorder:
+    """Wraps the library's step functions (the Prefect tasks call them through the module) to
+    record when each step ran and its peak RSS; ingests run in threads, so "extract" spans the
+    first ingest's start to the last one's end."""
+
+    def __init__(self, sampler: RssSampler) -> None:
+        self.sampler = sampler
+        self.spans: dict[str, list[tuple[float, float]]] = {}
+        self.peaks: dict[str, float] = {}
+        self.reports: dict[str, list[Any]] = {}
+        self._active = 0
+        self._lock = threading.Lock()
+
+    def wrap(self, step: str, function: Callable[..., T]) -> Callable[..., T]:
+        def measured(*args: Any, **kwargs: Any) -> T:
+            with self._lock:
+                if self._active == 0:
+                    reset_peak()
+                self._active += 1
+            started = time.perf_counter()
+            try:
+                value = function(*args, **kwargs)
+            finally:
+                ended = time.perf_counter()
+                with self._lock:
+                    self._active -= 1
+                    self.spans.setdefault(step, []).append((started, ended))
+                    self.peaks[step] = max(self.peaks.get(step, 0.0), peak_mib())
+            self.reports.setdefault(step, []).append(value)
+            return value
+
+        return measured
+
+    def steps(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for step, spans in self.spans.items():
+            start, end = min(s for s, _ in spans), max(e for _, e in spans)
+            out[step] = {
+                "seconds": round(end - start, 3),
+                "calls": len(spans),
+                "peak_rss_mib": self.peaks[step],
+                "start": start,
+            }
+        return out
+
+
+def _landing_bytes() -> int:
+    return dir_bytes(os.environ["JOURNEY_STORAGE__LANDING_URL"])
+
+
+def run_flow() -> dict[str, Any]:
+    """The Prefect flow, as `journey run` runs it (the server is the one in PREFECT_API_URL),
+    with each library step timed and its peak RSS recorded."""
+    imports_started = time.perf_counter()
+    from flows.patient_journey import patient_journey
+    from patient_journey import pipeline
+
+    imported = time.perf_counter()
+    sampler = RssSampler()
+    recorder = StepRecorder(sampler)
+    for step, name in (
+        ("preflight", "preflight"),
+        ("extract", "ingest"),
+        ("silver", "build_silver"),
+        ("gold", "build_gold"),
+    ):
+        setattr(pipeline, name, recorder.wrap(step, getattr(pipeline, name)))
+    with sampler:
+        summary = patient_journey()
+        ended = time.perf_counter()
+    steps = recorder.steps()
+    sub: dict[str, dict[str, Any]] = {}
+    for step, prefix in (("silver", ""), ("gold", "gold_")):
+        report = summary.silver if step == "silver" else summary.gold
+        if step in steps and report is not None:
+            sub.update(_sub_steps(report.stage_seconds, steps[step]["start"], sampler, prefix))
+    for values in steps.values():
+        values.pop("start")
+    tables: dict[str, dict[str, int]] = {}
+    for report in (summary.silver, summary.gold):
+        if report is not None:
+            tables.update({t.table: {"read": t.read, "loaded": t.loaded} for t in report.tables})
+    ingests: dict[str, dict[str, Any]] = {}
+    for r in summary.ingests:
+        entry = ingests.setdefault(r.source, {"seconds": 0.0, "records": 0, "rejects": 0, "inputs": 0})
+        entry["seconds"] = round(entry["seconds"] + r.seconds, 3)
+        entry["records"] += r.records
+        entry["rejects"] += r.rejects
+        entry["inputs"] += r.new_inputs
+    return {
+        "mode": "flow",
+        "import_seconds": round(imported - imports_started, 3),
+        "flow_seconds": round(ended - imported, 3),
+        "steps": steps,
+        "sub_steps": sub,
+        "ingests": ingests,
+        "silver_built": bool(summary.silver and summary.silver.built),
+        "balanced": summary.balanced,
+        "tables": tables,
+        "process_peak_rss_mib": round(max((m for _, m in sampler.samples), default=0.0), 1),
+    }
+
+
+def run_floor(input_dir: str, out_dir: str) -> dict[str, Any]:
+    """DuckDB and pyarrow each parse every NDJSON file of the export into one Parquet file per
+    resource type (schema inferred, nested columns kept); the faster is the floor."""
+    files = sorted(p for p in Path(input_dir).iterdir() if p.name.endswith(".ndjson"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"mode": "floor", "files": len(files)}
+
+    started = time.perf_counter()
+    import duckdb
+
+    connection = duckdb.connect()
+    connection.execute("SET preserve_insertion_order = false")
+    imported = time.perf_counter()
+    rows = 0
+    for path in files:
+        target = out / f"duckdb-{path.name}.parquet"
+        connection.execute(
+            f"COPY (SELECT * FROM read_json('{path}', format = 'newline_delimited', "
+            "ignore_errors = true, maximum_object_size = 67108864, sample_size = -1)) "
+            f"TO '{target}' (FORMAT parquet)"
+        )
+        rows += connection.execute(f"SELECT count(*) FROM '{target}'").fetchone()[0]  # type: ignore[index]
+    ended = time.perf_counter()
+    result["duckdb"] = {
+        "seconds": round(ended - imported, 3),
+        "import_seconds": round(imported - started, 3),
+        "rows": rows,
+        "bytes_out": sum(p.stat().st_size for p in out.glob("duckdb-*")),
+    }
+
+    started = time.perf_counter()
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    imported = time.perf_counter()
+    rows = 0
+    errors = 0
+    for path in files:
+        try:
+            table = pajson.read_json(path, read_options=pajson.ReadOptions(block_size=64 << 20))
+        except Exception:  # pyarrow.json has no skip-bad-lines option; a file it cannot parse is counted
+            errors += 1
+            continue
+        pq.write_table(table, out / f"pyarrow-{path.name}.parquet")
+        rows += table.num_rows
+    ended = time.perf_counter()
+    result["pyarrow"] = {
+        "seconds": round(ended - imported, 3),
+        "import_seconds": round(imported - started, 3),
+        "rows": rows,
+        "files_failed": errors,
+        "bytes_out": sum(p.stat().st_size for p in out.glob("pyarrow-*")),
+    }
+    return result
+
+
+def main(argv: list[str]) -> int:
+    mode = argv[0]
+    if mode == "pipeline":
+        import uuid
+
+        result = run_pipeline(str(uuid.uuid4()))
+    elif mode == "flow":
+        result = run_flow()
+    elif mode == "floor":
+        result = run_floor(argv[1], argv[2])
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    result["process_seconds"] = round(time.perf_counter() - PROCESS_START, 3)
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
