@@ -388,10 +388,7 @@ class Bench:
         """Cumulus ETL in its own virtual environment, installed with uv (offline after that)."""
         venv = self.cumulus.parents[1]
         if not self.cumulus.exists():
-            uv = [PYTHON, "-m", "uv"]
-            if subprocess.run([*uv, "--version"], capture_output=True, check=False).returncode != 0:
-                log("installing uv into the project's virtual environment (a benchmark tool)")
-                subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "uv"], check=True)
+            uv = uv_command()
             log(f"installing cumulus-etl {CUMULUS_VERSION} with uv into {venv}")
             if venv.exists():
                 shutil.rmtree(venv)
@@ -875,11 +872,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def uv_command() -> list[str]:
+    """``python -m uv``, pip-installing uv into the project's virtual environment first if needed
+    (a benchmark tool; a fresh clone does not have it)."""
+    uv = [PYTHON, "-m", "uv"]
+    if subprocess.run([*uv, "--version"], capture_output=True, check=False).returncode != 0:
+        log("installing uv into the project's virtual environment (a benchmark tool)")
+        subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "uv==0.13.8"], check=True)
+    return uv
+
+
 def ensure_py_spy(work: Path) -> None:
     spy = work / "tools-venv" / "bin" / "py-spy"
     if spy.exists():
         return
-    uv = [PYTHON, "-m", "uv"]
+    uv = uv_command()
     subprocess.run(
         [*uv, "venv", "--quiet", "--python", shutil.which("python3.11") or "python3.11", str(spy.parents[1])],
         check=True,
