@@ -113,9 +113,11 @@ def measure(
         seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     result: dict[str, Any] = {}
-    text = log_file.read_bytes().decode(errors="replace").rstrip().rsplit("\n", 1)[-1]
-    if text.startswith("{"):
-        result = json.loads(text)
+    # The child prints its result as one JSON line; libraries may log after it (at exit).
+    lines = log_file.read_bytes().decode(errors="replace").splitlines()
+    last = next((line for line in reversed(lines) if line.startswith("{")), None)
+    if last is not None:
+        result = json.loads(last)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} ... exited {process.returncode}; log: {log_file}")
     return Measured(round(seconds, 3), round(usage.ru_maxrss / 1024, 1), result, process.returncode)
@@ -575,6 +577,10 @@ def summarise_ours(runs: list[Measured], landing: Path) -> dict[str, Any]:
     first = runs[0].result
     fhir = first.get("ingests", {}).get("fhir", {})
     fhir_resources = int(fhir.get("records", 0)) + int(fhir.get("rejects", 0))
+    if fhir_resources == 0:
+        raise RuntimeError(
+            "the measured run reported no FHIR resources read (its log is under bench/work/runs/)"
+        )
     steps: dict[str, dict[str, Any]] = {}
     names = ["preflight", "extract", "stage", "validate", "link", "load", "gold"]
     for step in names:
