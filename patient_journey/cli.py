@@ -13,6 +13,7 @@ from typing import Annotated, NoReturn
 import pyarrow as pa
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from patient_journey.errors import JourneyError
@@ -56,6 +57,11 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def print_markdown(text: str) -> None:
+    """The run summary as text: its links (``[/path](file:///path)``) are not Rich markup."""
+    console.print(text, markup=False, highlight=False)
+
+
 def print_table(table: pa.Table, output: OutputFormat = OutputFormat.table, title: str | None = None) -> None:
     if output is OutputFormat.csv:
         import pyarrow.csv as pacsv
@@ -78,7 +84,7 @@ def print_table(table: pa.Table, output: OutputFormat = OutputFormat.table, titl
 
 
 def _fail(exc: JourneyError) -> NoReturn:
-    console.print(f"[red]error:[/red] {exc}")
+    console.print(f"[red]error:[/red] {escape(str(exc))}")
     raise typer.Exit(code=2)
 
 
@@ -97,7 +103,7 @@ def generate(
     try:
         result = run_generate(out, patients=patients, seed=seed, bad_rate=bad_rate)
     except FileExistsError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
     console.print(
         f"Wrote {result.patients} patients, {result.episodes} episodes, "
@@ -123,13 +129,13 @@ def run(
     try:
         chosen = [Source(s) for s in source] if source else None
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
     try:
         summary = patient_journey(sources=chosen, rebuild=rebuild)
     except JourneyError as exc:
         _fail(exc)
-    console.print(render_markdown(summary))
+    print_markdown(render_markdown(summary))
     if not summary.balanced:
         raise typer.Exit(code=1)
 
@@ -370,7 +376,7 @@ def _run_demo_flow() -> None:
     from patient_journey.report import render_markdown
 
     summary = patient_journey()
-    console.print(render_markdown(summary))
+    print_markdown(render_markdown(summary))
     console.print('[3/3] Example queries (`journey query "SQL"`):')
     settings = load_settings()
     for title, sql in EXAMPLE_QUERIES.items():

@@ -238,3 +238,12 @@ def test_fhir_exports_at_the_landing_root_leave_the_other_sources_prefixes_alone
     )
     report = pipeline.ingest(settings, "fhir", "run-root")
     assert (report.new_inputs, report.records, report.rejects) == (1, 1, 0)
+
+
+def test_the_cli_prints_a_summary_with_file_links_verbatim(capsys: pytest.CaptureFixture[str]) -> None:
+    # A link to a local path starts with "[/", which Rich would take for a closing markup tag.
+    from patient_journey.cli import print_markdown
+
+    text = "- quarantine: [/tmp/x/quarantine/record](file:///tmp/x/quarantine/record) [bold]"
+    print_markdown(text)
+    assert text in capsys.readouterr().out
