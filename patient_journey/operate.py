@@ -79,8 +79,11 @@ class LocalPrefect:
         return os.open(self.home / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def _run(self, *args: str) -> str:
-        done = subprocess.run(  # noqa: S603 - our own CLI, fixed arguments
-            [_prefect(), *args],
+        return self._command([_prefect(), *args], f"`prefect {' '.join(args)}`")
+
+    def _command(self, command: list[str], what: str) -> str:
+        done = subprocess.run(  # noqa: S603 - our own CLIs, fixed arguments
+            command,
             cwd=PROJECT_ROOT,
             env=self.environment(),
             capture_output=True,
@@ -90,7 +93,7 @@ class LocalPrefect:
         )
         if done.returncode != 0:
             raise ConfigurationError(
-                f"`prefect {' '.join(args)}` failed (exit {done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}"
+                f"{what} failed (exit {done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}"
             )
         return done.stdout
 
@@ -101,17 +104,25 @@ class LocalPrefect:
         except (urllib.error.URLError, OSError):
             return False
 
+    def _background(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """``prefect ARGS`` in its own session, logging to ``<home>/<name>.log``."""
+        log = self._log(name)
+        try:
+            return subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
+                [_prefect(), *args],
+                cwd=PROJECT_ROOT,
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            os.close(log)
+
     def start_server(self, timeout: float = 180) -> None:
-        log = self._log("server")
-        self.server = subprocess.Popen(  # noqa: S603
-            [_prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=PROJECT_ROOT,
-            env=self.environment(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.server = self._background(
+            "server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)
         )
-        os.close(log)
         self._save()
         deadline = time.monotonic() + timeout
         while not self.healthy():
@@ -131,30 +142,12 @@ class LocalPrefect:
         return self._run("--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE))
 
     def register_alerts(self) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "flows.operations"],
-            cwd=PROJECT_ROOT,
-            env=self.environment(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise ConfigurationError(f"Registering the alert automation failed: {done.stderr[-2000:]}")
-        return done.stdout.strip()
+        return self._command(
+            [sys.executable, "-m", "flows.operations"], "Registering the alert automation"
+        ).strip()
 
     def start_worker(self) -> None:
-        log = self._log("worker")
-        self.worker = subprocess.Popen(  # noqa: S603
-            [_prefect(), "worker", "start", "--pool", self.pool, "--type", "process"],
-            cwd=PROJECT_ROOT,
-            env=self.environment(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        os.close(log)
+        self.worker = self._background("worker", "worker", "start", "--pool", self.pool, "--type", "process")
         self._save()
 
     def start(self) -> LocalPrefect:

@@ -211,13 +211,12 @@ Window = tuple[datetime, datetime]  # [start, end), timezone-aware
 
 @dataclass(frozen=True)
 class IngestBatch:
-    """One unit of ingestion work: a batch of a file source's new inputs (by URI), or the
-    registry as a whole (no inputs). Each batch writes its own bronze, rejects and ledger rows."""
+    """One unit of ingestion work: a batch of a file source's new inputs, or the registry as a
+    whole (no files). Each batch writes its own bronze, rejects and ledger rows."""
 
     source: str
     number: int
     of: int
-    inputs: tuple[str, ...] = ()
     first: str = ""  # the first input's path inside landing, for task names
     # What the plan listed and what the ledger knew of these inputs, so that a batch neither
     # lists the source nor reads its ledger again (both grow with the source).
@@ -231,6 +230,10 @@ class IngestBatch:
             hashes=frozenset(self.ledger_hashes),
             listed=self.files,
         )
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(f.url for f in self.files)
 
     @property
     def label(self) -> str:
@@ -295,22 +298,28 @@ def plan_ingest(
     files, pending = candidate_files(landing, prefix, SOURCE_SUFFIXES[source], seen)
     root = landing.url("").rstrip("/") + "/"
     chunks = [files[i : i + batch_files] for i in range(0, len(files), batch_files)]
-    batches = []
-    for number, chunk in enumerate(chunks, start=1):
-        urls = {f.url for f in chunk}
-        batches.append(
-            IngestBatch(
-                source,
-                number,
-                len(chunks),
-                tuple(f.url for f in chunk),
-                chunk[0].url.removeprefix(root),
-                tuple(chunk),
-                tuple(sorted(v for v in seen.versions if v[0] in urls)),
-                tuple(sorted(h for h in seen.hashes if h[0] in urls)),
-            )
+    versions, hashes = _by_uri(seen.versions), _by_uri(seen.hashes)  # once: the ledger is large
+    batches = tuple(
+        IngestBatch(
+            source,
+            number,
+            len(chunks),
+            chunk[0].url.removeprefix(root),
+            tuple(chunk),
+            tuple(v for f in chunk for v in versions.get(f.url, ())),
+            tuple(h for f in chunk for h in hashes.get(f.url, ())),
         )
-    return IngestPlan(source, tuple(batches), pending)
+        for number, chunk in enumerate(chunks, start=1)
+    )
+    return IngestPlan(source, batches, pending)
+
+
+def _by_uri(pairs: frozenset[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """Ledger facts ((uri, version) or (uri, content hash)) grouped by URI."""
+    grouped: dict[str, list[tuple[str, str]]] = {}
+    for pair in pairs:
+        grouped.setdefault(pair[0], []).append(pair)
+    return grouped
 
 
 def ingest(

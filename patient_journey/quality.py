@@ -75,10 +75,9 @@ class SuiteFile:
     document: dict[str, Any]
 
 
-def _rule_of(config: dict[str, Any]) -> str:
-    meta = config.get("meta") or {}
-    column = (config.get("kwargs") or {}).get("column")
-    return str(meta.get("rule") or (f"{config['type']}({column})" if column else config["type"]))
+def rule_of(kind: str, column: str | None, meta: dict[str, Any] | None) -> str:
+    """An expectation's rule name: ``meta.rule``, else its type and column."""
+    return str((meta or {}).get("rule") or (f"{kind}({column})" if column else kind))
 
 
 def load_suite_files(expectations_dir: Path) -> dict[tuple[str, str], SuiteFile]:
@@ -202,7 +201,7 @@ class QualityGate:
             meta = expectation.meta or {}
             severity = meta.get("severity", "error")
             column = expectation.kwargs.get("column")
-            rule = _rule_of({"type": expectation.type, "kwargs": {"column": column}, "meta": meta})
+            rule = rule_of(expectation.type, column, meta)
             observed = details.get("observed_value")
             outcome = ExpectationOutcome(
                 table=name,

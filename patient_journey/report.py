@@ -14,6 +14,7 @@ from typing import Any
 
 from patient_journey.azure import is_blob_url
 from patient_journey.lake import Lake
+from patient_journey.linkage import LINKS
 from patient_journey.pipeline import (
     QUARANTINE,
     SOURCES,
@@ -22,7 +23,7 @@ from patient_journey.pipeline import (
     TableCounts,
     extraction_rejects_table,
 )
-from patient_journey.quality import load_suite_files
+from patient_journey.quality import load_suite_files, rule_of
 from patient_journey.settings import JourneySettings
 
 QUARANTINE_EVENT = "patient-journey.quarantine.threshold-exceeded"
@@ -127,10 +128,14 @@ def _percent(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.2f}%"
 
 
+# A staged table loads into the silver table its link names (the PROM sources into prom_score).
+SILVER_OF = {spec.staged: spec.silver for spec in LINKS if spec.silver is not None}
+
+
 def _version_of(table: str, versions: dict[str, int]) -> str:
-    for layer in ("gold", "silver"):
-        if f"{layer}.{table}" in versions:
-            return f"{layer} v{versions[f'{layer}.{table}']}"
+    for name in (f"gold.{table}", f"silver.{SILVER_OF.get(table, table)}"):
+        if name in versions:
+            return f"{name.split('.')[0]} v{versions[name]}"
     return "-"
 
 
@@ -246,10 +251,9 @@ def _suite_kwargs(expectations_dir: Path) -> dict[tuple[str, str, str], dict[str
     found: dict[tuple[str, str, str], dict[str, Any]] = {}
     for (layer, table), suite in load_suite_files(expectations_dir).items():
         for config in suite.document["expectations"]:
-            meta = config.get("meta") or {}
-            column = (config.get("kwargs") or {}).get("column")
-            rule = str(meta.get("rule") or (f"{config['type']}({column})" if column else config["type"]))
-            found[(f"{layer}.{table}", rule, config["type"])] = dict(config.get("kwargs") or {})
+            kwargs = dict(config.get("kwargs") or {})
+            rule = rule_of(config["type"], kwargs.get("column"), config.get("meta"))
+            found[(f"{layer}.{table}", rule, config["type"])] = kwargs
     return found
 
 

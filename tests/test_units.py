@@ -247,3 +247,15 @@ def test_the_cli_prints_a_summary_with_file_links_verbatim(capsys: pytest.Captur
     text = "- quarantine: [/tmp/x/quarantine/record](file:///tmp/x/quarantine/record) [bold]"
     print_markdown(text)
     assert text in capsys.readouterr().out
+
+
+def test_the_summary_names_the_silver_version_a_prom_source_loaded_into() -> None:
+    from patient_journey.pipeline import BuildReport, TableCounts
+    from patient_journey.report import RunSummary, render_markdown
+
+    silver = BuildReport(
+        built=True, tables=[TableCounts("redcap_prom", 3, 3)], versions={"silver.prom_score": 7}
+    )
+    markdown = render_markdown(RunSummary(run_id="r", silver=silver))
+    [row] = [line for line in markdown.splitlines() if line.startswith("| redcap_prom |")]
+    assert row.rstrip().endswith("| silver v7 |")

@@ -135,12 +135,12 @@ def map_blob(out: Extraction, templates: DeviceTemplates, url: str, data: bytes)
             out.add_reject(ENTITY, url, index, exc.rule, exc.detail)
             continue
         envelope = Envelope.from_routed_record(message)
-        message_id = _message_id(body, envelope)
         result = templates.map_message(body, envelope, message=index)
         if result.rejects:  # a message with any reject loads nothing: one reject row for it
             first = result.rejects[0]
             out.add_reject(ENTITY, url, index, first.rule, first.detail)
             continue
+        message_id = _message_id(body, envelope)
         matches: dict[int, list[Measurement]] = {}
         for row in result.rows:
             matches.setdefault(row.match, []).append(row)

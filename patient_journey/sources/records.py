@@ -172,7 +172,6 @@ class InputSelection:
     hashes: frozenset[tuple[str, str]] = frozenset()  # (uri, content hash) already processed
     settle_before: datetime | None = None  # inputs modified after this are left for later
     other_sources: tuple[str, ...] = ()  # URL prefixes of other sources' inputs
-    only: frozenset[str] | None = None  # a batch of a planned run: read these URIs, no others
     window: tuple[datetime, datetime] | None = None  # a backfill: inputs modified in [start, end)
     # A planned batch: these files as the plan listed them; the source is not listed again.
     listed: tuple[FileInfo, ...] | None = None
@@ -183,8 +182,6 @@ class InputSelection:
 
     def wants(self, file: FileInfo) -> bool:
         """Whether the file belongs to this selection at all (before the ledger and settling)."""
-        if self.only is not None and file.url not in self.only:
-            return False
         if self.window is not None and not self.window[0] <= file.modified < self.window[1]:
             return False
         return not file.url.startswith(self.other_sources)
