@@ -132,10 +132,12 @@ def runs_of(client: SyncPrefectClient, deployment_id: UUID) -> list[FlowRun]:
 
 
 def artifacts_of(client: SyncPrefectClient, run: FlowRun) -> dict[str, Any]:
+    """A run's artifacts by key. Not by type: Prefect stores a link artifact as markdown, so a
+    run has two markdown artifacts and which one a by-type map kept depended on their order."""
     found = client.read_artifacts(
         artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
     )
-    return {a.type: a for a in found if a.type}
+    return {a.key: a for a in found if a.key}
 
 
 def markdowns_of(client: SyncPrefectClient, run: FlowRun) -> list[str]:

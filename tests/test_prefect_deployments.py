@@ -24,6 +24,9 @@ from tests.prefect_stack import DEPLOYMENTS, Served, artifacts_of, markdowns_of,
 
 pytestmark = pytest.mark.prefect
 
+SUMMARY = "patient-journey-summary"
+PROGRESS = "patient-journey-ingest-progress"
+
 
 def test_the_deployments_carry_schedules_triggers_and_typed_parameters(
     served_client: SyncPrefectClient, served_runs: dict[str, list[FlowRun]]
@@ -56,9 +59,9 @@ def test_every_ingestion_run_completes_with_its_artifacts(
     for run in served_runs["ingest"]:
         assert run.state is not None and run.state.type.value == "COMPLETED", run.state
         artifacts = artifacts_of(served_client, run)
-        assert {"markdown", "progress"} <= set(artifacts), artifacts.keys()
-        assert artifacts["progress"].data == 100.0
-        assert "## Sources" in artifacts["markdown"].data
+        assert {SUMMARY, PROGRESS} <= set(artifacts), artifacts.keys()
+        assert artifacts[PROGRESS].data == 100.0
+        assert "## Sources" in artifacts[SUMMARY].data
         tasks = {
             t.name for t in served_client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
         }
@@ -91,14 +94,15 @@ def test_the_journey_build_is_triggered_and_loads_the_ground_truth(
     )
     last = max(built, key=lambda r: r.expected_start_time or r.created)
     artifacts = artifacts_of(served_client, last)
-    markdown = artifacts["markdown"].data
+    markdown = artifacts[SUMMARY].data
     assert f"| surgical_episode | {served.generated.episodes} | {served.generated.episodes} |" in markdown
     assert "quarantine: quarantine.record" in markdown and "Data Docs" in markdown
-    rows = artifacts["table"].data
+    assert artifacts["patient-journey-data-docs"].type == "markdown"  # a link artifact
+    rows = artifacts["patient-journey-expectations"].data
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert rows and {"table", "rule", "outcome", "unexpected_count"} <= set(rows[0])
     assert any(r["outcome"] == "failed" for r in rows)  # planted bad records break row rules
-    docs = artifacts["markdown"].data.split("Data Docs (counts only): [")[1].split("]")[0]
+    docs = markdown.split("Data Docs (counts only): [")[1].split("]")[0]
     index = Path(docs).read_text()
     assert "staged.observation" in index
 
