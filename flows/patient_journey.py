@@ -26,13 +26,14 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, model_validator
 
-from patient_journey.pipeline import SOURCES, IngestBatch, IngestReport, Window
-from patient_journey.report import RunSummary, combine_ingests
+from patient_journey.pipeline import SOURCES, IngestBatch, IngestPlan, IngestReport, Window
+from patient_journey.report import RunSummary
 from patient_journey.settings import load_settings
 from tasks.journey import (
     build_gold,
     build_silver,
     check_quarantine_share,
+    commit_ingest,
     plan_ingest,
     preflight,
     publish_summary,
@@ -40,7 +41,7 @@ from tasks.journey import (
 from tasks.journey import (
     ingest as ingest_batch,
 )
-from tasks.limits import WAREHOUSE_LIMIT, ensure_limits, holding, ingest_limit, write_limit
+from tasks.limits import WAREHOUSE_LIMIT, holding, ingest_limit
 from tasks.runners import task_runner_for
 
 
@@ -83,10 +84,9 @@ def _run_id() -> str:
 def _ingest(
     run_id: str, sources: list[Source], window: Window | None = None, reread: bool = False
 ) -> list[IngestReport]:
-    """Plan each source, ingest its batches in parallel on the task runner, move the progress
-    artifact as batches finish, and combine the batch reports per source."""
+    """Plan each source, read its batches in parallel on the task runner (moving the progress
+    artifact as batches finish), then commit each source's batches to bronze at once."""
     chosen = [str(s) for s in dict.fromkeys(sources)]
-    ensure_limits([write_limit(s) for s in chosen])
     with holding([ingest_limit(s) for s in chosen]):
         plans = [plan_ingest.submit(s, window, reread) for s in chosen]
         planned = [p.result() for p in plans]
@@ -101,12 +101,23 @@ def _ingest(
         }
         assert isinstance(progress, UUID)
         reports: dict[IngestBatch, IngestReport] = {}
+        commits: dict[str, PrefectFuture[IngestReport]] = {}
+
+        def commit_when_read(plan: IngestPlan) -> None:
+            if plan.source not in commits and all(b in reports for b in plan.batches):
+                parts = [reports[b] for b in plan.batches]
+                commits[plan.source] = commit_ingest.submit(plan.source, parts, plan.pending_inputs)
+
+        for plan in planned:
+            commit_when_read(plan)  # a source with nothing new commits (nothing) at once
         for done, future in enumerate(as_completed(list(futures)), start=1):
-            reports[futures[future]] = future.result()
+            batch = futures[future]
+            reports[batch] = future.result()
             update_progress_artifact(progress, 100.0 * done / total if total else 100.0)
+            commit_when_read(next(p for p in planned if p.source == batch.source))
         if total == 0:
             update_progress_artifact(progress, 100.0)
-    return [combine_ingests(p.source, [reports[b] for b in p.batches], p.pending_inputs) for p in planned]
+        return [commits[p.source].result() for p in planned]
 
 
 def _build(summary: RunSummary, rebuild: bool) -> None:

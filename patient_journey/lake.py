@@ -148,7 +148,8 @@ class Lake:
         )
         return self._version_after_write(ref)
 
-    def append(self, ref: TableRef, data: pa.Table) -> int:
+    def append(self, ref: TableRef, data: pa.Table | pa.RecordBatchReader) -> int:
+        """Append rows in one commit (a reader is streamed, never held whole); returns the new version."""
         self._call(
             "append to",
             ref,

@@ -9,10 +9,10 @@ so steps can run in separate processes (or on a Dask cluster) and be re-run alon
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import TypeAlias
 
 import orjson
 import pyarrow as pa
@@ -31,6 +31,7 @@ from patient_journey.settings import JourneySettings
 from patient_journey.sources import device, fhir, redcap, registry
 from patient_journey.sources.records import (
     BRONZE_SCHEMA,
+    LEDGER_SCHEMA,
     REJECT_SCHEMA,
     Extraction,
     InputSelection,
@@ -47,6 +48,8 @@ BRONZE_TABLES = {
     "redcap": "redcap_record",
 }
 GOLD_TABLES = ("surgical_episode", "journey_event", "device_clock")
+SPILL_PREFIX = "_ingest"  # in the restricted zone: batches read, not yet committed (extract_batch)
+ArrowRows: TypeAlias = pa.Table | pa.RecordBatchReader
 DEVICE_LAYER = "device"  # expectations/device/<type name>.json: one suite per device type
 
 
@@ -83,8 +86,27 @@ class IngestReport:
     records: int = 0
     rejects: int = 0
     skipped: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time, from the first batch's start to the commit's end
     bronze_version: int | None = None
+    started: float = 0.0  # epoch seconds
+    # A batch read by extract_batch: its rows put aside until commit_ingest appends them.
+    spilled: tuple[str, ...] = ()
+
+    @classmethod
+    def combine(cls, source: str, parts: list[IngestReport], pending_inputs: int = 0) -> IngestReport:
+        """One source's report from the reports of its batches (and the inputs its plan left)."""
+        combined = cls(source, pending_inputs=pending_inputs)
+        skipped = [p.skipped for p in parts if p.skipped]
+        combined.skipped = skipped[0] if skipped and len(skipped) == len(parts) else None
+        for part in parts:
+            combined.new_inputs += part.new_inputs
+            combined.pending_inputs += part.pending_inputs
+            combined.changed_inputs += part.changed_inputs
+            combined.records += part.records
+            combined.rejects += part.rejects
+            if part.bronze_version is not None:
+                combined.bronze_version = max(combined.bronze_version or 0, part.bronze_version)
+        return combined
 
 
 @dataclass
@@ -322,25 +344,17 @@ def _by_uri(pairs: frozenset[tuple[str, str]]) -> dict[str, list[tuple[str, str]
     return grouped
 
 
-def ingest(
+def _read_inputs(
     settings: JourneySettings,
     source: str,
     run_id: str,
-    batch: IngestBatch | None = None,
-    window: Window | None = None,
-    reread: bool = False,
-    write_lock: Callable[[], AbstractContextManager[object]] = nullcontext,
-) -> IngestReport:
-    """Read new inputs of one source into bronze; rejects and the ledger are written after.
-
-    ``batch`` restricts a file source to one planned batch (``plan_ingest``), read as the plan
-    listed it; ``window`` and ``reread`` as in ``plan_ingest``. Batches of one source may read at the same time; their
-    writes are made under ``write_lock`` (e.g. a cluster-wide lock per source): concurrent
-    Delta appends never corrupt a table, but under contention delta-rs gives up after its
-    commit retries (seen with 70 batches in parallel)."""
+    batch: IngestBatch | None,
+    window: Window | None,
+    reread: bool,
+) -> tuple[IngestReport, Extraction | None]:
+    """Read one source's new inputs (or one planned batch of them) into memory."""
     if source not in SOURCES:
         raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
-    started = time.perf_counter()
     lake = Lake(settings)
     landing = lake.storage(settings.storage.landing_url)
     watermarks: dict[str, str] = {}
@@ -351,7 +365,9 @@ def ingest(
     if source == "registry":
         url = registry_url(settings)
         if url is None:
-            return IngestReport(source, skipped="no registry configured (JOURNEY_SOURCES__REGISTRY_URL)")
+            return IngestReport(
+                source, skipped="no registry configured (JOURNEY_SOURCES__REGISTRY_URL)"
+            ), None
         extraction = registry.extract(
             url, watermarks, run_id, settings.sources.registry_lookback_seconds, _registry_rows_read(lake)
         )
@@ -364,24 +380,122 @@ def ingest(
         extraction = adapter(landing, prefix, seen, run_id)
     report = IngestReport(
         source,
+        new_inputs=extraction.input_count,
         records=extraction.record_count,
         rejects=extraction.reject_count,
         pending_inputs=extraction.pending_inputs,
         changed_inputs=extraction.changed_inputs,
     )
-    ledger = extraction.ledger()
-    report.new_inputs = ledger.num_rows
-    # Order matters for crash safety: bronze, then rejects, then the ledger. A crash before the
-    # ledger write re-reads the inputs next time; staging collapses such exact re-reads.
-    with write_lock():
-        if extraction.record_count:
-            report.bronze_version = lake.append(bronze(BRONZE_TABLES[source]), extraction.records())
-        if extraction.reject_count:
-            lake.append(extraction_rejects_table(source), extraction.rejects())
-        if ledger.num_rows:
-            lake.append(ledger_table(source), ledger)
-    report.seconds = round(time.perf_counter() - started, 3)
+    return report, extraction
+
+
+def _append_ingested(
+    lake: Lake, report: IngestReport, records: ArrowRows, rejects: ArrowRows, ledger: ArrowRows
+) -> None:
+    """Append what a source read. Order matters for crash safety: bronze, then rejects, then the
+    ledger. A crash before the ledger write re-reads the inputs next time; staging collapses
+    such exact re-reads."""
+    if report.records:
+        report.bronze_version = lake.append(bronze(BRONZE_TABLES[report.source]), records)
+    if report.rejects:
+        lake.append(extraction_rejects_table(report.source), rejects)
+    if report.new_inputs:
+        lake.append(ledger_table(report.source), ledger)
+
+
+def ingest(
+    settings: JourneySettings,
+    source: str,
+    run_id: str,
+    batch: IngestBatch | None = None,
+    window: Window | None = None,
+    reread: bool = False,
+) -> IngestReport:
+    """Read new inputs of one source (or one planned batch) into bronze, in one step.
+
+    ``window`` and ``reread`` as in ``plan_ingest``. The flows read a source's batches in
+    parallel with ``extract_batch`` and append them together with ``commit_ingest``."""
+    started = time.time()
+    report, extraction = _read_inputs(settings, source, run_id, batch, window, reread)
+    if extraction is not None:
+        _append_ingested(
+            Lake(settings), report, extraction.records(), extraction.rejects(), extraction.ledger()
+        )
+    report.started = started
+    report.seconds = round(time.time() - started, 3)
     return report
+
+
+def extract_batch(
+    settings: JourneySettings,
+    batch: IngestBatch,
+    run_id: str,
+    window: Window | None = None,
+    reread: bool = False,
+) -> IngestReport:
+    """Read one planned batch and put its rows aside for ``commit_ingest``: Arrow IPC files in
+    the restricted zone (``_ingest/<source>/<run id>/``; they hold record content). Batches of
+    a source read in parallel (threads, processes or a Dask cluster) and write no Delta table,
+    so none waits for another; the report carries the files' URLs."""
+    started = time.time()
+    report, extraction = _read_inputs(settings, batch.source, run_id, batch, window, reread)
+    if extraction is not None:
+        store = Lake(settings).storage(settings.storage.restricted_url)
+        spilled = []
+        for kind, table in (
+            ("bronze", extraction.records()),
+            ("rejects", extraction.rejects()),
+            ("ledger", extraction.ledger()),
+        ):
+            if table.num_rows:
+                path = f"{SPILL_PREFIX}/{batch.source}/{run_id}/{batch.number:06d}-{kind}.arrow"
+                store.write_bytes(path, _ipc_bytes(table))
+                spilled.append(store.url(path))
+        report.spilled = tuple(spilled)
+    report.started = started
+    report.seconds = round(time.time() - started, 3)
+    return report
+
+
+def commit_ingest(
+    settings: JourneySettings, source: str, parts: list[IngestReport], pending_inputs: int = 0
+) -> IngestReport:
+    """Append every batch that ``extract_batch`` put aside for one source: one Delta commit per
+    table (bronze, rejects, ledger, in that order), streamed file by file, then remove the
+    source's spill files, those a crashed run left too (the caller holds the source's ingest
+    limit, so no other run is between extract and commit). Returns the source's report."""
+    combined = IngestReport.combine(source, parts, pending_inputs)
+    lake = Lake(settings)
+    store = lake.storage(settings.storage.restricted_url)
+    spilled = [url for part in parts for url in part.spilled]
+
+    def rows(kind: str, schema: pa.Schema) -> pa.RecordBatchReader:
+        def batches() -> Iterator[pa.RecordBatch]:
+            for url in (u for u in spilled if u.endswith(f"-{kind}.arrow")):
+                with pa.ipc.open_stream(store.read_bytes(url)) as reader:
+                    yield from reader
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
+
+    _append_ingested(
+        lake,
+        combined,
+        rows("bronze", BRONZE_SCHEMA),
+        rows("rejects", REJECT_SCHEMA),
+        rows("ledger", LEDGER_SCHEMA),
+    )
+    root = store.url("").rstrip("/") + "/"
+    for leftover in store.list_files(f"{SPILL_PREFIX}/{source}"):
+        store.delete(leftover.url.removeprefix(root))
+    combined.seconds = round(time.time() - min((p.started for p in parts), default=time.time()), 3)
+    return combined
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
 
 
 def forget_inputs(settings: JourneySettings, source: str, prefix: str = "") -> int:

@@ -96,23 +96,6 @@ class RunSummary:
         return {k: v for r in reports for k, v in r.versions.items()}
 
 
-def combine_ingests(source: str, parts: list[IngestReport], pending_inputs: int = 0) -> IngestReport:
-    """One source's report from the reports of its batches (and the inputs its plan left)."""
-    combined = IngestReport(source, pending_inputs=pending_inputs)
-    skipped = [p.skipped for p in parts if p.skipped]
-    combined.skipped = skipped[0] if skipped and len(skipped) == len(parts) else None
-    for part in parts:
-        combined.new_inputs += part.new_inputs
-        combined.pending_inputs += part.pending_inputs
-        combined.changed_inputs += part.changed_inputs
-        combined.records += part.records
-        combined.rejects += part.rejects
-        combined.seconds = round(combined.seconds + part.seconds, 3)
-        if part.bronze_version is not None:
-            combined.bronze_version = max(combined.bronze_version or 0, part.bronze_version)
-    return combined
-
-
 def quarantine_locations(settings: JourneySettings) -> dict[str, str]:
     """Where rejected records are kept (restricted: rule and lineage only), by table label."""
     lake = Lake(settings)

@@ -106,7 +106,16 @@ class _LocalBackend:
         target.write_bytes(data)
 
     def delete(self, path: str) -> None:
-        (self.root / path).unlink(missing_ok=True)
+        """Delete a file, and the folders it leaves empty (blob storage has no empty folders)."""
+        target = self.root / path
+        target.unlink(missing_ok=True)
+        for folder in target.parents:
+            if folder == self.root or self.root not in folder.parents:
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone): stop here
+                break
 
 
 class _BlobBackend:

@@ -26,7 +26,6 @@ from patient_journey.report import (
     render_markdown,
     write_data_docs,
 )
-from tasks.limits import writing
 from tasks.settings import journey_settings
 
 RETRY_DELAYS = [2, 10, 30]  # seconds: backoff between attempts
@@ -78,16 +77,14 @@ def plan_ingest(source: str, window: Window | None = None, reread: bool = False)
 def ingest(
     batch: IngestBatch, run_id: str, window: Window | None = None, reread: bool = False
 ) -> IngestReport:
-    """Read one batch of a source's inputs into bronze (with its rejects and ledger rows)."""
-    return pipeline.ingest(
-        journey_settings(),
-        batch.source,
-        run_id,
-        batch,
-        window=window,
-        reread=reread,
-        write_lock=lambda: writing(batch.source),
-    )
+    """Read one batch of a source's inputs and put its rows aside for the source's commit."""
+    return pipeline.extract_batch(journey_settings(), batch, run_id, window=window, reread=reread)
+
+
+@task(name="commit-ingest", task_run_name="commit {source}", **RETRYING)
+def commit_ingest(source: str, batches: list[IngestReport], pending_inputs: int = 0) -> IngestReport:
+    """Append a source's batches to bronze, its rejects and its ledger, one commit each."""
+    return pipeline.commit_ingest(journey_settings(), source, batches, pending_inputs)
 
 
 @task(name="stage-validate-link", **RETRYING)

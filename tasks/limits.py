@@ -9,7 +9,7 @@ that are missing, so a fresh server needs no set-up.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import contextmanager, suppress
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -25,12 +25,7 @@ def ingest_limit(source: str) -> str:
     return f"patient-journey-ingest-{source}"
 
 
-def write_limit(source: str) -> str:
-    """Held by one ingestion batch while it appends its rows (batches of a run read in parallel)."""
-    return f"patient-journey-write-{source}"
-
-
-ALL_LIMITS = (WAREHOUSE_LIMIT, *(ingest_limit(s) for s in SOURCES), *(write_limit(s) for s in SOURCES))
+ALL_LIMITS = (WAREHOUSE_LIMIT, *(ingest_limit(s) for s in SOURCES))
 
 
 def ensure_limits(names: Iterable[str] = ALL_LIMITS) -> None:
@@ -51,8 +46,3 @@ def holding(names: list[str], ensure: bool = True) -> Iterator[None]:
         ensure_limits(names)
     with concurrency(sorted(names), occupy=1, strict=True):
         yield
-
-
-def writing(source: str) -> AbstractContextManager[None]:
-    """The write lock of one source's batches (the flow created the limit before the batches)."""
-    return holding([write_limit(source)], ensure=False)

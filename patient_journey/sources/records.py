@@ -152,6 +152,11 @@ class Extraction:
     def reject_count(self) -> int:
         return len(self._rejects["entity"])
 
+    @property
+    def input_count(self) -> int:
+        """Ledger entries: inputs read (or recorded unchanged) in this extraction."""
+        return len(self._ledger["uri"])
+
     def records(self) -> pa.Table:
         return pa.table(self._records, schema=BRONZE_SCHEMA)
 
