@@ -354,6 +354,105 @@ def _member_keys(text: str) -> tuple[str, ...] | None:
     return tuple(keys)
 
 
+# A filter of member tests: `@a.b`, `@['a b']`, `@a == 'x'` (or a number, true, false, null),
+# joined by && and || with parentheses; && binds tighter, as in python-jsonpath.
+_FILTER_TOKEN = re.compile(
+    r"""\s*(?:(?P<member>@(?:\.?[A-Za-z_][\w-]*|\['[^'\\]*'\])(?:\.[A-Za-z_][\w-]*|\['[^'\\]*'\])*)"""
+    r"""|(?P<op>&&|\|\||==|\(|\))"""
+    r"""|'(?P<single>[^'\\]*)'"""
+    r'''|"(?P<double>[^"\\]*)"'''
+    r"""|(?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w.])|(?P<word>true|false|null)(?!\w))"""
+)
+_MEMBER_NAME = re.compile(r"""([A-Za-z_][\w-]*)|\['([^'\\]*)'\]""")
+_NOTHING = object()
+Test = Callable[[dict[str, Any]], bool]
+
+
+def _member_filter(text: str) -> Test | None:
+    """``text`` (the inside of ``[?( )]``) as a predicate over one object, or None when it uses
+    anything else (then python-jsonpath runs it). Same results as python-jsonpath (the tests
+    compare both on every value shape): a member test is true when the path exists (a null
+    value too); ``==`` compares the value found, a boolean only with a boolean, and an absent
+    member equals nothing."""
+    tokens: list[tuple[str, Any]] = []
+    position = 0
+    while position < len(text):
+        if text[position:].strip() == "":
+            break
+        match = _FILTER_TOKEN.match(text, position)
+        if match is None:
+            return None
+        kind = match.lastgroup or ""
+        value = (match.group(kind) or "") if kind else ""
+        if kind == "member":
+            keys = tuple(a or b for a, b in _MEMBER_NAME.findall(value.lstrip("@").lstrip(".")))
+            tokens.append(("member", keys))
+        elif kind in ("single", "double"):
+            tokens.append(("literal", value))
+        elif kind == "number":
+            tokens.append(("literal", int(value) if value.lstrip("-").isdigit() else float(value)))
+        elif kind == "word":
+            tokens.append(("literal", {"true": True, "false": False, "null": None}[value]))
+        else:
+            tokens.append(("op", value))
+        position = match.end()
+    parsed, rest = _parse_or(tokens)
+    return parsed if parsed is not None and not rest else None
+
+
+def _lookup(node: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    value: Any = node
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return _NOTHING
+        value = value[key]
+    return value
+
+
+def _parse_or(tokens: list[tuple[str, Any]]) -> tuple[Test | None, list[tuple[str, Any]]]:
+    left, tokens = _parse_and(tokens)
+    while left is not None and tokens[:1] == [("op", "||")]:
+        right, tokens = _parse_and(tokens[1:])
+        if right is None:
+            return None, tokens
+        left = (lambda a, b: lambda node: a(node) or b(node))(left, right)
+    return left, tokens
+
+
+def _parse_and(tokens: list[tuple[str, Any]]) -> tuple[Test | None, list[tuple[str, Any]]]:
+    left, tokens = _parse_test(tokens)
+    while left is not None and tokens[:1] == [("op", "&&")]:
+        right, tokens = _parse_test(tokens[1:])
+        if right is None:
+            return None, tokens
+        left = (lambda a, b: lambda node: a(node) and b(node))(left, right)
+    return left, tokens
+
+
+def _parse_test(tokens: list[tuple[str, Any]]) -> tuple[Test | None, list[tuple[str, Any]]]:
+    if tokens[:1] == [("op", "(")]:
+        inner, rest = _parse_or(tokens[1:])
+        if inner is None or rest[:1] != [("op", ")")]:
+            return None, rest
+        return inner, rest[1:]
+    if not tokens or tokens[0][0] != "member":
+        return None, tokens
+    keys: tuple[str, ...] = tokens[0][1]
+    if tokens[1:2] == [("op", "==")] and len(tokens) > 2 and tokens[2][0] == "literal":
+        literal = tokens[2][1]
+
+        def equals(node: dict[str, Any]) -> bool:
+            value = _lookup(node, keys)
+            if value is _NOTHING:
+                return False
+            if isinstance(value, bool) or isinstance(literal, bool):  # true is not 1
+                return isinstance(value, bool) and isinstance(literal, bool) and value == literal
+            return bool(value == literal)
+
+        return equals, tokens[3:]
+    return (lambda node: _lookup(node, keys) is not _NOTHING), tokens[1:]
+
+
 def _compile_jsonpath(text: str) -> Callable[[Any, list[Any] | None], Any]:
     keys = _member_keys(text)
     if keys is not None:
@@ -376,11 +475,16 @@ def _compile_jsonpath(text: str) -> Callable[[Any, list[Any] | None], Any]:
         # Newtonsoft finds no match on a node that has none of the members the filter tests (an
         # absent member never compares equal or unequal), so only objects with one of them run it.
         members = _filter_members(text)
+        # The common filters (members tested for presence or compared with a literal, joined by
+        # && and ||) run as a Python predicate with python-jsonpath's results; others run in it.
+        test = _member_filter(text[len("$..[?(") : -2]) if members and text.endswith(")]") else None
 
         def scan_filter(data: Any, containers: list[Any] | None) -> Iterator[Any]:
             candidates = containers if containers is not None else containers_of(data)
             if members:
                 candidates = [c for c in candidates if isinstance(c, dict) and not members.isdisjoint(c)]
+            if test is not None:
+                return (c for c in candidates if test(c))
             return (match.obj for match in scan.finditer(candidates))
 
         return scan_filter

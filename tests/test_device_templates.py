@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -857,3 +858,65 @@ def test_newtonsoft_jsonpath_dialect(expression: str, expected: list[Any]) -> No
     compiled = compile_expression(expression, "JsonPath", "test")
     assert compiled.select(DIALECT_EVENT) == expected
     assert compiled.select(DIALECT_EVENT, containers_of(DIALECT_EVENT)) == expected
+
+
+# The type-match filters run as Python predicates (`_member_filter`) where they can; these must
+# select exactly what python-jsonpath selects, on every value shape a message may carry.
+FILTER_VALUES: list[Any] = [None, True, False, 0, 1, 1.0, 2.5, "1", "x", "", [], [1], {}, {"b": "x"}]
+SHIPPED_FILTERS = sorted(
+    {
+        text
+        for folder in (
+            Path(__file__).parents[1] / "catalog" / "devices",
+            SHARED_DATA / "iomt-device-messages",
+        )
+        for path in folder.rglob("*.json")
+        for text in re.findall(r'"typeMatchExpression":\s*"([^"]*)"', path.read_text())
+        if text.startswith("$..[?(") and text.endswith(")]") and "!=" not in text
+    }
+)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        *SHIPPED_FILTERS,
+        "$..[?(@a)]",
+        "$..[?(@.a.b)]",
+        "$..[?(@['a'] == 1)]",
+        "$..[?(@a == true)]",
+        "$..[?(@a == false)]",
+        "$..[?(@a == null)]",
+        "$..[?(@a == 1.0)]",
+        "$..[?(@a == '1')]",
+        "$..[?(@a.b == 'x' || @c && @a)]",
+        "$..[?((@a == 'x' || @c) && @a)]",
+        '$..[?(@a == "x" && (@c == 2.5 || @c == 0))]',
+    ],
+)
+def test_member_filters_select_what_python_jsonpath_selects(expression: str) -> None:
+    import jsonpath
+
+    from patient_journey.device_templates import _member_filter
+
+    test = _member_filter(expression[len("$..[?(") : -2])
+    assert test is not None, "this filter should take the fast path"
+    reference = jsonpath.JSONPathEnvironment().compile("$" + expression[3:])
+    nodes = [
+        {"a": a, "c": c, "deviceType": d, "event": e, "clampForceN": a}
+        for a in FILTER_VALUES
+        for c in (None, 2.5, 0, "x")
+        for d, e in (("surgical-stapler", "fire"), ("robotic-platform", "console_time"), ("tourniquet", None))
+    ] + [{}, {"c": 1}, {"deviceType": "powered-saw"}]
+    for node in nodes:
+        expected = [m.obj for m in reference.finditer([node])] == [node]
+        assert test(node) == expected, node
+
+
+@pytest.mark.parametrize(
+    "inside", ["@a != 'x'", "@a < 3", "!@a", "@", "@a == @b", "@a ==", "(@a", "@a =~ /x/"]
+)
+def test_other_filters_are_left_to_python_jsonpath(inside: str) -> None:
+    from patient_journey.device_templates import _member_filter
+
+    assert _member_filter(inside) is None

@@ -12,7 +12,9 @@ from patient_journey.pipeline import SPILL_PREFIX, extraction_rejects_table, led
 from tests.conftest import settings_for
 
 
-def test_batches_read_apart_and_commit_once_as_one_step_would(generated: GenerationResult, tmp_path: Path) -> None:
+def test_batches_read_apart_and_commit_once_as_one_step_would(
+    generated: GenerationResult, tmp_path: Path
+) -> None:
     landing = generated.out / "landing"
     batched = settings_for(tmp_path / "batched", landing=landing)
     lake = Lake(batched)
