@@ -234,7 +234,7 @@ def run_flow() -> dict[str, Any]:
     """The Prefect flow, as `journey run` runs it (the server is the one in PREFECT_API_URL),
     with each library step timed and its peak RSS recorded."""
     imports_started = time.perf_counter()
-    from flows.patient_journey import patient_journey
+    from flows.journey import patient_journey
     from patient_journey import pipeline
 
     imported = time.perf_counter()

@@ -1,1 +1,1 @@
-"""Prefect flows. Import ``flows.patient_journey:patient_journey`` to deploy the main flow."""
+"""Prefect flows. Import ``flows.journey:patient_journey`` to deploy the main flow."""

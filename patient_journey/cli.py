@@ -123,7 +123,7 @@ def run(
         load_settings().patient_hmac_key()
     except JourneyError as exc:
         _fail(exc)
-    from flows.patient_journey import Source, patient_journey
+    from flows.journey import Source, patient_journey
     from patient_journey.report import render_markdown
 
     try:
@@ -371,7 +371,7 @@ def demo(
 def _run_demo_flow() -> None:
     console.print("[2/3] Running the patient-journey flow (Prefect starts a local server first)...")
     _prefect_defaults()
-    from flows.patient_journey import patient_journey
+    from flows.journey import patient_journey
     from patient_journey.query import run_query
     from patient_journey.report import render_markdown
 

@@ -178,8 +178,16 @@ class OrchestrationSettings(BaseModel):
         ge=1,
         description="Threads of the default task runner: ingestion batches read at once in the flow-run process.",
     )
+    ingest_processes: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "With the default runner, worker processes that read ingestion batches when a source has more "
+            "than one (Python threads share one core). Default: one per core; 1: read them on the threads."
+        ),
+    )
     ingest_batch_files: int = Field(
-        default=500,
+        default=5000,
         ge=1,
         description="New input files per ingestion task: the unit of parallel work on the task runner.",
     )

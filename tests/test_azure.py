@@ -15,7 +15,7 @@ import pytest
 from azure.storage.blob import AccountSasPermissions, BlobServiceClient, ResourceTypes, generate_account_sas
 from typer.testing import CliRunner
 
-from flows.patient_journey import patient_journey
+from flows.journey import patient_journey
 from patient_journey import pipeline
 from patient_journey.azurite import ACCOUNT, WELL_KNOWN_KEY, Azurite, port_is_open, upload_folder
 from patient_journey.cli import app

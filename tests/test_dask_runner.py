@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from flows.patient_journey import patient_journey
+from flows.journey import patient_journey
 from patient_journey.generate import GenerationResult, generate
 from patient_journey.lake import Lake, Zone
 from patient_journey.report import RunSummary

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.patient_journey import patient_journey
+from flows.journey import patient_journey
 from patient_journey.generate import GenerationResult
 from patient_journey.generate.model import build_cohort
 from patient_journey.identity import KeyMaker

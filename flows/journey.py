@@ -42,7 +42,7 @@ from tasks.journey import (
     ingest as ingest_batch,
 )
 from tasks.limits import WAREHOUSE_LIMIT, holding, ingest_limit
-from tasks.runners import task_runner_for
+from tasks.runners import batch_runner, task_runner_for
 
 
 class Source(StrEnum):
@@ -74,7 +74,8 @@ class DateWindow(BaseModel):
         return start, datetime.combine(self.end, clock.min, tzinfo=UTC) + timedelta(days=1)
 
 
-TASK_RUNNER = task_runner_for(load_settings().orchestration)
+ORCHESTRATION = load_settings().orchestration
+TASK_RUNNER = task_runner_for(ORCHESTRATION)
 
 
 def _run_id() -> str:
@@ -84,8 +85,8 @@ def _run_id() -> str:
 def _ingest(
     run_id: str, sources: list[Source], window: Window | None = None, reread: bool = False
 ) -> list[IngestReport]:
-    """Plan each source, read its batches in parallel on the task runner (moving the progress
-    artifact as batches finish), then commit each source's batches to bronze at once."""
+    """Plan each source, read its batches in parallel (worker processes with the default runner,
+    see ``batch_runner``), then commit each source's batches to bronze at once."""
     chosen = [str(s) for s in dict.fromkeys(sources)]
     with holding([ingest_limit(s) for s in chosen]):
         plans = [plan_ingest.submit(s, window, reread) for s in chosen]
@@ -96,28 +97,44 @@ def _ingest(
             key="patient-journey-ingest-progress",
             description=f"Ingestion tasks finished, of {total} ({sum(p.inputs for p in planned)} input files)",
         )
-        futures: dict[PrefectFuture[IngestReport], IngestBatch] = {
-            ingest_batch.submit(batch, run_id, window, reread): batch for p in planned for batch in p.batches
-        }
         assert isinstance(progress, UUID)
-        reports: dict[IngestBatch, IngestReport] = {}
-        commits: dict[str, PrefectFuture[IngestReport]] = {}
+        with batch_runner(ORCHESTRATION, max((len(p.batches) for p in planned), default=0)) as runner:
 
-        def commit_when_read(plan: IngestPlan) -> None:
-            if plan.source not in commits and all(b in reports for b in plan.batches):
-                parts = [reports[b] for b in plan.batches]
-                commits[plan.source] = commit_ingest.submit(plan.source, parts, plan.pending_inputs)
+            def submit(batch: IngestBatch) -> PrefectFuture[IngestReport]:
+                if runner is None:
+                    return ingest_batch.submit(batch, run_id, window, reread)
+                parameters = {"batch": batch, "run_id": run_id, "window": window, "reread": reread}
+                return runner.submit(ingest_batch, parameters)
 
-        for plan in planned:
-            commit_when_read(plan)  # a source with nothing new commits (nothing) at once
-        for done, future in enumerate(as_completed(list(futures)), start=1):
-            batch = futures[future]
-            reports[batch] = future.result()
-            update_progress_artifact(progress, 100.0 * done / total if total else 100.0)
-            commit_when_read(next(p for p in planned if p.source == batch.source))
-        if total == 0:
-            update_progress_artifact(progress, 100.0)
-        return [commits[p.source].result() for p in planned]
+            futures = {submit(batch): batch for p in planned for batch in p.batches}
+            return _commit_as_read(planned, futures, progress, total)
+
+
+def _commit_as_read(
+    planned: list[IngestPlan],
+    futures: dict[PrefectFuture[IngestReport], IngestBatch],
+    progress: UUID,
+    total: int,
+) -> list[IngestReport]:
+    """Move the progress artifact as batches finish; commit each source once its batches are read."""
+    reports: dict[IngestBatch, IngestReport] = {}
+    commits: dict[str, PrefectFuture[IngestReport]] = {}
+
+    def commit_when_read(plan: IngestPlan) -> None:
+        if plan.source not in commits and all(b in reports for b in plan.batches):
+            parts = [reports[b] for b in plan.batches]
+            commits[plan.source] = commit_ingest.submit(plan.source, parts, plan.pending_inputs)
+
+    for plan in planned:
+        commit_when_read(plan)  # a source with nothing new commits (nothing) at once
+    for done, future in enumerate(as_completed(list(futures)), start=1):
+        batch = futures[future]
+        reports[batch] = future.result()
+        update_progress_artifact(progress, 100.0 * done / total if total else 100.0)
+        commit_when_read(next(p for p in planned if p.source == batch.source))
+    if total == 0:
+        update_progress_artifact(progress, 100.0)
+    return [commits[p.source].result() for p in planned]
 
 
 def _build(summary: RunSummary, rebuild: bool) -> None:
