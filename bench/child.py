@@ -53,22 +53,28 @@ def peak_mib() -> float:
 
 
 class RssSampler:
-    """Samples this process's RSS every ``interval`` seconds: (time, MiB) pairs."""
+    """Samples the RSS of this process and its descendants (the flow reads ingestion batches in
+    worker processes), summed, every ``interval`` seconds: (time, MiB) pairs."""
 
-    def __init__(self, interval: float = 0.01) -> None:
+    def __init__(self, interval: float = 0.02) -> None:
         self.samples: list[tuple[float, float]] = []
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with open("/proc/self/statm") as statm:
-            page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
-            while not self._stop.is_set():
-                statm.seek(0)
-                resident = int(statm.read().split()[1])
-                self.samples.append((time.perf_counter(), resident * page_mib))
-                self._stop.wait(self._interval)
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = me.memory_info().rss
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:  # exited between listing and reading
+                    continue
+            self.samples.append((time.perf_counter(), total / 2**20))
+            self._stop.wait(self._interval)
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -242,8 +248,6 @@ def run_flow() -> dict[str, Any]:
     recorder = StepRecorder(sampler)
     for step, name in (
         ("preflight", "preflight"),
-        ("extract", "extract_batch"),
-        ("extract", "commit_ingest"),
         ("silver", "build_silver"),
         ("gold", "build_gold"),
     ):
@@ -252,6 +256,22 @@ def run_flow() -> dict[str, Any]:
         summary = patient_journey()
         ended = time.perf_counter()
     steps = recorder.steps()
+    # Batches run in worker processes, where these wrappers are not: "extract" spans the sources'
+    # reports, from the first batch's start to the last commit's end (epoch seconds).
+    spans = [(r.started, r.started + r.seconds) for r in summary.ingests if r.started]
+    if spans:
+        offset = time.perf_counter() - time.time()
+        start, end = min(s for s, _ in spans) + offset, max(e for _, e in spans) + offset
+        steps["extract"] = {
+            "seconds": round(end - start, 3),
+            "calls": len(spans),
+            "peak_rss_mib": sampler.peak_between(start, end),
+            "start": start,
+        }
+    for step in ("preflight", "silver", "gold"):  # the kernel's peak of this process, or the tree's
+        if step in steps:
+            tree = sampler.peak_between(steps[step]["start"], steps[step]["start"] + steps[step]["seconds"])
+            steps[step]["peak_rss_mib"] = max(steps[step]["peak_rss_mib"], tree or 0.0)
     sub: dict[str, dict[str, Any]] = {}
     for step, prefix in (("silver", ""), ("gold", "gold_")):
         report = summary.silver if step == "silver" else summary.gold

@@ -355,10 +355,11 @@ class Bench:
                 str(spy),
                 "record",
                 "--nonblocking",  # samples without pausing the process: little overhead on the run
+                "--subprocesses",  # the worker processes that read ingestion batches
                 "--format",
                 "raw",
                 "--rate",
-                "5",  # py-spy took about 40% of a core at 20 Hz on this flow's threads
+                "10",  # py-spy took about 40% of a core at 20 Hz when the flow ran hundreds of threads
                 "-o",
                 str(profile_to),
                 "--",
@@ -608,7 +609,11 @@ def summarise_ours(runs: list[Measured], landing: Path) -> dict[str, Any]:
         "all_total_seconds": [m.seconds for m in runs],
         "import_seconds": median(m.result.get("import_seconds") for m in runs),
         "flow_seconds": median(m.result.get("flow_seconds") for m in runs),
-        "peak_rss_mib": median(m.peak_rss_mib for m in runs),
+        # The flow reads batches in worker processes: the process tree's summed RSS (sampled by the
+        # child), or wait4's peak of the largest process if higher.
+        "peak_rss_mib": median(
+            max(m.peak_rss_mib, m.result.get("process_peak_rss_mib") or 0.0) for m in runs
+        ),
         "steps": steps,
         "ingests": first.get("ingests", {}),
         "fhir_resources": fhir_resources,
@@ -734,7 +739,13 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     if peaks:
         largest = max(peaks, key=lambda n: SCALES[n])
         flat = max(peaks.values()) <= 1.25 * min(peaks.values())
-        out.append({"target": "peak memory flat across scales", "figure": peaks, "met": flat})
+        out.append(
+            {
+                "target": "peak memory flat across scales",
+                "figure": peaks,
+                "met": flat if len(peaks) > 1 else None,
+            }
+        )
         out.append(
             {
                 "target": "peak memory < 1 GB at L",
@@ -914,7 +925,7 @@ def summarise_profile(collapsed: Path, out: Path, top: int = 25) -> None:
     lines = [
         f"# Profile: {collapsed.name}",
         "",
-        f"{total} samples (py-spy, non-blocking, all threads).",
+        f"{total} samples (py-spy, non-blocking, all threads of the flow's process and its workers).",
         "",
     ]
     for title, table in (
