@@ -487,7 +487,8 @@ def commit_ingest(
     root = store.url("").rstrip("/") + "/"
     for leftover in store.list_files(f"{SPILL_PREFIX}/{source}"):
         store.delete(leftover.url.removeprefix(root))
-    combined.seconds = round(time.time() - min((p.started for p in parts), default=time.time()), 3)
+    combined.started = min((p.started for p in parts), default=time.time())
+    combined.seconds = round(time.time() - combined.started, 3)
     return combined
 
 

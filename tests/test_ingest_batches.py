@@ -33,6 +33,7 @@ def test_batches_read_apart_and_commit_once_as_one_step_would(
     report = pipeline.commit_ingest(batched, "device", parts, plan.pending_inputs)
     assert report.records == sum(p.records for p in parts) > 0
     assert report.new_inputs == plan.inputs and report.rejects > 0  # the generator plants bad blobs
+    assert report.started == min(p.started for p in parts) and report.seconds >= max(p.seconds for p in parts)
     for table in (bronze("device_message"), extraction_rejects_table("device"), ledger_table("device")):
         assert lake.version(table) == 0  # one commit for all batches
     assert not (restricted / SPILL_PREFIX).exists()  # put-aside rows gone, the crashed run's too
