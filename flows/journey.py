@@ -116,22 +116,25 @@ def _commit_as_read(
     progress: UUID,
     total: int,
 ) -> list[IngestReport]:
-    """Move the progress artifact as batches finish; commit each source once its batches are read."""
-    reports: dict[IngestBatch, IngestReport] = {}
+    """Move the progress artifact as batches finish; commit each source once its batches are read.
+    Reports are kept by (source, batch number): a batch itself hashes all its listed files."""
+    reports: dict[str, dict[int, IngestReport]] = {p.source: {} for p in planned}
     commits: dict[str, PrefectFuture[IngestReport]] = {}
 
     def commit_when_read(plan: IngestPlan) -> None:
-        if plan.source not in commits and all(b in reports for b in plan.batches):
-            parts = [reports[b] for b in plan.batches]
+        read = reports[plan.source]
+        if plan.source not in commits and len(read) == len(plan.batches):
+            parts = [read[number] for number in sorted(read)]
             commits[plan.source] = commit_ingest.submit(plan.source, parts, plan.pending_inputs)
 
     for plan in planned:
         commit_when_read(plan)  # a source with nothing new commits (nothing) at once
+    by_source = {p.source: p for p in planned}
     for done, future in enumerate(as_completed(list(futures)), start=1):
         batch = futures[future]
-        reports[batch] = future.result()
+        reports[batch.source][batch.number] = future.result()
         update_progress_artifact(progress, 100.0 * done / total if total else 100.0)
-        commit_when_read(next(p for p in planned if p.source == batch.source))
+        commit_when_read(by_source[batch.source])
     if total == 0:
         update_progress_artifact(progress, 100.0)
     return [commits[p.source].result() for p in planned]

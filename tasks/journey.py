@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.events import emit_event
 
@@ -49,7 +50,10 @@ def retry_transient_only(_task: Task[..., Any], _task_run: TaskRun, state: State
     return isinstance(error, BaseException) and is_transient(error)
 
 
+# Every task reads the lake's current state, so none may be answered from a cache (and hashing
+# a batch's thousands of listed files for a cache key is work for nothing).
 RETRYING: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
     "retries": len(RETRY_DELAYS),
     "retry_delay_seconds": RETRY_DELAYS,
     "retry_jitter_factor": 0.2,
@@ -136,7 +140,7 @@ def publish_summary(summary: RunSummary) -> str:
     return markdown
 
 
-@task(name="check-quarantine-share")
+@task(name="check-quarantine-share", cache_policy=NO_CACHE)
 def check_quarantine_share(summary: RunSummary) -> float | None:
     """Emit ``patient-journey.quarantine.threshold-exceeded`` when the run's quarantine share
     exceeds the configured threshold (JOURNEY_ORCHESTRATION__QUARANTINE_SHARE_THRESHOLD)."""
