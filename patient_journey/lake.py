@@ -8,6 +8,7 @@ Layout::
     <quarantine_url>/quarantine/...         rejected records: rule and lineage, no values
     <restricted_url>/held/records           records that could not be linked yet
     <restricted_url>/ledger/...             inputs already processed, watermarks
+    <restricted_url>/_ingest/<source>/...   Arrow IPC files of batches read, until their commit
     <warehouse_url>/silver/<table>          conformed entities keyed by patient key
     <warehouse_url>/gold/<table>            the journey: journey_event, surgical_episode
 
