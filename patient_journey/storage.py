@@ -69,10 +69,10 @@ class _LocalBackend:
         self.root = Path(root)
 
     @staticmethod
-    def _info(path: Path) -> FileInfo:
+    def _info(path: Path | os.DirEntry[str]) -> FileInfo:
         stat = path.stat()
         return FileInfo(
-            str(path),
+            path.path if isinstance(path, os.DirEntry) else str(path),
             stat.st_size,
             f"{stat.st_mtime_ns}-{stat.st_size}",
             datetime.fromtimestamp(stat.st_mtime, UTC),
@@ -85,7 +85,20 @@ class _LocalBackend:
         base = self.root / path
         if base.is_file():
             return [self._info(base)]
-        return [self._info(p) for p in base.rglob("*") if p.is_file()] if base.is_dir() else []
+        if not base.is_dir():
+            return []
+        # os.scandir, not Path.rglob: the entry types come with the listing, so only files are
+        # stat'ed (a landing zone holds hundreds of thousands of small IoT Hub blobs). Like
+        # rglob, it does not descend into symlinked folders.
+        found, folders = [], [str(base)]
+        while folders:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    elif entry.is_file():
+                        found.append(self._info(entry))
+        return found
 
     def list_dirs(self, path: str) -> list[str]:
         base = self.root / path
