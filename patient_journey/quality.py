@@ -11,10 +11,12 @@ Great Expectations is imported here lazily, once per process, because it costs s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from functools import cache
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +163,15 @@ class QualityGate:
     def check_all_parse(self) -> int:
         """Build every suite in GX once (fails naming the file); returns the expectation count."""
         return sum(len(_build_suite(s).expectations) for s in self._suites.values())
+
+    def fingerprint(self) -> str:
+        """A hash of every suite's content and the Great Expectations version: the same
+        fingerprint builds the same suites (``check_all_parse`` need not run again)."""
+        digest = hashlib.sha256(version("great_expectations").encode())
+        for key in sorted(self._suites):
+            suite = self._suites[key]
+            digest.update(json.dumps([key, suite.document], sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:32]
 
     def check(self, layer: str, table: str, data: pa.Table, source: str, run_id: str) -> GateResult:
         suite_file = self._suites[(layer, table)]

@@ -32,6 +32,7 @@ from patient_journey.device_templates import RULE_NO_TEMPLATE, RULE_REQUIRED_VAL
 from patient_journey.errors import ConfigurationError, ExpectationSuiteError
 from patient_journey.generate import generate
 from patient_journey.lake import Lake, staged
+from patient_journey.quality import QualityGate
 from patient_journey.query import run_query
 from patient_journey.settings import JourneySettings
 from tests.conftest import settings_for
@@ -344,6 +345,30 @@ def test_a_template_that_does_not_load_fails_preflight_naming_the_file(
     with pytest.raises(ConfigurationError) as error:
         pipeline.preflight(settings)
     assert f"{path}: " in str(error.value) and fragment in str(error.value)
+
+
+def test_preflight_builds_an_unchanged_suite_set_once_and_a_changed_one_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _project(tmp_path)
+    count = pipeline.preflight(settings)
+    assert count > 0
+    assert len(list((tmp_path / "restricted" / pipeline.PREFLIGHT_PREFIX).iterdir())) == 1
+
+    def must_not_build(_gate: QualityGate) -> int:
+        raise AssertionError("an unchanged suite set was built again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(QualityGate, "check_all_parse", must_not_build)
+        assert pipeline.preflight(settings) == count
+
+    suite = tmp_path / SUITE
+    document = json.loads(suite.read_text(encoding="utf-8"))
+    document["expectations"][0]["type"] = "expect_column_values_to_be_greener"
+    suite.write_text(json.dumps(document), encoding="utf-8")
+    with pytest.raises(ExpectationSuiteError) as error:
+        pipeline.preflight(settings)
+    assert str(suite) in str(error.value)
 
 
 # --------------------------------------------------------------------------- section 7: reprocess
