@@ -363,7 +363,6 @@ _FILTER_TOKEN = re.compile(
     r'''|"(?P<double>[^"\\]*)"'''
     r"""|(?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w.])|(?P<word>true|false|null)(?!\w))"""
 )
-_MEMBER_NAME = re.compile(r"""([A-Za-z_][\w-]*)|\['([^'\\]*)'\]""")
 _NOTHING = object()
 Test = Callable[[dict[str, Any]], bool]
 
@@ -384,9 +383,8 @@ def _member_filter(text: str) -> Test | None:
             return None
         kind = match.lastgroup or ""
         value = (match.group(kind) or "") if kind else ""
-        if kind == "member":
-            keys = tuple(a or b for a, b in _MEMBER_NAME.findall(value.lstrip("@").lstrip(".")))
-            tokens.append(("member", keys))
+        if kind == "member":  # `@a.b` is `@.a.b`: plain member steps after the `@`
+            tokens.append(("member", _member_keys(value if value[1] in ".[" else "@." + value[1:])))
         elif kind in ("single", "double"):
             tokens.append(("literal", value))
         elif kind == "number":
@@ -396,11 +394,12 @@ def _member_filter(text: str) -> Test | None:
         else:
             tokens.append(("op", value))
         position = match.end()
-    parsed, rest = _parse_or(tokens)
+    parsed, rest = _parse_joined(tokens, "||")
     return parsed if parsed is not None and not rest else None
 
 
-def _lookup(node: dict[str, Any], keys: tuple[str, ...]) -> Any:
+def _lookup(node: Any, keys: tuple[str, ...]) -> Any:
+    """The value at a path of member names, or ``_NOTHING`` where a member is absent."""
     value: Any = node
     for key in keys:
         if not isinstance(value, dict) or key not in value:
@@ -409,29 +408,27 @@ def _lookup(node: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return value
 
 
-def _parse_or(tokens: list[tuple[str, Any]]) -> tuple[Test | None, list[tuple[str, Any]]]:
-    left, tokens = _parse_and(tokens)
-    while left is not None and tokens[:1] == [("op", "||")]:
-        right, tokens = _parse_and(tokens[1:])
+def _parse_joined(tokens: list[tuple[str, Any]], operator: str) -> tuple[Test | None, list[tuple[str, Any]]]:
+    """Operands joined by ``operator``: ``||`` joins ``&&`` chains, ``&&`` joins tests."""
+    operand = (lambda rest: _parse_joined(rest, "&&")) if operator == "||" else _parse_test
+    left, tokens = operand(tokens)
+    while left is not None and tokens[:1] == [("op", operator)]:
+        right, tokens = operand(tokens[1:])
         if right is None:
             return None, tokens
-        left = (lambda a, b: lambda node: a(node) or b(node))(left, right)
+        left = _joined(operator, left, right)
     return left, tokens
 
 
-def _parse_and(tokens: list[tuple[str, Any]]) -> tuple[Test | None, list[tuple[str, Any]]]:
-    left, tokens = _parse_test(tokens)
-    while left is not None and tokens[:1] == [("op", "&&")]:
-        right, tokens = _parse_test(tokens[1:])
-        if right is None:
-            return None, tokens
-        left = (lambda a, b: lambda node: a(node) and b(node))(left, right)
-    return left, tokens
+def _joined(operator: str, left: Test, right: Test) -> Test:
+    if operator == "&&":
+        return lambda node: left(node) and right(node)
+    return lambda node: left(node) or right(node)
 
 
 def _parse_test(tokens: list[tuple[str, Any]]) -> tuple[Test | None, list[tuple[str, Any]]]:
     if tokens[:1] == [("op", "(")]:
-        inner, rest = _parse_or(tokens[1:])
+        inner, rest = _parse_joined(tokens[1:], "||")
         if inner is None or rest[:1] != [("op", ")")]:
             return None, rest
         return inner, rest[1:]
@@ -458,12 +455,8 @@ def _compile_jsonpath(text: str) -> Callable[[Any, list[Any] | None], Any]:
     if keys is not None:
 
         def lookup(data: Any, _containers: list[Any] | None) -> Iterator[Any]:
-            node = data
-            for key in keys:
-                if not isinstance(node, dict) or key not in node:
-                    return iter(())
-                node = node[key]
-            return iter((node,))
+            value = _lookup(data, keys)
+            return iter(()) if value is _NOTHING else iter((value,))
 
         return lookup
 
