@@ -328,7 +328,6 @@ def plan_ingest(
     seen, _ = _selection(lake, landing, settings, source, window, reread)
     prefix = getattr(settings.sources, f"{source}_prefix")
     files, pending = candidate_files(landing, prefix, SOURCE_SUFFIXES[source], seen)
-    root = landing.url("").rstrip("/") + "/"
     chunks = [files[i : i + batch_files] for i in range(0, len(files), batch_files)]
     versions, hashes = _by_uri(seen.versions), _by_uri(seen.hashes)  # once: the ledger is large
     batches = tuple(
@@ -336,7 +335,7 @@ def plan_ingest(
             source,
             number,
             len(chunks),
-            chunk[0].url.removeprefix(root),
+            landing.relative(chunk[0].url),
             tuple(chunk),
             tuple(v for f in chunk for v in versions.get(f.url, ())),
             tuple(h for f in chunk for h in hashes.get(f.url, ())),
@@ -494,9 +493,8 @@ def commit_ingest(
         rows("rejects", REJECT_SCHEMA),
         rows("ledger", LEDGER_SCHEMA),
     )
-    root = store.url("").rstrip("/") + "/"
     for leftover in store.list_files(f"{SPILL_PREFIX}/{source}"):
-        store.delete(leftover.url.removeprefix(root))
+        store.delete(store.relative(leftover.url))
     combined.started = min((p.started for p in parts), default=time.time())
     combined.seconds = round(time.time() - combined.started, 3)
     return combined

@@ -240,6 +240,10 @@ class Storage:
     def url(self, *parts: str) -> str:
         return join(self.root, *parts)
 
+    def relative(self, url: str) -> str:
+        """The path under this root of a URL it listed (what ``write_bytes`` and ``delete`` take)."""
+        return url.removeprefix(self.url("").rstrip("/") + "/")
+
     def exists(self, *parts: str) -> bool:
         return self._backend.exists("/".join(p.strip("/") for p in parts if p))
 
