@@ -46,9 +46,8 @@ def task_runner_for(settings: OrchestrationSettings) -> Runner:
 @contextmanager
 def batch_runner(settings: OrchestrationSettings, batches: int) -> Iterator[Runner | None]:
     """Where ingestion batches run. With the default runner and a source of ``batches`` > 1
-    batches: a pool of
-    ``ingest_processes`` processes (Prefect's ProcessPoolTaskRunner), since reading is Python
-    work and threads share one core (at 5,200 patients, four threads read the device blobs in
+    batches: a pool of ``ingest_processes`` processes (Prefect's ProcessPoolTaskRunner), since
+    reading is Python work and threads share one core (at 5,200 patients, four threads read the device blobs in
     28.6 s, one in 15.5 s, two processes in 10.2 s). Otherwise None: the flow's own runner.
 
     The workers report to the flow's Prefect API; on a temporary server (no PREFECT_API_URL,
