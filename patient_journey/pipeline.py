@@ -31,6 +31,7 @@ from patient_journey.settings import JourneySettings
 from patient_journey.sources import device, fhir, redcap, registry
 from patient_journey.sources.records import (
     BRONZE_SCHEMA,
+    LEDGER_KEYS,
     LEDGER_SCHEMA,
     REJECT_SCHEMA,
     Extraction,
@@ -185,7 +186,7 @@ def _seen(
     lake: Lake, landing: Storage, settings: JourneySettings, source: str
 ) -> tuple[InputSelection, dict[str, str]]:
     """The source's ledger as inputs already processed, and the registry's watermark per table."""
-    ledger = lake.read(ledger_table(source))
+    ledger = lake.read(ledger_table(source), columns=[*LEDGER_KEYS, "watermark"])
     settle_seconds = settings.sources.settle_seconds
     settle_before = datetime.now(UTC) - timedelta(seconds=settle_seconds) if settle_seconds else None
     own = getattr(settings.sources, f"{source}_prefix", "")
@@ -197,8 +198,9 @@ def _seen(
     seen = InputSelection.from_ledger(ledger, settle_before, others)
     watermarks: dict[str, str] = {}
     if ledger is not None:
+        marked = ledger.filter(pc.is_valid(ledger.column("watermark")))  # the registry's tables
         for uri, mark in zip(
-            ledger.column("uri").to_pylist(), ledger.column("watermark").to_pylist(), strict=True
+            marked.column("uri").to_pylist(), marked.column("watermark").to_pylist(), strict=True
         ):
             if mark is not None:
                 table = uri.rsplit("#", 1)[-1]
@@ -329,7 +331,8 @@ def plan_ingest(
     prefix = getattr(settings.sources, f"{source}_prefix")
     files, pending = candidate_files(landing, prefix, SOURCE_SUFFIXES[source], seen)
     chunks = [files[i : i + batch_files] for i in range(0, len(files), batch_files)]
-    versions, hashes = _by_uri(seen.versions), _by_uri(seen.hashes)  # once: the ledger is large
+    known = seen.narrowed(files)  # the ledger facts of these files alone: the ledger is large
+    versions, hashes = _by_uri(known.versions), _by_uri(known.hashes)
     batches = tuple(
         IngestBatch(
             source,

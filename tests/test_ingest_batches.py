@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,3 +54,30 @@ def test_batches_read_apart_and_commit_once_as_one_step_would(
         theirs.sort_by([(c, "ascending") for c in columns])
     )
     assert pipeline.plan_ingest(batched, "device", batch_files=40).batches == ()  # the ledger has them all
+
+
+def test_a_plan_reads_only_what_the_ledger_lacks(generated: GenerationResult, tmp_path: Path) -> None:
+    """The plan compares the listing with the whole ledger in Arrow; a batch carries the ledger
+    facts of its own files: a file touched with the same bytes is recorded, a changed one read."""
+    landing = tmp_path / "landing"
+    shutil.copytree(generated.out / "landing" / "device", landing / "device")
+    settings = settings_for(tmp_path / "zones", landing=landing)
+    first = pipeline.ingest(settings, "device", "run-1")
+    assert first.new_inputs > 2 and pipeline.plan_ingest(settings, "device", batch_files=40).batches == ()
+
+    blobs = sorted(p for p in landing.rglob("*.json") if p.stat().st_size)
+    touched, changed = blobs[0], blobs[1]
+    later = touched.stat().st_mtime_ns + 5_000_000_000
+    os.utime(touched, ns=(later, later))
+    changed.write_bytes(changed.read_bytes() + changed.read_bytes())  # every message twice
+
+    plan = pipeline.plan_ingest(settings, "device", batch_files=1)
+    assert sorted(b.inputs[0] for b in plan.batches) == sorted([str(touched), str(changed)])
+    by_file = {b.inputs[0]: b for b in plan.batches}
+    assert all(len(b.ledger_versions) == len(b.ledger_hashes) == 1 for b in plan.batches)
+    parts = [pipeline.extract_batch(settings, b, "run-2") for b in plan.batches]
+    report = pipeline.commit_ingest(settings, "device", parts, plan.pending_inputs)
+    assert (report.new_inputs, report.changed_inputs) == (2, 1)
+    touched_part = next(p for b, p in zip(plan.batches, parts, strict=True) if b is by_file[str(touched)])
+    assert (touched_part.new_inputs, touched_part.records, touched_part.rejects) == (1, 0, 0)
+    assert report.records > 0 and pipeline.plan_ingest(settings, "device", batch_files=40).batches == ()

@@ -9,11 +9,12 @@ is never kept outside the restricted landing zone.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from patient_journey.storage import FileInfo, InputChangedError, Storage
 
@@ -57,6 +58,8 @@ LEDGER_SCHEMA = pa.schema(
         ("processed_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+# What deciding which inputs are new needs of a ledger.
+LEDGER_KEYS = ["uri", "version", "content_hash"]
 
 
 def content_hash(data: bytes) -> str:
@@ -171,7 +174,13 @@ class Extraction:
 class InputSelection:
     """Which inputs a source reads this run: what its ledger already has, which inputs are too
     fresh to read yet, and which prefixes belong to other sources (e.g. FHIR exports at the
-    landing container's root, beside the device and REDCap prefixes)."""
+    landing container's root, beside the device and REDCap prefixes).
+
+    The ledger grows with every input a source ever read (hundreds of thousands of IoT Hub
+    blobs), so a selection made from it keeps it as an Arrow table (``ledger``) and compares a
+    listing with it in Arrow; only the ledger facts of the inputs to read become Python sets
+    (``versions``, ``hashes``, see ``narrowed``), as a planned batch carries them.
+    """
 
     versions: frozenset[tuple[str, str]] = frozenset()  # (uri, version) already processed
     hashes: frozenset[tuple[str, str]] = frozenset()  # (uri, content hash) already processed
@@ -180,6 +189,7 @@ class InputSelection:
     window: tuple[datetime, datetime] | None = None  # a backfill: inputs modified in [start, end)
     # A planned batch: these files as the plan listed them; the source is not listed again.
     listed: tuple[FileInfo, ...] | None = None
+    ledger: pa.Table | None = field(default=None, compare=False, repr=False)  # LEDGER_KEYS columns
 
     @property
     def uris(self) -> frozenset[str]:
@@ -191,6 +201,34 @@ class InputSelection:
             return False
         return not file.url.startswith(self.other_sources)
 
+    def unread(self, files: Sequence[FileInfo]) -> list[FileInfo]:
+        """The files whose (URI, version) the ledger does not have, in listing order."""
+        if self.ledger is None or self.ledger.num_rows == 0 or not files:
+            return [f for f in files if (f.url, f.version) not in self.versions]
+        listed = pa.table(
+            {
+                "uri": pa.array([f.url for f in files], pa.string()),
+                "version": pa.array([f.version for f in files], pa.string()),
+                "_listed": pa.array(range(len(files)), pa.int64()),
+            }
+        )
+        new = listed.join(self.ledger.select(["uri", "version"]), ["uri", "version"], join_type="left anti")
+        return [files[i] for i in sorted(new.column("_listed").to_pylist())]
+
+    def narrowed(self, files: Sequence[FileInfo]) -> InputSelection:
+        """This selection with the ledger facts of ``files`` alone, as sets (and no table)."""
+        if self.ledger is None:
+            return self
+        uris = pa.array(sorted({f.url for f in files}), pa.string())
+        known = self.ledger.filter(pc.is_in(self.ledger.column("uri"), value_set=uris))
+        uri, version, digest = (known.column(name).to_pylist() for name in LEDGER_KEYS)
+        return replace(
+            self,
+            versions=self.versions | frozenset(zip(uri, version, strict=True)),
+            hashes=self.hashes | frozenset(zip(uri, digest, strict=True)),
+            ledger=None,
+        )
+
     @classmethod
     def from_ledger(
         cls,
@@ -198,14 +236,10 @@ class InputSelection:
         settle_before: datetime | None = None,
         other_sources: tuple[str, ...] = (),
     ) -> InputSelection:
-        if ledger is None:
-            return cls(settle_before=settle_before, other_sources=other_sources)
-        uris = ledger.column("uri").to_pylist()
         return cls(
-            frozenset(zip(uris, ledger.column("version").to_pylist(), strict=True)),
-            frozenset(zip(uris, ledger.column("content_hash").to_pylist(), strict=True)),
-            settle_before,
-            other_sources,
+            settle_before=settle_before,
+            other_sources=other_sources,
+            ledger=None if ledger is None else ledger.select(LEDGER_KEYS),
         )
 
 
@@ -217,8 +251,8 @@ def candidate_files(
     files: list[FileInfo] = []
     pending = 0
     listing = seen.listed if seen.listed is not None else landing.list_files(prefix, suffixes)
-    for file in listing:
-        if (file.url, file.version) in seen.versions or not seen.wants(file):
+    for file in seen.unread(listing):
+        if not seen.wants(file):
             continue
         if seen.settle_before is not None and file.modified > seen.settle_before:
             pending += 1
@@ -240,8 +274,9 @@ def new_files(
     ``out``, its ledger entry (with the records and rejects it produced) is added, so every
     adapter keeps the ledger the same way.
     """
-    known = seen.uris
     files, pending = candidate_files(landing, prefix, suffixes, seen)
+    seen = seen.narrowed(files)
+    known = seen.uris
     out.pending_inputs += pending
     for file in files:
         try:
