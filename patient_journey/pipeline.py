@@ -580,6 +580,8 @@ def from_latest_read(table: pa.Table, reads: pa.Table) -> pa.Table:
     joined = numbered.join(reads, keys="source_uri", join_type="left outer")
     latest = joined.column("latest_run_id")
     keep = pc.or_kleene(pc.is_null(latest), pc.equal(joined.column("run_id"), latest))
+    if pc.all(keep).as_py():  # the common case (no input read twice): no copy of the table
+        return table
     kept = joined.filter(keep).column("_n")
     return table.filter(pc.is_in(numbered.column("_n"), value_set=kept.combine_chunks()))
 

@@ -69,12 +69,31 @@ class GateResult:
     outcomes: tuple[ExpectationOutcome, ...]
 
 
+# Expectations that read only the columns their kwargs name, and those kwargs.
+COLUMN_EXPECTATIONS = ("expect_column_", "expect_compound_columns_", "expect_multicolumn_")
+COLUMN_KWARGS = ("column", "column_list", "column_A", "column_B")
+
+
 @dataclass(frozen=True)
 class SuiteFile:
     path: Path
     layer: str
     table: str
     document: dict[str, Any]
+
+    def columns(self) -> frozenset[str] | None:
+        """The columns the suite's expectations read, or None when a table-level expectation
+        or a row condition may read any column. Only these columns go to Great Expectations,
+        which converts the batch to pandas and fingerprints it whole."""
+        named: set[str] = set()
+        for config in self.document.get("expectations", []):
+            kwargs = config.get("kwargs") or {}
+            if not str(config.get("type", "")).startswith(COLUMN_EXPECTATIONS) or kwargs.get("row_condition"):
+                return None
+            for key in COLUMN_KWARGS:
+                value = kwargs.get(key)
+                named.update(value if isinstance(value, list) else [value] if isinstance(value, str) else [])
+        return frozenset(named)
 
 
 def rule_of(kind: str, column: str | None, meta: dict[str, Any] | None) -> str:
@@ -180,7 +199,13 @@ class QualityGate:
         added_row_id = ROW_ID not in data.column_names
         if added_row_id:
             data = data.append_column(ROW_ID, pa.array(range(1, data.num_rows + 1), pa.int64()))
-        frame = data.to_pandas()
+        wanted = suite_file.columns()
+        checked = (
+            data
+            if wanted is None
+            else data.select([c for c in data.column_names if c in wanted or c == ROW_ID])
+        )
+        frame = checked.to_pandas()
         name = f"{layer}.{table}"
         try:
             source_ds = context.data_sources.get(name)

@@ -145,6 +145,34 @@ def test_an_expectation_that_cannot_be_evaluated_does_not_shift_the_others(tmp_p
         QualityGate(tmp_path).check("staged", "u", _rows(), "test", "run-1")
 
 
+def test_only_the_columns_a_suite_reads_go_to_great_expectations(tmp_path: Path) -> None:
+    in_range = {
+        "type": "expect_column_values_to_be_between",
+        "kwargs": {"column": "score", "min_value": 0, "max_value": 100},
+        "meta": {"severity": "error", "rule": "score_in_range"},
+    }
+    pair_unique = {
+        "type": "expect_compound_columns_to_be_unique",
+        "kwargs": {"column_list": ["id", "source_offset"]},
+        "meta": {"severity": "error", "rule": "pair_unique"},
+    }
+    every_column = {
+        "type": "expect_table_columns_to_match_set",
+        "kwargs": {"column_set": ["id", "score", "source_uri", "source_offset"], "exact_match": False},
+        "meta": {"severity": "error", "rule": "columns_as_declared"},
+    }
+    _suite(tmp_path, "staged", "narrow", [in_range, pair_unique])
+    _suite(tmp_path, "staged", "wide", [in_range, every_column])
+    gate = QualityGate(tmp_path)
+    assert gate._suites[("staged", "narrow")].columns() == {"score", "id", "source_offset"}
+    assert gate._suites[("staged", "wide")].columns() is None  # a table rule sees every column
+    for table in ("narrow", "wide"):
+        result = gate.check("staged", table, _rows(), "test", "run-1")
+        assert result.quarantined.column("record_id").to_pylist() == ["b"]
+        assert result.passed.column_names == _rows().column_names  # the rows pass on whole
+        assert all(o.success for o in result.outcomes if o.rule != "score_in_range")
+
+
 def test_a_failing_table_rule_stops_the_run_naming_table_rule_and_counts(tmp_path: Path) -> None:
     _suite(
         tmp_path,
