@@ -25,6 +25,7 @@ from patient_journey.lake import Lake, TableRef, Zone, bronze, gold, silver
 from patient_journey.pipeline import HELD, QUARANTINE, ledger_table
 from patient_journey.report import RunSummary
 from patient_journey.settings import JourneySettings, load_settings
+from patient_journey.sources import records
 from tests.conftest import TEST_KEY, use_settings_env
 from tests.journey_checks import assert_planted_records_caught, episode_mismatches
 
@@ -331,3 +332,24 @@ def test_a_blob_still_settling_waits_for_the_next_run(first_run: RunSummary, azu
     assert (report.pending_inputs, report.new_inputs, report.records) == (1, 0, 0)
     report = pipeline.ingest(settings, "fhir", "run-settle-2")
     assert (report.pending_inputs, report.new_inputs, report.records) == (0, 1, 1)
+
+
+def test_blobs_are_read_ahead_in_listing_order_and_a_changed_one_waits(
+    azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blob reads run a few at a time ahead of the reader (bounded by files and bytes); the
+    order is the listing's, and a blob overwritten after listing is not read (left for later)."""
+    container = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client(
+        "landing"
+    )
+    for number in range(40):
+        container.upload_blob(f"ahead/{number:03d}.json", f'{{"n": {number}}}'.encode() * 50, overwrite=True)
+    settings = blob_settings(azurite, prefix="ahead")
+    landing = Lake(settings).storage(settings.storage.landing_url)
+    listed = landing.list_files("")
+    container.upload_blob("ahead/007.json", b"written after the listing", overwrite=True)
+    monkeypatch.setattr(records, "READ_AHEAD_BYTES", 3_000)  # about three blobs in flight
+    read = list(records.read_ahead(landing, listed))
+    assert [file.url for file, _ in read] == [file.url for file in listed]
+    assert [number for number, (_, data) in enumerate(read) if data is None] == [7]
+    assert all(data == f'{{"n": {n}}}'.encode() * 50 for n, (_, data) in enumerate(read) if n != 7)

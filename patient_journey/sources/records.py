@@ -9,7 +9,9 @@ is never kept outside the restricted landing zone.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -261,6 +263,51 @@ def candidate_files(
     return files, pending
 
 
+# Blobs are read ahead of the adapter by a few threads (each read waits on the network and
+# releases the GIL), at most this many files or bytes in flight.
+READ_AHEAD_FILES = 16
+READ_AHEAD_BYTES = 64 * 2**20
+
+
+def read_ahead(landing: Storage, files: Sequence[FileInfo]) -> Iterator[tuple[FileInfo, bytes | None]]:
+    """Each file with its content, in listing order, or None if it changed since it was listed.
+
+    From blob storage, up to ``READ_AHEAD_FILES`` later files (and ``READ_AHEAD_BYTES`` by
+    their listed sizes; always one) are being read while the caller works on the current one.
+    Local files are read one by one: a read takes microseconds, and threads made a batch of
+    5,000 IoT Hub blobs slower (0.61 -> 0.79 s warm, 1.01 -> 1.41 s cold)."""
+
+    def read(file: FileInfo) -> bytes | None:
+        try:
+            return landing.read_bytes(file.url, file.version)
+        except InputChangedError:
+            return None
+
+    if not landing.is_blob:
+        yield from ((file, read(file)) for file in files)
+        return
+    with ThreadPoolExecutor(min(READ_AHEAD_FILES, max(len(files), 1)), "read-ahead") as pool:
+        in_flight: deque[tuple[FileInfo, Future[bytes | None]]] = deque()
+        waiting = iter(files)
+        queued_bytes = 0
+        following = next(waiting, None)
+        while in_flight or following is not None:
+            while following is not None and (
+                not in_flight or (len(in_flight) < READ_AHEAD_FILES and queued_bytes < READ_AHEAD_BYTES)
+            ):
+                in_flight.append((following, pool.submit(read, following)))
+                queued_bytes += following.size
+                following = next(waiting, None)
+            file, reading = in_flight.popleft()
+            queued_bytes -= file.size
+            try:
+                yield file, reading.result()
+            except GeneratorExit:
+                for _, later in in_flight:
+                    later.cancel()
+                raise
+
+
 def new_files(
     out: Extraction, landing: Storage, prefix: str, suffixes: tuple[str, ...], seen: InputSelection
 ) -> Iterator[tuple[FileInfo, bytes]]:
@@ -272,16 +319,15 @@ def new_files(
     version). A known URI under a new version with the same content is only recorded; with new
     content it is read again whole and counted as changed. After the caller has read a file into
     ``out``, its ledger entry (with the records and rejects it produced) is added, so every
-    adapter keeps the ledger the same way.
+    adapter keeps the ledger the same way. Files are read ahead by a few threads
+    (``read_ahead``).
     """
     files, pending = candidate_files(landing, prefix, suffixes, seen)
     seen = seen.narrowed(files)
     known = seen.uris
     out.pending_inputs += pending
-    for file in files:
-        try:
-            data = landing.read_bytes(file.url, file.version)
-        except InputChangedError:
+    for file, data in read_ahead(landing, files):
+        if data is None:
             out.pending_inputs += 1
             continue
         digest = content_hash(data)
