@@ -7,8 +7,9 @@
     patient-journey ingest and build in one run (`journey run`, the demo)
 
 They read like the README's architecture paragraph; all logic lives in the library. Each
-source's inputs are split into batches of files (JOURNEY_ORCHESTRATION__INGEST_BATCH_FILES), one
-task each, so the same flow scales out on a Dask cluster (JOURNEY_ORCHESTRATION__TASK_RUNNER).
+source's inputs are split into batches of files (JOURNEY_ORCHESTRATION__INGEST_BATCH_FILES and
+__INGEST_BATCH_MIB), one task each, so the same flow scales out on a Dask cluster
+(JOURNEY_ORCHESTRATION__TASK_RUNNER).
 """
 
 from __future__ import annotations

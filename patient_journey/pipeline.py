@@ -316,11 +316,13 @@ def plan_ingest(
     batch_files: int,
     window: Window | None = None,
     reread: bool = False,
+    batch_bytes: int | None = None,
 ) -> IngestPlan:
-    """Split a source's new inputs into batches of at most ``batch_files`` files, by listing
-    alone (nothing is read). The registry is one batch. With ``window``, only inputs modified in
-    it (registry: rows updated since its start); with ``reread``, inputs already in the ledger
-    too (staging collapses records read twice, so nothing loads twice)."""
+    """Split a source's new inputs into batches of at most ``batch_files`` files and
+    ``batch_bytes`` bytes (listed sizes; a larger file is a batch of its own), by listing alone
+    (nothing is read). The registry is one batch. With ``window``, only inputs modified in it
+    (registry: rows updated since its start); with ``reread``, inputs already in the ledger too
+    (staging collapses records read twice, so nothing loads twice)."""
     if source not in SOURCES:
         raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
     if source == "registry":
@@ -330,7 +332,7 @@ def plan_ingest(
     seen, _ = _selection(lake, landing, settings, source, window, reread)
     prefix = getattr(settings.sources, f"{source}_prefix")
     files, pending = candidate_files(landing, prefix, SOURCE_SUFFIXES[source], seen)
-    chunks = [files[i : i + batch_files] for i in range(0, len(files), batch_files)]
+    chunks = list(_chunks(files, batch_files, batch_bytes))
     known = seen.narrowed(files)  # the ledger facts of these files alone: the ledger is large
     versions, hashes = _by_uri(known.versions), _by_uri(known.hashes)
     batches = tuple(
@@ -346,6 +348,20 @@ def plan_ingest(
         for number, chunk in enumerate(chunks, start=1)
     )
     return IngestPlan(source, batches, pending)
+
+
+def _chunks(files: list[FileInfo], most_files: int, most_bytes: int | None) -> Iterator[list[FileInfo]]:
+    """Consecutive runs of files, each within both bounds (or one file above the byte bound)."""
+    chunk: list[FileInfo] = []
+    size = 0
+    for file in files:
+        if chunk and (len(chunk) >= most_files or (most_bytes is not None and size + file.size > most_bytes)):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(file)
+        size += file.size
+    if chunk:
+        yield chunk
 
 
 def _by_uri(pairs: frozenset[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:

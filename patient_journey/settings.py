@@ -191,6 +191,14 @@ class OrchestrationSettings(BaseModel):
         ge=1,
         description="New input files per ingestion task: the unit of parallel work on the task runner.",
     )
+    ingest_batch_mib: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "Input MiB (listed sizes) per ingestion task, at most: a task holds its batch's rows in memory "
+            "until it puts them aside. A larger file is a batch of its own."
+        ),
+    )
     quarantine_share_threshold: float = Field(
         default=0.05,
         ge=0.0,

@@ -72,8 +72,14 @@ def preflight() -> int:
 def plan_ingest(source: str, window: Window | None = None, reread: bool = False) -> IngestPlan:
     """List a source's new inputs and split them into batches (nothing is read yet)."""
     settings = journey_settings()
+    orchestration = settings.orchestration
     return pipeline.plan_ingest(
-        settings, source, settings.orchestration.ingest_batch_files, window=window, reread=reread
+        settings,
+        source,
+        orchestration.ingest_batch_files,
+        window=window,
+        reread=reread,
+        batch_bytes=orchestration.ingest_batch_mib * 2**20,
     )
 
 

@@ -81,3 +81,19 @@ def test_a_plan_reads_only_what_the_ledger_lacks(generated: GenerationResult, tm
     touched_part = next(p for b, p in zip(plan.batches, parts, strict=True) if b is by_file[str(touched)])
     assert (touched_part.new_inputs, touched_part.records, touched_part.rejects) == (1, 0, 0)
     assert report.records > 0 and pipeline.plan_ingest(settings, "device", batch_files=40).batches == ()
+
+
+def test_batches_are_bounded_by_bytes_as_well_as_files(generated: GenerationResult, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, landing=generated.out / "landing")
+    by_files = pipeline.plan_ingest(settings, "fhir", batch_files=10_000)
+    files = [f for b in by_files.batches for f in b.files]
+    largest = max(f.size for f in files)
+    bound = largest // 2  # some files are above it: each of those is a batch of its own
+    plan = pipeline.plan_ingest(settings, "fhir", batch_files=10_000, batch_bytes=bound)
+    assert len(by_files.batches) == 1 and len(plan.batches) > 2
+    assert [f for b in plan.batches for f in b.files] == files  # the same files, in listing order
+    for batch in plan.batches:
+        assert len(batch.files) == 1 or sum(f.size for f in batch.files) <= bound
+    assert any(len(b.files) == 1 and b.files[0].size > bound for b in plan.batches)
+    assert [b.number for b in plan.batches] == list(range(1, len(plan.batches) + 1))
+    assert {b.of for b in plan.batches} == {len(plan.batches)}
