@@ -9,7 +9,8 @@ URI, offset and content, e.g. after a crash between bronze and ledger writes) ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 import duckdb
 import pyarrow as pa
@@ -230,6 +231,32 @@ LINEAGE = "source_uri, source_offset, run_id"
 SUPERSEDED = "_superseded"
 
 
+# `payload->>'$.path'`: DuckDB parses the JSON text again for each such extraction. Staging
+# rewrites them to items of one json_extract_string(payload, [paths]) per record, parsed once:
+# Observation's nine columns at M (580k rows) took 1.5 s one by one and 0.3 s parsed once.
+_TEXT_AT_PATH = re.compile(r"payload->>'(\$[^']*)'")
+
+
+def _parsed_once(spec: StagedTable) -> tuple[str, StagedTable]:
+    """The spec with its ``payload->>'$...'`` extractions as items of ``_at``, and the select
+    item that makes ``_at`` (NULL when the spec extracts nothing so)."""
+    paths = list(dict.fromkeys(_TEXT_AT_PATH.findall(f"{spec.columns} {spec.version} {spec.deleted}")))
+    if not paths:
+        return "NULL AS _at", spec
+
+    def item(match: re.Match[str]) -> str:
+        return f"_at[{paths.index(match.group(1)) + 1}]"
+
+    listed = ", ".join(f"'{path}'" for path in paths)
+    rewritten = replace(
+        spec,
+        columns=_TEXT_AT_PATH.sub(item, spec.columns),
+        version=_TEXT_AT_PATH.sub(item, spec.version),
+        deleted=_TEXT_AT_PATH.sub(item, spec.deleted),
+    )
+    return f"json_extract_string(payload, [{listed}]) AS _at", rewritten
+
+
 def connect() -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect()
     connection.execute("SET TimeZone = 'UTC'")
@@ -243,14 +270,15 @@ def stage(bronze_tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
     for name, table in bronze_tables.items():
         connection.register(f"bronze_{name}", table)
     staged: dict[str, pa.Table] = {}
-    for spec in STAGED_TABLES:
-        if spec.bronze not in bronze_tables:
+    for declared in STAGED_TABLES:
+        if declared.bronze not in bronze_tables:
             continue
+        parsed, spec = _parsed_once(declared)
         staged[spec.name] = connection.sql(
             f"""
             WITH records AS (
                 SELECT *, {spec.version} AS _version, {spec.deleted} AS _deleted
-                FROM bronze_{spec.bronze} WHERE entity = '{spec.entity}'
+                FROM (SELECT *, {parsed} FROM bronze_{spec.bronze} WHERE entity = '{spec.entity}')
                 QUALIFY row_number() OVER (
                     PARTITION BY source_uri, source_offset, content_hash ORDER BY ingested_at) = 1
             ), versions AS (
