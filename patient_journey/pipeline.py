@@ -673,8 +673,18 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         for name in BRONZE_TABLES.values()
     }
     staged_tables = stage(bronze_tables)
+    # Bronze entities that no staged table models yet: kept in bronze, reported, not loaded.
+    modelled = {spec.entity for spec in STAGED_TABLES}
+    bronze_only = {
+        item["values"]: item["counts"]
+        for item in pc.value_counts(bronze_tables["fhir_resource"].column("entity")).to_pylist()
+        if item["values"] not in modelled
+    }
+    bronze_only.update(redcap_forms_not_loaded(bronze_tables["redcap_record"]))
+    del bronze_tables  # staged from here on: bronze is not held through the gate and linkage
     rejected_at_read = _rejects_as_quarantine(lake, reads)
-    counts = {name: TableCounts(name) for name in staged_tables}
+    names = list(staged_tables)
+    counts = {name: TableCounts(name) for name in names}
     for item in pc.value_counts(rejected_at_read.column("table_name")).to_pylist():
         table = counts.setdefault(item["values"], TableCounts(item["values"]))
         table.read += item["counts"]
@@ -685,7 +695,8 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     passed: dict[str, pa.Table] = {}
     quarantine_parts = [rejected_at_read]
     source_of = {spec.staged: spec.source for spec in LINKS}
-    for name, everything in staged_tables.items():
+    for name in names:
+        everything = staged_tables.pop(name)  # released once gated: only what passed is kept
         superseded = everything.column(SUPERSEDED)
         table = everything.filter(pc.invert(superseded)).drop_columns([SUPERSEDED])
         counts[name].superseded += everything.num_rows - table.num_rows
@@ -704,16 +715,10 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     clock.lap("validate")
 
     linked = link(passed, keys, run_id)
-    for name in staged_tables:
+    for name in names:
         counts[name].loaded = linked.loaded[name]
         counts[name].held = linked.held_counts[name]
-
-    # Bronze entities that no staged table models yet: kept in bronze, reported, not loaded.
-    modelled = {spec.entity for spec in STAGED_TABLES}
-    for item in pc.value_counts(bronze_tables["fhir_resource"].column("entity")).to_pylist():
-        if item["values"] not in modelled:
-            report.bronze_only[item["values"]] = item["counts"]
-    report.bronze_only.update(redcap_forms_not_loaded(bronze_tables["redcap_record"]))
+    report.bronze_only = bronze_only
     clock.lap("link")
 
     for name, table in passed.items():
