@@ -274,23 +274,29 @@ def stage(bronze_tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
         if declared.bronze not in bronze_tables:
             continue
         parsed, spec = _parsed_once(declared)
+        # Flattened first, so the windows that pick current records sort narrow rows, not payloads.
         staged[spec.name] = connection.sql(
             f"""
-            WITH records AS (
-                SELECT *, {spec.version} AS _version, {spec.deleted} AS _deleted
+            WITH flattened AS (
+                SELECT {spec.columns}, record_id AS _record_id, content_hash AS _hash,
+                       ingested_at AS _ingested, {spec.version} AS _version, {spec.deleted} AS _deleted,
+                       {LINEAGE}
                 FROM (SELECT *, {parsed} FROM bronze_{spec.bronze} WHERE entity = '{spec.entity}')
+            ), records AS (
+                SELECT * FROM flattened
                 QUALIFY row_number() OVER (
-                    PARTITION BY source_uri, source_offset, content_hash ORDER BY ingested_at) = 1
+                    PARTITION BY source_uri, source_offset, _hash ORDER BY _ingested) = 1
             ), versions AS (
                 SELECT *,
                     row_number() OVER (
-                        PARTITION BY record_id, content_hash ORDER BY {spec.order_by}) > 1 AS _again,
-                    max(_version) OVER (PARTITION BY record_id) AS _latest,
+                        PARTITION BY _record_id, _hash ORDER BY {spec.order_by}) > 1 AS _again,
+                    max(_version) OVER (PARTITION BY _record_id) AS _latest,
                     max(coalesce(_version, 'infinity'::TIMESTAMPTZ)) FILTER (WHERE _deleted)
-                        OVER (PARTITION BY record_id) AS _deleted_at
+                        OVER (PARTITION BY _record_id) AS _deleted_at
                 FROM records
             ), flat AS (
-                SELECT {spec.columns}, record_id AS _record_id,
+                SELECT * EXCLUDE (_hash, _ingested, _version, _deleted, _again, _latest, _deleted_at,
+                                  {LINEAGE}),
                        _again OR _version IS DISTINCT FROM _latest
                        OR coalesce(_deleted_at >= coalesce(_version, '-infinity'::TIMESTAMPTZ), false)
                        AS {SUPERSEDED},
