@@ -274,6 +274,8 @@ class Expression:
     language: str
     where: str  # which template and field, for messages
     _evaluate: Callable[[Any, list[Any] | None], Any] = field(repr=False, compare=False)
+    # A plain member path (`$.a.b-c`): its member names, looked up directly by ``value``.
+    _members: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
 
     def select(self, data: Any, containers: list[Any] | None = None) -> list[Any]:
         """Every node the expression selects (a JMESPath array result selects its items).
@@ -298,6 +300,9 @@ class Expression:
 
     def value(self, data: Any) -> tuple[int, Any]:
         """(how many nodes, the value if exactly one). JMESPath always yields one value or none."""
+        if self._members is not None:  # most value expressions: no iterator, no list
+            found = _lookup(data, self._members)
+            return (0, None) if found is _NOTHING else (1, found)
         if self.language == JMESPATH_LANGUAGE:
             try:
                 result = self._evaluate(data, None)
@@ -527,7 +532,7 @@ def compile_expression(text: str, language: str, field_name: str) -> Expression:
                 '(for JMESPath write {"value": ..., "language": "JmesPath"} in a CalculatedContent template)'
             )
         try:
-            return Expression(text, language, field_name, _compile_jsonpath(text))
+            return Expression(text, language, field_name, _compile_jsonpath(text), _member_keys(text))
         except jsonpath.JSONPathError as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ValueError(f"bad JSONPath {text!r}: {first}") from exc

@@ -69,12 +69,16 @@ class _LocalBackend:
         self.root = Path(root)
 
     @staticmethod
-    def _info(path: Path | os.DirEntry[str]) -> FileInfo:
+    def _version(stat: os.stat_result) -> str:
+        return f"{stat.st_mtime_ns}-{stat.st_size}"
+
+    @classmethod
+    def _info(cls, path: Path | os.DirEntry[str]) -> FileInfo:
         stat = path.stat()
         return FileInfo(
             path.path if isinstance(path, os.DirEntry) else str(path),
             stat.st_size,
-            f"{stat.st_mtime_ns}-{stat.st_size}",
+            cls._version(stat),
             datetime.fromtimestamp(stat.st_mtime, UTC),
         )
 
@@ -105,11 +109,14 @@ class _LocalBackend:
         return [p.name for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
 
     def read(self, url: str, version: str | None) -> bytes:
+        # open() and os.stat on the URL, not Path: a batch reads thousands of small blobs, and
+        # two Path objects per read were a quarter of the reading.
         try:
-            data = Path(url).read_bytes()
+            with open(url, "rb") as file:
+                data = file.read()
         except FileNotFoundError:
             raise SourceError(f"Cannot read {url}: no such file.") from None
-        if version is not None and self._info(Path(url)).version != version:
+        if version is not None and self._version(os.stat(url)) != version:
             raise InputChangedError(f"{url} changed while it was being read; it is left for the next run.")
         return data
 
