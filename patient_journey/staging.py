@@ -238,8 +238,8 @@ _TEXT_AT_PATH = re.compile(r"payload->>'(\$[^']*)'")
 
 
 def _parsed_once(spec: StagedTable) -> tuple[str, StagedTable]:
-    """The spec with its ``payload->>'$...'`` extractions as items of ``_at``, and the select
-    item that makes ``_at`` (NULL when the spec extracts nothing so)."""
+    """The spec with its ``payload->>'$...'`` extractions rewritten as items of ``_at``, and
+    the select item that makes ``_at`` (NULL when the spec has no such extraction)."""
     paths = list(dict.fromkeys(_TEXT_AT_PATH.findall(f"{spec.columns} {spec.version} {spec.deleted}")))
     if not paths:
         return "NULL AS _at", spec
