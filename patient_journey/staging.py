@@ -21,6 +21,9 @@ MRN_SYSTEM = "http://hospital.example.org/fhir/mrn"
 OR_CASE_SYSTEM = "http://hospital.example.org/fhir/or-case"
 
 
+UNVERSIONED = "CAST(NULL AS TIMESTAMPTZ)"
+
+
 @dataclass(frozen=True)
 class StagedTable:
     """One staged table: its bronze source, which entity, and the flattening select list."""
@@ -32,7 +35,7 @@ class StagedTable:
     order_by: str = "source_uri, source_offset"
     # Versioned sources: the version of a record (later replaces earlier) and whether the record
     # is a deletion. Without a version, records of one id are all current.
-    version: str = "CAST(NULL AS TIMESTAMPTZ)"
+    version: str = UNVERSIONED
     deleted: str = "false"
 
 
@@ -274,6 +277,14 @@ def stage(bronze_tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
         if declared.bronze not in bronze_tables:
             continue
         parsed, spec = _parsed_once(declared)
+        # Records of one id are all current in an unversioned source: no windows to find the latest.
+        versioned = (
+            "NULL::TIMESTAMPTZ AS _latest, NULL::TIMESTAMPTZ AS _deleted_at"
+            if spec.version == UNVERSIONED and spec.deleted == "false"
+            else """max(_version) OVER (PARTITION BY _record_id) AS _latest,
+                    max(coalesce(_version, 'infinity'::TIMESTAMPTZ)) FILTER (WHERE _deleted)
+                        OVER (PARTITION BY _record_id) AS _deleted_at"""
+        )
         # Flattened first, so the windows that pick current records sort narrow rows, not payloads.
         staged[spec.name] = connection.sql(
             f"""
@@ -290,9 +301,7 @@ def stage(bronze_tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
                 SELECT *,
                     row_number() OVER (
                         PARTITION BY _record_id, _hash ORDER BY {spec.order_by}) > 1 AS _again,
-                    max(_version) OVER (PARTITION BY _record_id) AS _latest,
-                    max(coalesce(_version, 'infinity'::TIMESTAMPTZ)) FILTER (WHERE _deleted)
-                        OVER (PARTITION BY _record_id) AS _deleted_at
+                    {versioned}
                 FROM records
             ), flat AS (
                 SELECT * EXCLUDE (_hash, _ingested, _version, _deleted, _again, _latest, _deleted_at,
