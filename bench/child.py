@@ -54,26 +54,34 @@ def peak_mib() -> float:
 
 
 class RssSampler:
-    """Samples the RSS of this process and its descendants (the flow reads ingestion batches in
-    worker processes), summed, every ``interval`` seconds: (time, MiB) pairs."""
+    """Samples the RSS of a process (this one by default) and its descendants (the flow reads
+    ingestion batches in worker processes), summed, every ``interval`` seconds: (time, MiB)
+    pairs. Sampling stops when the process exits."""
 
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(self, interval: float = 0.02, pid: int | None = None) -> None:
         self.samples: list[tuple[float, float]] = []
         self._interval = interval
+        self._pid = pid
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         import psutil
 
-        me = psutil.Process()
         children: list[psutil.Process] = []
+        try:
+            me = psutil.Process(self._pid)
+        except psutil.Error:  # exited before the first sample
+            return
         for tick in itertools.count():
             if self._stop.is_set():
                 break
-            if tick % 25 == 0:  # finding descendants scans all of /proc: every 0.5 s, not every sample
-                children = me.children(recursive=True)
-            total = me.memory_info().rss
+            try:
+                if tick % 25 == 0:  # finding descendants scans all of /proc: every 0.5 s, not every sample
+                    children = me.children(recursive=True)
+                total = me.memory_info().rss
+            except psutil.Error:  # the process exited
+                break
             for child in children:
                 try:
                     total += child.memory_info().rss
@@ -89,6 +97,10 @@ class RssSampler:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
+
+    @property
+    def peak(self) -> float | None:
+        return round(max(mib for _, mib in self.samples), 1) if self.samples else None
 
     def peak_between(self, start: float, end: float) -> float | None:
         values = [mib for at, mib in self.samples if start <= at <= end]
