@@ -268,6 +268,17 @@ def test_fhir_exports_at_the_landing_root_leave_the_other_sources_prefixes_alone
     assert (report.new_inputs, report.records, report.rejects) == (1, 1, 0)
 
 
+def test_the_cli_creates_a_prefect_home_whose_parents_are_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from patient_journey.cli import _prefect_defaults
+
+    home = tmp_path / "not" / "there" / "prefect"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    _prefect_defaults()
+    assert home.is_dir()
+
+
 def test_the_cli_prints_a_summary_with_file_links_verbatim(capsys: pytest.CaptureFixture[str]) -> None:
     # A link to a local path starts with "[/", which Rich would take for a closing markup tag.
     from patient_journey.cli import print_markdown
