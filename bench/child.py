@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -100,7 +101,7 @@ class RssSampler:
 
     @property
     def peak(self) -> float | None:
-        return round(max(mib for _, mib in self.samples), 1) if self.samples else None
+        return self.peak_between(-math.inf, math.inf)
 
     def peak_between(self, start: float, end: float) -> float | None:
         values = [mib for at, mib in self.samples if start <= at <= end]

@@ -202,9 +202,8 @@ def _seen(
         for uri, mark in zip(
             marked.column("uri").to_pylist(), marked.column("watermark").to_pylist(), strict=True
         ):
-            if mark is not None:
-                table = uri.rsplit("#", 1)[-1]
-                watermarks[table] = max(watermarks.get(table, mark), mark)
+            table = uri.rsplit("#", 1)[-1]
+            watermarks[table] = max(watermarks.get(table, mark), mark)
     return seen, watermarks
 
 

@@ -286,26 +286,23 @@ def read_ahead(landing: Storage, files: Sequence[FileInfo]) -> Iterator[tuple[Fi
     if not landing.is_blob:
         yield from ((file, read(file)) for file in files)
         return
-    with ThreadPoolExecutor(min(READ_AHEAD_FILES, max(len(files), 1)), "read-ahead") as pool:
-        in_flight: deque[tuple[FileInfo, Future[bytes | None]]] = deque()
-        waiting = iter(files)
-        queued_bytes = 0
-        following = next(waiting, None)
-        while in_flight or following is not None:
-            while following is not None and (
-                not in_flight or (len(in_flight) < READ_AHEAD_FILES and queued_bytes < READ_AHEAD_BYTES)
-            ):
-                in_flight.append((following, pool.submit(read, following)))
-                queued_bytes += following.size
-                following = next(waiting, None)
-            file, reading = in_flight.popleft()
-            queued_bytes -= file.size
-            try:
-                yield file, reading.result()
-            except GeneratorExit:
-                for _, later in in_flight:
-                    later.cancel()
-                raise
+    pool = ThreadPoolExecutor(min(READ_AHEAD_FILES, max(len(files), 1)), "read-ahead")
+    in_flight: deque[tuple[FileInfo, Future[bytes | None]]] = deque()
+    queued_bytes = 0
+    try:
+        for file in files:
+            # Wait for the oldest read while the window is full (one file may exceed the bytes).
+            while in_flight and (len(in_flight) >= READ_AHEAD_FILES or queued_bytes >= READ_AHEAD_BYTES):
+                done, reading = in_flight.popleft()
+                queued_bytes -= done.size
+                yield done, reading.result()
+            in_flight.append((file, pool.submit(read, file)))
+            queued_bytes += file.size
+        while in_flight:
+            done, reading = in_flight.popleft()
+            yield done, reading.result()
+    finally:  # the reader stopped early or failed: reads not started yet are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def new_files(
