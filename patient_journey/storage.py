@@ -8,11 +8,16 @@ last-modified time, which the input ledgers use to read each input once.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from patient_journey.azure import AzureAccess, BlobLocation, is_blob_url, parse_blob_url, storage_failure
 from patient_journey.errors import ConfigurationError, SourceError, StorageError
@@ -48,6 +53,34 @@ class FileInfo:
     modified: datetime
 
 
+# A listing as a table: one row per file, the fields of FileInfo. The ledgers are compared with
+# listings in Arrow, so that only the files to read become FileInfo objects (an IoT Hub landing
+# zone lists hundreds of thousands of blobs, nearly all of them read before).
+LISTING_SCHEMA = pa.schema(
+    [
+        ("url", pa.string()),
+        ("size", pa.int64()),
+        ("version", pa.string()),
+        ("modified", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def listing_table(files: Sequence[FileInfo]) -> pa.Table:
+    columns = (
+        [f.url for f in files],
+        [f.size for f in files],
+        [f.version for f in files],
+        [f.modified for f in files],
+    )
+    return pa.table(dict(zip(LISTING_SCHEMA.names, columns, strict=True)), schema=LISTING_SCHEMA)
+
+
+def listed_files(listing: pa.Table) -> list[FileInfo]:
+    columns = (listing.column(name).to_pylist() for name in LISTING_SCHEMA.names)
+    return [FileInfo(*row) for row in zip(*columns, strict=True)]
+
+
 def azure_access(settings: JourneySettings) -> AzureAccess | None:
     """The Azure access of these settings, or None when no zone lives in blob storage."""
     if not any(is_blob_url(url) for url in settings.storage.zone_urls().values()):
@@ -57,7 +90,7 @@ def azure_access(settings: JourneySettings) -> AzureAccess | None:
 
 class _Backend(Protocol):
     def exists(self, path: str) -> bool: ...
-    def list_files(self, path: str) -> list[FileInfo]: ...
+    def list_table(self, path: str) -> pa.Table: ...
     def list_dirs(self, path: str) -> list[str]: ...
     def read(self, url: str, version: str | None) -> bytes: ...
     def write(self, path: str, data: bytes) -> None: ...
@@ -72,37 +105,39 @@ class _LocalBackend:
     def _version(stat: os.stat_result) -> str:
         return f"{stat.st_mtime_ns}-{stat.st_size}"
 
-    @classmethod
-    def _info(cls, path: Path | os.DirEntry[str]) -> FileInfo:
-        stat = path.stat()
-        return FileInfo(
-            path.path if isinstance(path, os.DirEntry) else str(path),
-            stat.st_size,
-            cls._version(stat),
-            datetime.fromtimestamp(stat.st_mtime, UTC),
-        )
-
     def exists(self, path: str) -> bool:
         return (self.root / path).exists()
 
-    def list_files(self, path: str) -> list[FileInfo]:
+    def list_table(self, path: str) -> pa.Table:
         base = self.root / path
+        urls: list[str] = []
+        sizes: list[int] = []
+        times: list[int] = []  # st_mtime_ns
+
+        def add(url: str, stat: os.stat_result) -> None:
+            urls.append(url)
+            sizes.append(stat.st_size)
+            times.append(stat.st_mtime_ns)
+
         if base.is_file():
-            return [self._info(base)]
-        if not base.is_dir():
-            return []
+            add(str(base), base.stat())
         # os.scandir, not Path.rglob: the entry types come with the listing, so only files are
         # stat'ed (a landing zone holds hundreds of thousands of small IoT Hub blobs). Like
-        # rglob, it does not descend into symlinked folders.
-        found, folders = [], [str(base)]
+        # rglob, it does not descend into symlinked folders. Plain values are collected and
+        # made columns: no object per file.
+        folders = [str(base)] if base.is_dir() else []
         while folders:
             with os.scandir(folders.pop()) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         folders.append(entry.path)
                     elif entry.is_file():
-                        found.append(self._info(entry))
-        return found
+                        add(entry.path, entry.stat())
+        size = pa.array(sizes, pa.int64())
+        mtime = pa.array(times, pa.int64())
+        version = pc.binary_join_element_wise(pc.cast(mtime, pa.string()), pc.cast(size, pa.string()), "-")
+        modified = pc.divide(mtime, 1000).cast(pa.timestamp("us", tz="UTC"))  # whole microseconds
+        return pa.table([pa.array(urls, pa.string()), size, version, modified], schema=LISTING_SCHEMA)
 
     def list_dirs(self, path: str) -> list[str]:
         base = self.root / path
@@ -159,20 +194,22 @@ class _BlobBackend:
             raise self._fail(exc, "list", path) from None
         return False
 
-    def list_files(self, path: str) -> list[FileInfo]:
+    def list_table(self, path: str) -> pa.Table:
         name = self._name(path)
         start = f"{name}/" if name else None
         try:
-            return [
-                FileInfo(
-                    self.location.url(blob.name),
-                    int(blob.size),
-                    str(blob.etag).strip('"'),
-                    blob.last_modified,
-                )
-                for blob in self.client.list_blobs(name_starts_with=start)
-                if not blob.name.endswith("/")
-            ]
+            return listing_table(
+                [
+                    FileInfo(
+                        self.location.url(blob.name),
+                        int(blob.size),
+                        str(blob.etag).strip('"'),
+                        blob.last_modified,
+                    )
+                    for blob in self.client.list_blobs(name_starts_with=start)
+                    if not blob.name.endswith("/")
+                ]
+            )
         except Exception as exc:
             raise self._fail(exc, "list", path) from None
 
@@ -254,14 +291,20 @@ class Storage:
     def exists(self, *parts: str) -> bool:
         return self._backend.exists("/".join(p.strip("/") for p in parts if p))
 
+    def list_table(self, prefix: str = "", suffixes: tuple[str, ...] = ()) -> pa.Table:
+        """All files under ``prefix`` (recursively) as a table (``LISTING_SCHEMA``), sorted by URL;
+        optionally by suffix."""
+        listing = self._backend.list_table(prefix.strip("/"))
+        urls = listing.column("url")
+        keep = pc.invert(pc.ends_with(urls, PROBE_NAME))
+        if suffixes:
+            wanted = [pc.ends_with(urls, suffix) for suffix in suffixes]
+            keep = pc.and_(keep, functools.reduce(pc.or_, wanted))
+        return listing.filter(keep).sort_by("url")
+
     def list_files(self, prefix: str = "", suffixes: tuple[str, ...] = ()) -> list[FileInfo]:
         """All files under ``prefix`` (recursively), sorted by URL; optionally by suffix."""
-        files = [
-            f
-            for f in self._backend.list_files(prefix.strip("/"))
-            if not f.url.endswith(PROBE_NAME) and (not suffixes or f.url.endswith(suffixes))
-        ]
-        return sorted(files, key=lambda f: f.url)
+        return listed_files(self.list_table(prefix, suffixes))
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         """Names of the folders directly under ``prefix``, sorted."""

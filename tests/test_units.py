@@ -19,8 +19,8 @@ from patient_journey.identity import KeyMaker
 from patient_journey.quality import QualityGate
 from patient_journey.report import RunSummary, render_markdown
 from patient_journey.sources.fhir import extract_ndjson, resource_type_of_file
-from patient_journey.sources.records import Extraction
-from patient_journey.storage import FileInfo
+from patient_journey.sources.records import Extraction, InputSelection
+from patient_journey.storage import PROBE_NAME, FileInfo, Storage, listed_files
 from tests.conftest import settings_for
 
 
@@ -298,3 +298,33 @@ def test_the_summary_names_the_silver_version_a_prom_source_loaded_into() -> Non
     markdown = render_markdown(RunSummary(run_id="r", silver=silver))
     [row] = [line for line in markdown.splitlines() if line.startswith("| redcap_prom |")]
     assert row.rstrip().endswith("| silver v7 |")
+
+
+def test_a_local_listing_is_sorted_filtered_and_compared_with_the_ledger_in_arrow(tmp_path: Path) -> None:
+    for name in ("b/2.avro", "a/1.avro", "a/skip.txt", "c/3.json", f"a/{PROBE_NAME}"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode())
+    storage = Storage(str(tmp_path))
+    listing = storage.list_table("", (".avro", ".json"))
+    files = listed_files(listing)
+    assert [Path(f.url).relative_to(tmp_path).as_posix() for f in files] == [
+        "a/1.avro",
+        "b/2.avro",
+        "c/3.json",
+    ]
+    for file in files:
+        stat = (tmp_path / file.url).stat()
+        assert (file.size, file.version) == (stat.st_size, f"{stat.st_mtime_ns}-{stat.st_size}")
+        assert abs(file.modified.timestamp() - stat.st_mtime) < 1e-5
+
+    # The ledger has 1.avro as listed and 2.avro at an older version: 2.avro and 3.json are unread.
+    ledger = pa.table(
+        {
+            "uri": [files[0].url, files[1].url],
+            "version": [files[0].version, "1-1"],
+            "content_hash": ["x", "y"],
+        }
+    )
+    unread = InputSelection.from_ledger(ledger).unread(listing)
+    assert unread == files[1:]
+    assert InputSelection().unread(listing) == files

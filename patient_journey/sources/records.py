@@ -18,7 +18,14 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from patient_journey.storage import FileInfo, InputChangedError, Storage
+from patient_journey.storage import (
+    LISTING_SCHEMA,
+    FileInfo,
+    InputChangedError,
+    Storage,
+    listed_files,
+    listing_table,
+)
 
 BRONZE_SCHEMA = pa.schema(
     [
@@ -203,19 +210,15 @@ class InputSelection:
             return False
         return not file.url.startswith(self.other_sources)
 
-    def unread(self, files: Sequence[FileInfo]) -> list[FileInfo]:
-        """The files whose (URI, version) the ledger does not have, in listing order."""
-        if self.ledger is None or self.ledger.num_rows == 0 or not files:
-            return [f for f in files if (f.url, f.version) not in self.versions]
-        listed = pa.table(
-            {
-                "uri": pa.array([f.url for f in files], pa.string()),
-                "version": pa.array([f.version for f in files], pa.string()),
-                "_listed": pa.array(range(len(files)), pa.int64()),
-            }
-        )
-        new = listed.join(self.ledger.select(["uri", "version"]), ["uri", "version"], join_type="left anti")
-        return [files[i] for i in sorted(new.column("_listed").to_pylist())]
+    def unread(self, listing: pa.Table) -> list[FileInfo]:
+        """The files of a listing (``LISTING_SCHEMA``) whose (URI, version) the ledger does not
+        have, in listing order. Only these become FileInfo objects."""
+        if self.ledger is None or self.ledger.num_rows == 0 or listing.num_rows == 0:
+            return [f for f in listed_files(listing) if (f.url, f.version) not in self.versions]
+        numbered = listing.append_column("_listed", pa.array(range(listing.num_rows), pa.int64()))
+        known = self.ledger.select(["uri", "version"]).rename_columns(["url", "version"])
+        new = numbered.join(known, ["url", "version"], join_type="left anti")
+        return listed_files(new.sort_by("_listed").select(LISTING_SCHEMA.names))
 
     def narrowed(self, files: Sequence[FileInfo]) -> InputSelection:
         """This selection with the ledger facts of ``files`` alone, as sets (and no table)."""
@@ -252,7 +255,7 @@ def candidate_files(
     current version, settled, in the selection), and how many wait for a later run."""
     files: list[FileInfo] = []
     pending = 0
-    listing = seen.listed if seen.listed is not None else landing.list_files(prefix, suffixes)
+    listing = listing_table(seen.listed) if seen.listed is not None else landing.list_table(prefix, suffixes)
     for file in seen.unread(listing):
         if not seen.wants(file):
             continue
