@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.journey import patient_journey
+from patient_journey.errors import ConfigurationError
 from patient_journey.generate import GenerationResult
 from patient_journey.generate.model import build_cohort
 from patient_journey.identity import KeyMaker
-from patient_journey.lake import Lake, gold
-from patient_journey.pipeline import HELD, QUARANTINE
+from patient_journey.lake import Lake, bronze, gold
+from patient_journey.pipeline import BRONZE_TABLES, HELD, QUARANTINE, SPILL_PREFIX
 from patient_journey.query import run_query
 from patient_journey.report import RunSummary, render_markdown
 from tests.conftest import TEST_KEY, settings_for, use_settings_env
@@ -209,3 +210,17 @@ def test_a_rerun_over_the_same_inputs_changes_nothing(
     assert {t.label: lake.version(t) for t in tables} == before
     after = lake.read(gold("surgical_episode"))
     assert isinstance(after, pa.Table) and after.equals(content)
+
+
+def test_a_failed_preflight_fails_the_flow_and_nothing_reaches_bronze(
+    harness: None, generated: GenerationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing key fails the flow with its own error; no batch is put aside or committed."""
+    settings = settings_for(tmp_path, landing=generated.out / "landing")
+    use_settings_env(monkeypatch, settings)
+    monkeypatch.setenv("JOURNEY_IDENTITY__PATIENT_KEY", "")
+    with pytest.raises(ConfigurationError, match="patient key"):
+        patient_journey()
+    lake = Lake(settings)
+    assert [name for name in BRONZE_TABLES.values() if lake.version(bronze(name)) is not None] == []
+    assert not (tmp_path / "restricted" / SPILL_PREFIX).exists()
