@@ -671,7 +671,6 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         name: from_latest_read(lake.read(bronze(name)) or BRONZE_SCHEMA.empty_table(), reads)
         for name in BRONZE_TABLES.values()
     }
-    staged_tables = stage(bronze_tables)
     # Bronze entities that no staged table models yet: kept in bronze, reported, not loaded.
     modelled = {spec.entity for spec in STAGED_TABLES}
     bronze_only = {
@@ -680,6 +679,7 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         if item["values"] not in modelled
     }
     bronze_only.update(redcap_forms_not_loaded(bronze_tables["redcap_record"]))
+    staged_tables = stage(bronze_tables, release=True)
     del bronze_tables  # staged from here on: bronze is not held through the gate and linkage
     rejected_at_read = _rejects_as_quarantine(lake, reads)
     names = list(staged_tables)

@@ -38,7 +38,7 @@ def _rows(table: pa.Table, landing: Path) -> list[dict[str, object]]:
 
 
 @pytest.fixture(scope="module")
-def transformed(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, pa.Table], Path]:
+def golden_bronze(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, pa.Table], Path]:
     root = tmp_path_factory.mktemp("golden")
     generated = generate(root / "gen", patients=3, seed=5, bad_rate=0.0)
     landing = generated.out / "landing"
@@ -50,6 +50,12 @@ def transformed(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, pa.
         name: lake.read(bronze(name)) or BRONZE_SCHEMA.empty_table()
         for name in pipeline.BRONZE_TABLES.values()
     }
+    return bronze_tables, landing
+
+
+@pytest.fixture(scope="module")
+def transformed(golden_bronze: tuple[dict[str, pa.Table], Path]) -> tuple[dict[str, pa.Table], Path]:
+    bronze_tables, landing = golden_bronze
     staged = stage(bronze_tables)
     linked = link(staged, KeyMaker(TEST_KEY.encode()), "golden-run")
     gold = build_journey(linked.silver)
@@ -57,6 +63,18 @@ def transformed(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, pa.
     tables |= {f"silver.{k}": v for k, v in linked.silver.items()}
     tables |= {f"gold.{k}": v for k, v in gold.items()}
     return tables, landing
+
+
+def test_staging_that_releases_bronze_as_it_goes_stages_the_same_tables(
+    golden_bronze: tuple[dict[str, pa.Table], Path],
+) -> None:
+    bronze_tables, _ = golden_bronze
+    kept = stage(bronze_tables)
+    given = dict(bronze_tables)
+    released = stage(given, release=True)
+    assert given == {}  # each bronze table was taken out once its staged tables were built
+    assert list(released) == list(kept)  # in STAGED_TABLES order
+    assert all(released[name].equals(kept[name]) for name in kept)
 
 
 @pytest.mark.parametrize(
