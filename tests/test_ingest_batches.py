@@ -7,9 +7,12 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow as pa
+import pytest
+
 from patient_journey import pipeline
 from patient_journey.generate import GenerationResult
-from patient_journey.lake import Lake, bronze
+from patient_journey.lake import Lake, TableRef, bronze, staged
 from patient_journey.pipeline import SPILL_PREFIX, extraction_rejects_table, ledger_table
 from tests.conftest import settings_for
 
@@ -97,3 +100,46 @@ def test_batches_are_bounded_by_bytes_as_well_as_files(generated: GenerationResu
     assert any(len(b.files) == 1 and b.files[0].size > bound for b in plan.batches)
     assert [b.number for b in plan.batches] == list(range(1, len(plan.batches) + 1))
     assert {b.of for b in plan.batches} == {len(plan.batches)}
+
+
+def test_a_run_that_crashed_before_its_ledger_write_loads_nothing_twice(
+    generated: GenerationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bronze, then rejects, then the ledger: a crash before the ledger write leaves bronze rows
+    whose inputs the next run reads again. Staging collapses those exact re-reads, so the
+    warehouse ends as if the crashed run had never happened."""
+    landing = generated.out / "landing"
+    once, crashed = (settings_for(tmp_path / name, landing=landing) for name in ("once", "crashed"))
+    for source in pipeline.SOURCES:
+        pipeline.ingest(once, source, "run-1")
+
+    ledgers = {ledger_table(source) for source in pipeline.SOURCES}
+    append = Lake.append
+
+    def crash_at_the_ledger(lake: Lake, ref: TableRef, data: pa.Table | pa.RecordBatchReader) -> int:
+        if ref in ledgers:
+            raise RuntimeError("the run's process died here")
+        return append(lake, ref, data)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Lake, "append", crash_at_the_ledger)
+        for source in pipeline.SOURCES:
+            with pytest.raises(RuntimeError):
+                pipeline.ingest(crashed, source, "run-crashed")
+    for source in pipeline.SOURCES:
+        pipeline.ingest(crashed, source, "run-1")  # everything again: no ledger says otherwise
+
+    read_twice, read_once = (Lake(s).read(bronze("device_message"), ["record_id"]) for s in (crashed, once))
+    assert read_twice is not None and read_once is not None
+    assert read_twice.num_rows == 2 * read_once.num_rows > 0
+    built = {name: pipeline.build_silver(s, "build") for name, s in (("once", once), ("crashed", crashed))}
+    assert all(t.balanced for report in built.values() for t in report.tables)
+
+    def outcome(report: pipeline.BuildReport) -> dict[str, tuple[int, int, int]]:
+        return {t.table: (t.loaded, t.quarantined, t.held) for t in report.tables}
+
+    assert outcome(built["crashed"]) == outcome(built["once"])
+    for name in ("device_event", "observation", "prom_response", "redcap_prom"):
+        ours, theirs = (Lake(s).read(staged(name)) for s in (crashed, once))
+        assert ours is not None and theirs is not None
+        assert ours.drop_columns(["run_id"]).equals(theirs.drop_columns(["run_id"])), name
