@@ -9,7 +9,7 @@ Layout::
     <restricted_url>/held/records           records that could not be linked yet
     <restricted_url>/ledger/...             inputs already processed, watermarks
     <restricted_url>/_ingest/<source>/...   Arrow IPC files of batches read, until their commit
-    <restricted_url>/_preflight/...         fingerprints of suite sets that built (preflight)
+    <restricted_url>/_preflight/...         fingerprint of the suite set that built last (preflight)
     <warehouse_url>/silver/<table>          conformed entities keyed by patient key
     <warehouse_url>/gold/<table>            the journey: journey_event, surgical_episode
 

@@ -179,6 +179,9 @@ def preflight(settings: JourneySettings) -> int:
         return int(orjson.loads(store.read_bytes(store.url(marker)))["expectations"])
     count = gate.check_all_parse()
     store.write_bytes(marker, orjson.dumps({"expectations": count}))
+    for earlier in store.list_files(PREFLIGHT_PREFIX):  # markers of suite sets no longer in use
+        if earlier.url != store.url(marker):
+            store.delete(store.relative(earlier.url))
     return count
 
 

@@ -364,11 +364,21 @@ def test_preflight_builds_an_unchanged_suite_set_once_and_a_changed_one_again(
 
     suite = tmp_path / SUITE
     document = json.loads(suite.read_text(encoding="utf-8"))
+    original = json.loads(suite.read_text(encoding="utf-8"))
     document["expectations"][0]["type"] = "expect_column_values_to_be_greener"
     suite.write_text(json.dumps(document), encoding="utf-8")
     with pytest.raises(ExpectationSuiteError) as error:
         pipeline.preflight(settings)
     assert str(suite) in str(error.value)
+
+    markers = tmp_path / "restricted" / pipeline.PREFLIGHT_PREFIX
+    before = {p.name for p in markers.iterdir()}
+    document["expectations"][0]["type"] = original["expectations"][0]["type"]
+    document["meta"] = {"notes": "edited"}  # a valid change: a new suite set, built once
+    suite.write_text(json.dumps(document), encoding="utf-8")
+    assert pipeline.preflight(settings) == count
+    after = {p.name for p in markers.iterdir()}
+    assert len(after) == 1 and after.isdisjoint(before)  # the earlier set's marker is gone
 
 
 # --------------------------------------------------------------------------- section 7: reprocess
