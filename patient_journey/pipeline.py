@@ -93,6 +93,7 @@ class IngestReport:
     started: float = 0.0  # epoch seconds
     # A batch read by extract_batch: its rows put aside until commit_ingest appends them.
     spilled: tuple[str, ...] = ()
+    run_id: str = ""  # the run that read it
 
     @classmethod
     def combine(cls, source: str, parts: list[IngestReport], pending_inputs: int = 0) -> IngestReport:
@@ -482,6 +483,7 @@ def extract_batch(
                 store.write_bytes(path, _ipc_bytes(table))
                 spilled.append(store.url(path))
         report.spilled = tuple(spilled)
+    report.run_id = run_id
     report.started = started
     report.seconds = round(time.time() - started, 3)
     return report
@@ -493,7 +495,10 @@ def commit_ingest(
     """Append every batch that ``extract_batch`` put aside for one source: one Delta commit per
     table (bronze, rejects, ledger, in that order), streamed file by file, then remove the
     source's spill files, those a crashed run left too (the caller holds the source's ingest
-    limit, so no other run is between extract and commit). Returns the source's report."""
+    limit, so no other run is between extract and commit). Returns the source's report.
+
+    Safe to retry: once the ledger holds the batches' run, the rows are not appended again and
+    only the clean-up is finished."""
     combined = IngestReport.combine(source, parts, pending_inputs)
     lake = Lake(settings)
     store = lake.storage(settings.storage.restricted_url)
@@ -507,18 +512,34 @@ def commit_ingest(
 
         return pa.RecordBatchReader.from_batches(schema, batches())
 
-    _append_ingested(
-        lake,
-        combined,
-        rows("bronze", BRONZE_SCHEMA),
-        rows("rejects", REJECT_SCHEMA),
-        rows("ledger", LEDGER_SCHEMA),
-    )
+    if _committed(lake, source, {part.run_id for part in parts if part.run_id}):
+        # A retry after the clean-up below failed part way: the rows are in, some of the files
+        # already gone. Only the clean-up is left to do.
+        combined.bronze_version = lake.version(bronze(BRONZE_TABLES[source])) if combined.records else None
+    else:
+        _append_ingested(
+            lake,
+            combined,
+            rows("bronze", BRONZE_SCHEMA),
+            rows("rejects", REJECT_SCHEMA),
+            rows("ledger", LEDGER_SCHEMA),
+        )
     for leftover in store.list_files(f"{SPILL_PREFIX}/{source}"):
         store.delete(store.relative(leftover.url))
     combined.started = min((p.started for p in parts), default=time.time())
     combined.seconds = round(time.time() - combined.started, 3)
     return combined
+
+
+def _committed(lake: Lake, source: str, run_ids: set[str]) -> bool:
+    """Whether the source's ledger has entries of these runs: the ledger is appended last, so
+    their commit is complete."""
+    if not run_ids:
+        return False
+    ledger = lake.read(ledger_table(source), columns=["run_id"])
+    if ledger is None:
+        return False
+    return bool(pc.any(pc.is_in(ledger.column("run_id"), value_set=pa.array(sorted(run_ids)))).as_py())
 
 
 def _ipc_bytes(table: pa.Table) -> bytes:

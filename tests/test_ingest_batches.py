@@ -11,9 +11,11 @@ import pyarrow as pa
 import pytest
 
 from patient_journey import pipeline
+from patient_journey.errors import StorageError
 from patient_journey.generate import GenerationResult
 from patient_journey.lake import Lake, TableRef, bronze, staged
 from patient_journey.pipeline import SPILL_PREFIX, extraction_rejects_table, ledger_table
+from patient_journey.storage import Storage
 from tests.conftest import settings_for
 
 
@@ -143,3 +145,33 @@ def test_a_run_that_crashed_before_its_ledger_write_loads_nothing_twice(
         ours, theirs = (Lake(s).read(staged(name)) for s in (crashed, once))
         assert ours is not None and theirs is not None
         assert ours.drop_columns(["run_id"]).equals(theirs.drop_columns(["run_id"])), name
+
+
+def test_a_commit_retried_after_its_clean_up_failed_part_way_appends_nothing_twice(
+    generated: GenerationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_for(tmp_path, landing=generated.out / "landing")
+    plan = pipeline.plan_ingest(settings, "device", batch_files=40)
+    parts = [pipeline.extract_batch(settings, b, "run-1") for b in plan.batches]
+    assert len(parts) > 2
+    delete = Storage.delete
+    deleted: list[str] = []
+
+    def fail_after_the_first(store: Storage, path: str) -> None:
+        if deleted:
+            raise StorageError("the storage service timed out", transient=True)
+        deleted.append(path)
+        delete(store, path)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Storage, "delete", fail_after_the_first)
+        with pytest.raises(StorageError):
+            pipeline.commit_ingest(settings, "device", parts, plan.pending_inputs)
+    assert len(deleted) == 1  # one spill file gone, the others still there
+
+    retried = pipeline.commit_ingest(settings, "device", parts, plan.pending_inputs)  # the task's retry
+    lake = Lake(settings)
+    for table in (bronze("device_message"), extraction_rejects_table("device"), ledger_table("device")):
+        assert lake.version(table) == 0, table.label  # appended once, by the first attempt
+    assert retried.records == sum(p.records for p in parts) and retried.bronze_version == 0
+    assert not (tmp_path / "restricted" / SPILL_PREFIX / "device").exists()
