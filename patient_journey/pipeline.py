@@ -222,19 +222,45 @@ def registry_url(settings: JourneySettings) -> str | None:
     return None
 
 
-def _registry_rows_read(lake: Lake) -> set[tuple[str, str, str]]:
-    """(table, primary key, content hash) of every registry row already in bronze."""
-    rows = lake.read(bronze(BRONZE_TABLES["registry"]), columns=["entity", "record_id", "content_hash"])
+def _registry_rows_read(
+    lake: Lake, watermarks: dict[str, str], lookback_seconds: int
+) -> set[tuple[str, str, str]]:
+    """(table, primary key, content hash) of the registry rows in bronze that this run's queries
+    can select again, so that the adapter skips them.
+
+    A table is read from its watermark less the lookback. A row updated since then was read by
+    a run whose watermark for that table (the newest update it saw) is at least as late, so only
+    the bronze rows of those runs are kept (one set of every row ever read grew with each run).
+    All of a table's rows when it has no watermark (a first or forced read), and every row of a
+    run that has no ledger entry."""
+    rows = lake.read(
+        bronze(BRONZE_TABLES["registry"]), columns=["entity", "record_id", "content_hash", "run_id"]
+    )
     if rows is None:
         return set()
-    return set(
-        zip(
-            rows.column("entity").to_pylist(),
-            rows.column("record_id").to_pylist(),
-            rows.column("content_hash").to_pylist(),
-            strict=True,
-        )
-    )
+    ledger = lake.read(ledger_table("registry"), columns=["uri", "run_id", "watermark"])
+    marks = ledger.filter(pc.is_valid(ledger.column("watermark"))).to_pylist() if ledger is not None else []
+    # Rows of a run that wrote bronze but no ledger entry (it crashed in between) are kept.
+    ledgered = pa.array(sorted({m["run_id"] for m in marks}), pa.string())
+    keep = pc.invert(pc.is_in(rows.column("run_id"), value_set=ledgered))
+    for table in set(rows.column("entity").unique().to_pylist()):
+        since = registry.instant(watermarks.get(table))
+        of_table = pc.equal(rows.column("entity"), table)
+        if since is not None:
+            lower = since - timedelta(seconds=lookback_seconds)
+            runs = [
+                m["run_id"]
+                for m in marks
+                if m["uri"].rsplit("#", 1)[-1] == table
+                and (registry.instant(m["watermark"]) or lower) >= lower
+            ]
+            of_table = pc.and_(
+                of_table, pc.is_in(rows.column("run_id"), value_set=pa.array(runs, pa.string()))
+            )
+        keep = pc.or_(keep, of_table)
+    kept = rows.filter(keep)
+    columns = (kept.column(name).to_pylist() for name in ("entity", "record_id", "content_hash"))
+    return set(zip(*columns, strict=True))
 
 
 # The suffixes each file source lists (the adapters read the same ones).
@@ -400,7 +426,11 @@ def _read_inputs(
                 source, skipped="no registry configured (JOURNEY_SOURCES__REGISTRY_URL)"
             ), None
         extraction = registry.extract(
-            url, watermarks, run_id, settings.sources.registry_lookback_seconds, _registry_rows_read(lake)
+            url,
+            watermarks,
+            run_id,
+            settings.sources.registry_lookback_seconds,
+            _registry_rows_read(lake, watermarks, settings.sources.registry_lookback_seconds),
         )
     elif source == "device":
         templates = load_templates(settings.sources.device_templates_dir)

@@ -29,7 +29,7 @@ from patient_journey.generate.model import build_cohort
 from patient_journey.generate.registry_db import insert_rows, registry_metadata, table_rows, write_registry_db
 from patient_journey.generate.writers import RegistryRows, registry_rows
 from patient_journey.lake import Lake, bronze
-from patient_journey.pipeline import forget_inputs, ingest, ledger_table
+from patient_journey.pipeline import _registry_rows_read, forget_inputs, ingest, ledger_table
 from patient_journey.settings import JourneySettings
 from tests.conftest import settings_for
 
@@ -348,3 +348,28 @@ def test_wrong_password_hides_it(tmp_path: Path) -> None:
     assert "wrong" not in message
     assert "postgres:***@127.0.0.1:5432/nonexistent_db" in message
     assert caught.value.__cause__ is None
+
+
+def test_a_run_skips_only_rows_of_runs_its_windows_reach(
+    tmp_path: Path, registry: Registry, rows: RegistryRows
+) -> None:
+    """Rows already in bronze are skipped by (table, key, content); only the rows of runs whose
+    watermark reaches a table's window (watermark less the look-back) are gathered for that."""
+    registry.load(rows)
+    settings = _settings(tmp_path, registry)
+    ingest(settings, "registry", "run-1")
+    lookback = settings.sources.registry_lookback_seconds
+    original = rows.complications[0]
+    stamp = _shift(_watermarks(settings)["complication"], seconds=lookback + 3600)
+    registry.upsert("complication", (*original[:5], original[5] + 1, stamp))
+    assert ingest(settings, "registry", "run-2").records == 1
+
+    gathered = _registry_rows_read(Lake(settings), _watermarks(settings), lookback)
+    # run-1 read every complication before the window now starts: only run-2's version is left.
+    assert {(t, key) for t, key, _ in gathered if t == "complication"} == {("complication", str(original[0]))}
+    others = {t: sum(1 for g in gathered if g[0] == t) for t in TABLES if t != "complication"}
+    assert others == {t: n for t, n in rows.counts().items() if t != "complication"}  # unmoved watermarks
+
+    third = ingest(settings, "registry", "run-3")
+    assert (third.records, third.new_inputs) == (0, 0)
+    _assert_rows_in_equal_rows_out(settings, registry)

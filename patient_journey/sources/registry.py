@@ -139,7 +139,7 @@ def _read_table(
     since = watermarks.get(spec.name)
     since_instant = None
     if since is not None:
-        since_instant = _instant(since)
+        since_instant = instant(since)
         if since_instant is None:
             raise SourceError(
                 f"The ledger's watermark of registry table {spec.name!r} is not an ISO 8601 timestamp; "
@@ -152,9 +152,9 @@ def _read_table(
     newest = since_instant
     for row in connection.execute(query).mappings():
         values = {str(key): _plain(value) for key, value in row.items()}
-        instant = _instant(row[spec.updated_at])
-        if instant is not None and (newest is None or instant > newest):
-            newest = instant
+        updated = instant(row[spec.updated_at])
+        if updated is not None and (newest is None or updated > newest):
+            newest = updated
         raw = orjson.dumps(values)
         record_id = str(values[spec.primary_key])
         if (spec.name, record_id, content_hash(raw)) in already_read:
@@ -176,7 +176,7 @@ def _bound(lower: datetime, column_type: sa.types.TypeEngine[object]) -> object:
     return _iso(lower)
 
 
-def _instant(value: object) -> datetime | None:
+def instant(value: object) -> datetime | None:
     """An ``updated_at`` value as an aware UTC datetime (naive ones taken as UTC), else None."""
     if isinstance(value, str):
         try:
