@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from patient_journey.prom import score_prom_tables
 
@@ -32,7 +33,7 @@ class StagedTable:
     bronze: str
     entity: str
     columns: str
-    order_by: str = "source_uri, source_offset"
+    order_by: str = "source_uri, source_offset"  # only these two: the windows see no other columns
     # Versioned sources: the version of a record (later replaces earlier) and whether the record
     # is a deletion. Without a version, records of one id are all current.
     version: str = UNVERSIONED
@@ -291,16 +292,20 @@ def stage(bronze_tables: dict[str, pa.Table], *, release: bool = False) -> dict[
                     max(coalesce(_version, 'infinity'::TIMESTAMPTZ)) FILTER (WHERE _deleted)
                         OVER (PARTITION BY _record_id) AS _deleted_at"""
         )
-        # Flattened first, so the windows that pick current records sort narrow rows, not payloads.
-        staged[spec.name] = connection.sql(
+        # Flattened once; the windows that pick current records run over the keys alone (row
+        # number, ids, hash, version, lineage), joined back to the flattened rows, which are put in
+        # `_row` order in Arrow. Windows and an ORDER BY over whole rows added 2.9 GiB to the
+        # process while M's device events were staged; this adds 1.6 GiB, in the same time.
+        flat = connection.sql(
             f"""
-            WITH flattened AS (
+            WITH flattened AS MATERIALIZED (
                 SELECT {spec.columns}, record_id AS _record_id, content_hash AS _hash,
                        ingested_at AS _ingested, {spec.version} AS _version, {spec.deleted} AS _deleted,
-                       {LINEAGE}
+                       {LINEAGE}, row_number() OVER () AS _n
                 FROM (SELECT *, {parsed} FROM bronze_{spec.bronze} WHERE entity = '{spec.entity}')
             ), records AS (
-                SELECT * FROM flattened
+                SELECT _n, _record_id, _hash, _ingested, _version, _deleted, source_uri, source_offset
+                FROM flattened
                 QUALIFY row_number() OVER (
                     PARTITION BY source_uri, source_offset, _hash ORDER BY _ingested) = 1
             ), versions AS (
@@ -309,24 +314,27 @@ def stage(bronze_tables: dict[str, pa.Table], *, release: bool = False) -> dict[
                         PARTITION BY _record_id, _hash ORDER BY {spec.order_by}) > 1 AS _again,
                     {versioned}
                 FROM records
-            ), flat AS (
-                SELECT * EXCLUDE (_hash, _ingested, _version, _deleted, _again, _latest, _deleted_at,
-                                  {LINEAGE}),
+            ), flags AS (
+                SELECT _n, _record_id, source_uri, source_offset,
                        _again OR _version IS DISTINCT FROM _latest
                        OR coalesce(_deleted_at >= coalesce(_version, '-infinity'::TIMESTAMPTZ), false)
-                       AS {SUPERSEDED},
-                       {LINEAGE}
+                       AS {SUPERSEDED}
                 FROM versions
+            ), ordered AS (
+                SELECT _n, {SUPERSEDED},
+                       row_number() OVER (
+                           PARTITION BY _record_id, {SUPERSEDED} ORDER BY {spec.order_by}) = 1 AS _first_of_id,
+                       -- a total order: one line or message can hold several records (REDCap forms,
+                       -- template matches), and ties would number them differently from run to run
+                       row_number() OVER (ORDER BY {spec.order_by}, _record_id) AS _row
+                FROM flags
             )
-            SELECT * EXCLUDE (_record_id),
-                   row_number() OVER (
-                       PARTITION BY _record_id, {SUPERSEDED} ORDER BY {spec.order_by}) = 1 AS _first_of_id,
-                   -- a total order: one line or message can hold several records (REDCap forms,
-                   -- template matches), and ties would number them differently from run to run
-                   row_number() OVER (ORDER BY {spec.order_by}, _record_id) AS _row
-            FROM flat ORDER BY _row
+            SELECT f.* EXCLUDE (_n, _record_id, _hash, _ingested, _version, _deleted, {LINEAGE}),
+                   o.{SUPERSEDED}, {", ".join(f"f.{c}" for c in LINEAGE.split(", "))}, o._first_of_id, o._row
+            FROM ordered o JOIN flattened f USING (_n)
             """
         ).to_arrow_table()
+        staged[spec.name] = flat.take(pc.sort_indices(flat.column("_row")))
         if release and last_of[spec.bronze] == spec.name:
             connection.unregister(f"bronze_{spec.bronze}")
             del bronze_tables[spec.bronze]
