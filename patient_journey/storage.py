@@ -66,7 +66,7 @@ LISTING_SCHEMA = pa.schema(
 )
 
 
-def listing_table(files: Sequence[FileInfo]) -> pa.Table:
+def _listing_table(files: Sequence[FileInfo]) -> pa.Table:
     columns = (
         [f.url for f in files],
         [f.size for f in files],
@@ -103,6 +103,7 @@ class _LocalBackend:
 
     @staticmethod
     def _version(stat: os.stat_result) -> str:
+        """``<mtime ns>-<size>``; ``list_table`` builds the same strings as a column."""
         return f"{stat.st_mtime_ns}-{stat.st_size}"
 
     def exists(self, path: str) -> bool:
@@ -135,6 +136,7 @@ class _LocalBackend:
                         add(entry.path, entry.stat())
         size = pa.array(sizes, pa.int64())
         mtime = pa.array(times, pa.int64())
+        # As _version, which read() checks against it.
         version = pc.binary_join_element_wise(pc.cast(mtime, pa.string()), pc.cast(size, pa.string()), "-")
         modified = pc.divide(mtime, 1000).cast(pa.timestamp("us", tz="UTC"))  # whole microseconds
         return pa.table([pa.array(urls, pa.string()), size, version, modified], schema=LISTING_SCHEMA)
@@ -198,7 +200,7 @@ class _BlobBackend:
         name = self._name(path)
         start = f"{name}/" if name else None
         try:
-            return listing_table(
+            return _listing_table(
                 [
                     FileInfo(
                         self.location.url(blob.name),

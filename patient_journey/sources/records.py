@@ -24,7 +24,6 @@ from patient_journey.storage import (
     InputChangedError,
     Storage,
     listed_files,
-    listing_table,
 )
 
 BRONZE_SCHEMA = pa.schema(
@@ -214,11 +213,15 @@ class InputSelection:
         """The files of a listing (``LISTING_SCHEMA``) whose (URI, version) the ledger does not
         have, in listing order. Only these become FileInfo objects."""
         if self.ledger is None or self.ledger.num_rows == 0 or listing.num_rows == 0:
-            return [f for f in listed_files(listing) if (f.url, f.version) not in self.versions]
+            return self.not_in_versions(listed_files(listing))
         numbered = listing.append_column("_listed", pa.array(range(listing.num_rows), pa.int64()))
         known = self.ledger.select(["uri", "version"]).rename_columns(["url", "version"])
         new = numbered.join(known, ["url", "version"], join_type="left anti")
         return listed_files(new.sort_by("_listed").select(LISTING_SCHEMA.names))
+
+    def not_in_versions(self, files: Sequence[FileInfo]) -> list[FileInfo]:
+        """The files whose (URI, version) is not among ``versions`` (a planned batch's ledger facts)."""
+        return [f for f in files if (f.url, f.version) not in self.versions]
 
     def narrowed(self, files: Sequence[FileInfo]) -> InputSelection:
         """This selection with the ledger facts of ``files`` alone, as sets (and no table)."""
@@ -255,8 +258,11 @@ def candidate_files(
     current version, settled, in the selection), and how many wait for a later run."""
     files: list[FileInfo] = []
     pending = 0
-    listing = listing_table(seen.listed) if seen.listed is not None else landing.list_table(prefix, suffixes)
-    for file in seen.unread(listing):
+    if seen.listed is not None:  # a planned batch: its files and their ledger facts as sets
+        unread = seen.not_in_versions(seen.listed)
+    else:
+        unread = seen.unread(landing.list_table(prefix, suffixes))
+    for file in unread:
         if not seen.wants(file):
             continue
         if seen.settle_before is not None and file.modified > seen.settle_before:
