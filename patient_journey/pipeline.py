@@ -206,7 +206,7 @@ def _seen(
         for uri, mark in zip(
             marked.column("uri").to_pylist(), marked.column("watermark").to_pylist(), strict=True
         ):
-            table = uri.rsplit("#", 1)[-1]
+            table = registry.table_of(uri)
             watermarks[table] = max(watermarks.get(table, mark), mark)
     return seen, watermarks
 
@@ -239,21 +239,22 @@ def _registry_rows_read(
     if rows is None:
         return set()
     ledger = lake.read(ledger_table("registry"), columns=["uri", "run_id", "watermark"])
-    marks = ledger.filter(pc.is_valid(ledger.column("watermark"))).to_pylist() if ledger is not None else []
-    # Rows of a run that wrote bronze but no ledger entry (it crashed in between) are kept.
-    ledgered = pa.array(sorted({m["run_id"] for m in marks}), pa.string())
-    keep = pc.invert(pc.is_in(rows.column("run_id"), value_set=ledgered))
-    for table in set(rows.column("entity").unique().to_pylist()):
-        since = registry.instant(watermarks.get(table))
+    entries = ledger.filter(pc.is_valid(ledger.column("watermark"))).to_pylist() if ledger is not None else []
+    # (table, run, watermark) of every ledger entry; rows of a run with none (it crashed between
+    # its bronze and its ledger writes) are kept.
+    marks = [(registry.table_of(e["uri"]), e["run_id"], registry.instant(e["watermark"])) for e in entries]
+    keep = pc.invert(
+        pc.is_in(rows.column("run_id"), value_set=pa.array(sorted({run for _, run, _ in marks}), pa.string()))
+    )
+    for table in rows.column("entity").unique().to_pylist():
         of_table = pc.equal(rows.column("entity"), table)
+        since = registry.instant(watermarks.get(table))
         if since is not None:
             lower = since - timedelta(seconds=lookback_seconds)
-            runs = [
-                m["run_id"]
-                for m in marks
-                if m["uri"].rsplit("#", 1)[-1] == table
-                and (registry.instant(m["watermark"]) or lower) >= lower
-            ]
+            # an unreadable watermark counts as reaching the window: its rows are kept
+            runs = sorted(
+                {run for name, run, mark in marks if name == table and (mark is None or mark >= lower)}
+            )
             of_table = pc.and_(
                 of_table, pc.is_in(rows.column("run_id"), value_set=pa.array(runs, pa.string()))
             )

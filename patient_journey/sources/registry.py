@@ -147,7 +147,7 @@ def _read_table(
             )
         lower = since_instant - timedelta(seconds=lookback_seconds)
         query = query.where(stamp_column >= _bound(lower, stamp_column.type))
-    uri = f"{safe_url}#{spec.name}"
+    uri = f"{safe_url}#{spec.name}"  # table_of() reads the table back
     count = 0
     newest = since_instant
     for row in connection.execute(query).mappings():
@@ -174,6 +174,11 @@ def _bound(lower: datetime, column_type: sa.types.TypeEngine[object]) -> object:
     if isinstance(column_type, sa.DateTime):
         return lower if column_type.timezone else lower.astimezone(UTC).replace(tzinfo=None)
     return _iso(lower)
+
+
+def table_of(uri: str) -> str:
+    """The registry table a ledger entry's URI (``<database>#<table>``) names."""
+    return uri.rsplit("#", 1)[-1]
 
 
 def instant(value: object) -> datetime | None:
