@@ -14,13 +14,13 @@ from typer.testing import CliRunner
 
 from patient_journey import pipeline
 from patient_journey.cli import app
-from patient_journey.errors import ConfigurationError, ExpectationSuiteError, QualityGateError
+from patient_journey.errors import ConfigurationError, ExpectationSuiteError, QualityGateError, SourceError
 from patient_journey.identity import KeyMaker
 from patient_journey.quality import QualityGate
 from patient_journey.report import RunSummary, render_markdown
 from patient_journey.sources.fhir import extract_ndjson, resource_type_of_file
 from patient_journey.sources.records import Extraction, InputSelection
-from patient_journey.storage import PROBE_NAME, FileInfo, Storage, listed_files
+from patient_journey.storage import PROBE_NAME, FileInfo, InputChangedError, Storage, listed_files
 from tests.conftest import settings_for
 
 
@@ -328,3 +328,17 @@ def test_a_local_listing_is_sorted_filtered_and_compared_with_the_ledger_in_arro
     unread = InputSelection.from_ledger(ledger).unread(listing)
     assert unread == files[1:]
     assert InputSelection().unread(listing) == files
+
+
+@pytest.mark.parametrize("size", [0, 1, 2**20 - 1, 2**20, 2**20 + 1, 2**21, 3 * 2**20 + 7])
+def test_a_local_read_returns_the_whole_file_at_its_listed_version_only(tmp_path: Path, size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    (tmp_path / "f.avro").write_bytes(data)
+    storage = Storage(str(tmp_path))
+    [file] = storage.list_files()
+    assert storage.read_bytes(file.url, file.version) == data
+    (tmp_path / "f.avro").write_bytes(data + b"x")  # changed after it was listed
+    with pytest.raises(InputChangedError, match="changed while it was being read"):
+        storage.read_bytes(file.url, file.version)
+    with pytest.raises(SourceError, match="no such file"):
+        storage.read_bytes(file.url + ".gone", None)
