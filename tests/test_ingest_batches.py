@@ -175,3 +175,16 @@ def test_a_commit_retried_after_its_clean_up_failed_part_way_appends_nothing_twi
         assert lake.version(table) == 0, table.label  # appended once, by the first attempt
     assert retried.records == sum(p.records for p in parts) and retried.bronze_version == 0
     assert not (tmp_path / "restricted" / SPILL_PREFIX / "device").exists()
+
+
+def test_prefect_sees_a_planned_batch_as_a_few_leaves(generated: GenerationResult, tmp_path: Path) -> None:
+    """Prefect walks every task parameter for futures, in the flow and in the worker: a batch's
+    thousands of files must not be nodes of that walk."""
+    from prefect.utilities.collections import visit_collection
+
+    settings = settings_for(tmp_path, landing=generated.out / "landing")
+    [batch] = pipeline.plan_ingest(settings, "device", batch_files=10_000).batches
+    assert len(batch.files) > 100
+    visited: list[object] = []
+    visit_collection({"batch": batch}, visit_fn=visited.append, return_data=False, max_depth=-1)
+    assert len(visited) < 15
