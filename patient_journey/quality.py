@@ -20,6 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from great_expectations.core.expectation_suite import ExpectationSuite
 
 SEVERITIES = ("error", "warn")
-ROW_ID = "_row"
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -202,16 +202,11 @@ class QualityGate:
         suite_file = self._suites[(layer, table)]
         context = _gx_context()
         suite = _build_suite(suite_file)
-        added_row_id = ROW_ID not in data.column_names
-        if added_row_id:
-            data = data.append_column(ROW_ID, pa.array(range(1, data.num_rows + 1), pa.int64()))
         wanted = suite_file.columns()
-        checked = (
-            data
-            if wanted is None
-            else data.select([c for c in data.column_names if c in wanted or c == ROW_ID])
-        )
-        frame = checked.to_pandas()
+        checked = data if wanted is None else data.select([c for c in data.column_names if c in wanted])
+        # GX names a failing row by its frame index: with a RangeIndex, its position in ``data``.
+        # No row id column is added, so table rules see the table's own columns only.
+        frame = checked.to_pandas().reset_index(drop=True)
         name = f"{layer}.{table}"
         try:
             source_ds = context.data_sources.get(name)
@@ -227,7 +222,6 @@ class QualityGate:
             suite,
             result_format={
                 "result_format": "COMPLETE",
-                "unexpected_index_column_names": [ROW_ID],
                 "exclude_unexpected_values": True,
                 "return_unexpected_index_query": False,
             },
@@ -261,11 +255,8 @@ class QualityGate:
             if item.success or severity != "error":
                 continue
             if "unexpected_index_list" in details:
-                for entry in details["unexpected_index_list"]:
-                    # GX 1.x gives {"_row": [ids...]} entries; accept a scalar too.
-                    value = entry[ROW_ID]
-                    for row in value if isinstance(value, list) else [value]:
-                        failed_rows.setdefault(int(row), []).append(rule)
+                for row in details["unexpected_index_list"]:
+                    failed_rows.setdefault(int(row), []).append(rule)
             else:
                 table_failures.append(outcome)
         if table_failures:
@@ -279,16 +270,15 @@ class QualityGate:
                 f"Quality gate failed for table {name}: expectation {first.rule} ({first.expectation}) "
                 f"{what}; {len(table_failures)} table-level error expectation(s) failed. Nothing was loaded."
             )
-        row_ids = data.column(ROW_ID)
-        failed = pa.array(sorted(failed_rows), pa.int64())
-        mask = pc.is_in(row_ids, value_set=failed)
+        failed = sorted(failed_rows)
+        flags = np.zeros(data.num_rows, dtype=bool)
+        flags[failed] = True
+        mask = pa.array(flags)
         bad = data.filter(mask)
         quarantined = pa.table(
             {
                 "table_name": pa.array([table] * bad.num_rows, pa.string()),
-                "rule": pa.array(
-                    ["; ".join(failed_rows[int(r)]) for r in bad.column(ROW_ID).to_pylist()], pa.string()
-                ),
+                "rule": pa.array(["; ".join(failed_rows[row]) for row in failed], pa.string()),
                 "source": pa.array([source] * bad.num_rows, pa.string()),
                 "record_id": pc.cast(bad.column(0), pa.string()),
                 "source_uri": _lineage(bad, "source_uri", pa.string()),
@@ -299,6 +289,4 @@ class QualityGate:
             schema=QUARANTINE_SCHEMA,
         )
         passed = data.filter(pc.invert(mask))
-        if added_row_id:  # the gate's own row id does not belong in the table it passes on
-            passed = passed.drop_columns([ROW_ID])
         return GateResult(name, passed, quarantined, tuple(outcomes))

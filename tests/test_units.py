@@ -342,3 +342,25 @@ def test_a_local_read_returns_the_whole_file_at_its_listed_version_only(tmp_path
         storage.read_bytes(file.url, file.version)
     with pytest.raises(SourceError, match="no such file"):
         storage.read_bytes(file.url + ".gone", None)
+
+
+def test_an_exact_column_set_rule_sees_the_table_s_own_columns_and_rows_are_named_by_position(
+    tmp_path: Path,
+) -> None:
+    exact_columns = {
+        "type": "expect_table_columns_to_match_set",
+        "kwargs": {"column_set": _rows().column_names, "exact_match": True},
+        "meta": {"severity": "error", "rule": "columns_exactly"},
+    }
+    in_range = {
+        "type": "expect_column_values_to_be_between",
+        "kwargs": {"column": "score", "min_value": 0, "max_value": 100},
+        "meta": {"severity": "error", "rule": "score_in_range"},
+    }
+    _suite(tmp_path, "gold", "exact", [exact_columns, in_range])
+    result = QualityGate(tmp_path).check("gold", "exact", _rows(), "test", "run-1")
+    assert [o.success for o in result.outcomes if o.rule == "columns_exactly"] == [True]
+    assert result.quarantined.column("record_id").to_pylist() == ["b"]
+    assert result.quarantined.column("rule").to_pylist() == ["score_in_range"]
+    assert result.passed.column_names == _rows().column_names
+    assert result.passed.num_rows + result.quarantined.num_rows == _rows().num_rows
