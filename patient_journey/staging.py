@@ -2,10 +2,10 @@
 
 Each staged table is declared once below as the SQL that flattens its bronze payloads (DuckDB's
 JSON functions, vectorised). Every staged row keeps its lineage (source URI, offset, run id) and
-two more: ``_row`` (the row's number in the table's order, which linkage keeps) and
+two more columns: ``_row`` (the row's number in the table's order, which linkage keeps) and
 ``_first_of_id`` (false for a later record that repeats an earlier record's id, which the suites
-test). Exact re-reads of the same physical record (same
-URI, offset and content, e.g. after a crash between bronze and ledger writes) are collapsed.
+test). Exact re-reads of the same physical record (same URI, offset and content, e.g. after a
+crash between bronze and ledger writes) are collapsed.
 """
 
 from __future__ import annotations
