@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeAlias
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,7 +40,7 @@ from patient_journey.sources.records import (
     candidate_files,
 )
 from patient_journey.staging import STAGED_TABLES, SUPERSEDED, stage
-from patient_journey.storage import FileInfo, Storage, check_zones, listed_files, listing_table
+from patient_journey.storage import FileInfo, Storage, check_zones, listed_files
 
 SOURCES = ("fhir", "device", "registry", "redcap")
 BRONZE_TABLES = {
@@ -297,8 +298,12 @@ class IngestBatch:
     def files(self) -> tuple[FileInfo, ...]:
         return () if self.listing is None else tuple(listed_files(self.listing))
 
+    @property
+    def file_count(self) -> int:
+        return 0 if self.listing is None else self.listing.num_rows
+
     def selection(self) -> InputSelection:
-        return InputSelection(versions=self.ledger_versions, hashes=self.ledger_hashes, listed=self.files)
+        return InputSelection(versions=self.ledger_versions, hashes=self.ledger_hashes, listed=self.listing)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -306,10 +311,9 @@ class IngestBatch:
 
     @property
     def label(self) -> str:
-        count = 0 if self.listing is None else self.listing.num_rows
-        if not count:
+        if not self.file_count:
             return self.source
-        more = f" +{count - 1} files" if count > 1 else ""
+        more = f" +{self.file_count - 1} files" if self.file_count > 1 else ""
         return f"{self.source} {self.number}/{self.of}: {self.first}{more}"
 
 
@@ -323,7 +327,7 @@ class IngestPlan:
 
     @property
     def inputs(self) -> int:
-        return sum(len(b.inputs) for b in self.batches)
+        return sum(b.file_count for b in self.batches)
 
 
 def _selection(
@@ -367,37 +371,41 @@ def plan_ingest(
     landing = lake.storage(settings.storage.landing_url)
     seen, _ = _selection(lake, landing, settings, source, window, reread)
     prefix = getattr(settings.sources, f"{source}_prefix")
-    files, pending = candidate_files(landing, prefix, SOURCE_SUFFIXES[source], seen)
-    chunks = list(_chunks(files, batch_files, batch_bytes))
-    known = seen.narrowed(files)  # the ledger facts of these files alone: the ledger is large
+    listing, pending = candidate_files(landing, prefix, SOURCE_SUFFIXES[source], seen)
+    chunks = list(_chunks(listing.column("size").to_pylist(), batch_files, batch_bytes))
+    known = seen.narrowed(listing)  # the ledger facts of these files alone: the ledger is large
     versions, hashes = _by_uri(known.versions), _by_uri(known.hashes)
-    batches = tuple(
-        IngestBatch(
-            source,
-            number,
-            len(chunks),
-            landing.relative(chunk[0].url),
-            listing_table(chunk),
-            frozenset(v for f in chunk for v in versions.get(f.url, ())),
-            frozenset(h for f in chunk for h in hashes.get(f.url, ())),
+    batches = []
+    for number, (start, count) in enumerate(chunks, start=1):
+        # Taken, not sliced: a slice would pickle the whole listing's buffers with each batch.
+        rows = listing.take(np.arange(start, start + count))
+        urls = rows.column("url").to_pylist()
+        batches.append(
+            IngestBatch(
+                source,
+                number,
+                len(chunks),
+                landing.relative(urls[0]),
+                rows,
+                frozenset(v for url in urls for v in versions.get(url, ())),
+                frozenset(h for url in urls for h in hashes.get(url, ())),
+            )
         )
-        for number, chunk in enumerate(chunks, start=1)
-    )
-    return IngestPlan(source, batches, pending)
+    return IngestPlan(source, tuple(batches), pending)
 
 
-def _chunks(files: list[FileInfo], most_files: int, most_bytes: int | None) -> Iterator[list[FileInfo]]:
-    """Consecutive runs of files, each within both bounds (or one file above the byte bound)."""
-    chunk: list[FileInfo] = []
-    size = 0
-    for file in files:
-        if chunk and (len(chunk) >= most_files or (most_bytes is not None and size + file.size > most_bytes)):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(file)
-        size += file.size
-    if chunk:
-        yield chunk
+def _chunks(sizes: list[int], most_files: int, most_bytes: int | None) -> Iterator[tuple[int, int]]:
+    """(start, count) of consecutive runs of files of these sizes, each within both bounds (or
+    one file above the byte bound)."""
+    start, count, total = 0, 0, 0
+    for size in sizes:
+        if count and (count >= most_files or (most_bytes is not None and total + size > most_bytes)):
+            yield start, count
+            start, count, total = start + count, 0, 0
+        count += 1
+        total += size
+    if count:
+        yield start, count
 
 
 def _by_uri(pairs: frozenset[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:

@@ -66,7 +66,7 @@ LISTING_SCHEMA = pa.schema(
 )
 
 
-def listing_table(files: Sequence[FileInfo]) -> pa.Table:
+def _listing_table(files: Sequence[FileInfo]) -> pa.Table:
     columns = (
         [f.url for f in files],
         [f.size for f in files],
@@ -200,7 +200,7 @@ class _BlobBackend:
         name = self._name(path)
         start = f"{name}/" if name else None
         try:
-            return listing_table(
+            return _listing_table(
                 [
                     FileInfo(
                         self.location.url(blob.name),

@@ -20,7 +20,14 @@ from patient_journey.quality import QualityGate
 from patient_journey.report import RunSummary, render_markdown
 from patient_journey.sources.fhir import extract_ndjson, resource_type_of_file
 from patient_journey.sources.records import Extraction, InputSelection
-from patient_journey.storage import PROBE_NAME, FileInfo, InputChangedError, Storage, listed_files
+from patient_journey.storage import (
+    LISTING_SCHEMA,
+    PROBE_NAME,
+    FileInfo,
+    InputChangedError,
+    Storage,
+    listed_files,
+)
 from tests.conftest import settings_for
 
 
@@ -364,3 +371,27 @@ def test_an_exact_column_set_rule_sees_the_table_s_own_columns_and_rows_are_name
     assert result.quarantined.column("rule").to_pylist() == ["score_in_range"]
     assert result.passed.column_names == _rows().column_names
     assert result.passed.num_rows + result.quarantined.num_rows == _rows().num_rows
+
+
+def test_what_to_read_of_a_listing_keeps_the_window_leaves_other_sources_and_waits_for_fresh_files() -> None:
+    day = datetime(2026, 1, 10, tzinfo=UTC)
+    files = [
+        FileInfo("s3/ehr/a.ndjson", 10, "1-10", day),
+        FileInfo("s3/ehr/b.ndjson", 10, "2-10", day.replace(day=12)),  # after the window
+        FileInfo("s3/device/c.avro", 10, "3-10", day),  # another source's prefix
+        FileInfo("s3/ehr/d.ndjson", 10, "4-10", day.replace(hour=23)),  # not settled yet
+        FileInfo("s3/ehr/e.ndjson", 10, "5-10", day.replace(day=9)),  # read before at this version
+    ]
+    listing = pa.table(
+        {name: [getattr(f, name) for f in files] for name in LISTING_SCHEMA.names}, LISTING_SCHEMA
+    )
+    selection = InputSelection(
+        versions=frozenset({("s3/ehr/e.ndjson", "5-10")}),
+        settle_before=day.replace(hour=12),
+        other_sources=("s3/device/",),
+        window=(day.replace(day=9), day.replace(day=11)),
+    )
+    rows, pending = selection.to_read(listing)
+    assert listed_files(rows) == [files[0]] and pending == 1
+    everything, none_pending = InputSelection().to_read(listing)
+    assert listed_files(everything) == files and none_pending == 0
