@@ -95,6 +95,17 @@ class SuiteFile:
                 named.update(value if isinstance(value, list) else [value] if isinstance(value, str) else [])
         return frozenset(named)
 
+    def numeric_columns(self) -> frozenset[str]:
+        """The columns the suite compares with numbers (``..._to_be_between`` on values or their
+        statistics): a value of another type there is a row's fault, not a table's."""
+        return frozenset(
+            str((config.get("kwargs") or {}).get("column"))
+            for config in self.document.get("expectations", [])
+            if str(config.get("type", "")).endswith("_to_be_between")
+            and "length" not in str(config.get("type"))
+            and (config.get("kwargs") or {}).get("column")
+        )
+
 
 def rule_of(kind: str, column: str | None, meta: dict[str, Any] | None) -> str:
     """An expectation's rule name: ``meta.rule``, else its type and column."""
@@ -184,6 +195,9 @@ class QualityGate:
                 f"No expectation suite for {layer} table(s) {', '.join(missing)}: add "
                 f"expectations/{layer}/<table>.json (every table is gated)."
             )
+
+    def numeric_columns(self, layer: str, table: str) -> frozenset[str]:
+        return self._suites[(layer, table)].numeric_columns()
 
     def check_all_parse(self) -> int:
         """Build every suite in GX once (fails naming the file); returns the expectation count."""

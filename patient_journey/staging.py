@@ -58,7 +58,9 @@ OR_CASE_ID = _identifier(f"i->>'$.system' = '{OR_CASE_SYSTEM}'")
 
 
 def _ref_id(path: str) -> str:
-    return f"nullif(split_part(payload->>'$.{path}', '/', -1), '')"
+    """The id of a reference: the last segment of ``Type/id`` or of an absolute URL, its
+    ``_history/<version>`` dropped (references a Bundle resolves are relative by now)."""
+    return f"nullif(regexp_extract(payload->>'$.{path}', '([^/]+)(/_history/[^/]*)?$', 1), '')"
 
 
 # FHIR: meta.lastUpdated orders versions; the FHIR reader writes a deletion (bulk export

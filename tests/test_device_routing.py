@@ -301,16 +301,65 @@ def iot_hub_templates(shared_data: Path, tmp_path: Path) -> DeviceTemplates:
 
 
 @pytest.mark.parametrize("encoding", ["avro", "avrodeflate"])
-def test_a_corrupt_avro_file_is_rejected_whole(iot_hub_templates: DeviceTemplates, encoding: str) -> None:
-    data = _blob([_routed(HUB, encoding)] * 3, encoding)
-    for broken in (data[: len(data) - 40], data[:-20] + b"\xff" * 20, b"Obj\x01" + b"\x00" * 10):
+def test_a_corrupt_avro_block_is_rejected_at_its_first_record(
+    iot_hub_templates: DeviceTemplates, encoding: str
+) -> None:
+    data = _blob([_routed(HUB, encoding)] * 3, encoding)  # one block
+    for broken in (data[: len(data) - 40], data[:-20] + b"\xff" * 20):
         records, rejects = _map(iot_hub_templates, _url(encoding), broken)
         assert records == []
-        assert [(r["source_offset"], r["rule"]) for r in rejects] == [(0, "avro_container_readable")]
+        assert [(r["source_offset"], r["rule"]) for r in rejects] == [(0, "avro_block_readable")]
+    records, rejects = _map(iot_hub_templates, _url(encoding), b"Obj\x01" + b"\x00" * 10)
+    assert records == [] and [(r["source_offset"], r["rule"]) for r in rejects] == [
+        (0, "avro_container_readable")
+    ]
     records, rejects = _map(iot_hub_templates, _url(encoding), b'{"Body": "not Avro"}\n')
     assert records == [] and [(r["rule"], r["detail"]) for r in rejects] == [
         ("avro_container_readable", "not an Avro container file")
     ]
+
+
+@pytest.mark.parametrize("encoding", ["avro", "avrodeflate"])
+def test_the_blocks_before_a_corrupt_avro_block_still_load(
+    iot_hub_templates: DeviceTemplates, encoding: str
+) -> None:
+    buffer = io.BytesIO()
+    codec = "deflate" if encoding == "avrodeflate" else "null"
+    # sync_interval=1: every record is a block of its own
+    fastavro.writer(
+        buffer, fastavro.parse_schema(AVRO_SCHEMA), [_routed(HUB, encoding)] * 4, codec=codec, sync_interval=1
+    )
+    data = buffer.getvalue()
+    records, rejects = _map(iot_hub_templates, _url(encoding), data[:-30])
+    assert sorted({r["source_offset"] for r in records}) == [0, 1, 2]
+    assert [(r["source_offset"], r["rule"]) for r in rejects] == [(3, "avro_block_readable")]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "rule"),
+    [
+        ("Properties", "CANARY-PROPERTIES", "iothub_message_shape"),
+        ("SystemProperties", [1, 2], "iothub_message_shape"),
+        ("EnqueuedTimeUtc", 1549061162, "iothub_field_type"),
+    ],
+)
+def test_an_envelope_field_of_the_wrong_type_is_a_rule_on_its_message(
+    iot_hub_templates: DeviceTemplates, field: str, value: Any, rule: str
+) -> None:
+    good = _routed(HUB, "json")
+    lines = [orjson.dumps(good), orjson.dumps({**good, field: value}), orjson.dumps(good)]
+    records, rejects = _map(iot_hub_templates, _url("json"), b"\n".join(lines) + b"\n")
+    assert sorted({r["source_offset"] for r in records}) == [0, 2]
+    assert [(r["source_offset"], r["rule"]) for r in rejects] == [(1, rule)]
+    assert str(value) not in rejects[0]["detail"]
+
+
+def test_a_body_nested_too_deep_is_a_rule_on_its_message(iot_hub_templates: DeviceTemplates) -> None:
+    good = _routed(HUB, "json")
+    lines = [orjson.dumps(good), b'{"Body": ' + b'{"x":' * 600 + b"1" + b"}" * 600 + b"}"]
+    records, rejects = _map(iot_hub_templates, _url("json"), b"\n".join(lines) + b"\n")
+    assert sorted({r["source_offset"] for r in records}) == [0]
+    assert [(r["source_offset"], r["rule"]) for r in rejects] == [(1, "json_nesting_depth")]
 
 
 def test_a_non_json_line_is_rejected_and_the_other_lines_load(iot_hub_templates: DeviceTemplates) -> None:

@@ -29,7 +29,7 @@ import fastavro
 import orjson
 
 from patient_journey.device_templates import DeviceTemplates, Envelope, Measurement
-from patient_journey.sources.records import Extraction, InputSelection, content_hash, new_files
+from patient_journey.sources.records import Extraction, InputSelection, content_hash, read_new_files
 from patient_journey.storage import Storage
 
 SOURCE = "device"
@@ -66,15 +66,27 @@ def decode_body(body: Any) -> Any:
         ) from None
 
 
-def avro_messages(data: bytes) -> Iterator[dict[str, Any]]:
+def avro_messages(data: bytes) -> Iterator[dict[str, Any] | _BadMessage]:
+    """The records of an Avro container file, block by block: a block that cannot be decoded
+    ends the file there (its records and the rest become one reject), the blocks before it load."""
     if not data.startswith(AVRO_MAGIC):
         raise _BadMessage("avro_container_readable", "not an Avro container file")
     try:
-        records = list(fastavro.reader(io.BytesIO(data)))
-    except Exception as exc:  # fastavro raises many types for corrupt blocks
-        raise _BadMessage("avro_container_readable", type(exc).__name__) from None
-    for record in records:
-        yield record if isinstance(record, dict) else {}
+        blocks = fastavro.block_reader(io.BytesIO(data))
+    except Exception as exc:  # fastavro raises many types for a corrupt header
+        raise _BadMessage(
+            "avro_container_readable", f"the header does not decode ({type(exc).__name__})"
+        ) from None
+    try:
+        for block in blocks:
+            for record in block:
+                yield (
+                    record
+                    if isinstance(record, dict)
+                    else _BadMessage("iothub_message_shape", "not a record")
+                )
+    except Exception as exc:  # and many types for a corrupt block or codec
+        yield _BadMessage("avro_block_readable", f"a block does not decode ({type(exc).__name__})")
 
 
 def json_messages(data: bytes) -> Iterator[dict[str, Any] | _BadMessage]:
@@ -112,41 +124,61 @@ def _message_id(body: Any, envelope: Envelope) -> str:
     delivers at least once) or read again with changed templates; never the serial in clear."""
     system = envelope.system_properties
     device = system.get("connectionDeviceId") or system.get("iothub-connection-device-id")
-    identity = orjson.dumps([body, device, envelope.enqueued_time], option=orjson.OPT_SORT_KEYS, default=str)
+    try:
+        identity = orjson.dumps(
+            [body, device, envelope.enqueued_time], option=orjson.OPT_SORT_KEYS, default=str
+        )
+    except orjson.JSONEncodeError:  # only a body nested deeper than orjson writes
+        raise _BadMessage("json_nesting_depth", "the body is nested deeper than 250 levels") from None
     return content_hash(identity)[:20]
+
+
+def _envelope(message: dict[str, Any]) -> Envelope:
+    """The routed record's envelope, its fields of the types IoT Hub writes (maps, a string)."""
+    for name in ("Properties", "SystemProperties"):
+        if message.get(name) is not None and not isinstance(message[name], dict):
+            raise _BadMessage("iothub_message_shape", f"{name} is not a map")
+    enqueued = message.get("EnqueuedTimeUtc")
+    if enqueued is not None and not isinstance(enqueued, str):
+        raise _BadMessage("iothub_field_type", "EnqueuedTimeUtc is not a string")
+    return Envelope.from_routed_record(message)
+
+
+def map_message(
+    out: Extraction, templates: DeviceTemplates, url: str, index: int, message: dict[str, Any]
+) -> None:
+    """Map one routed message into bronze records, or one reject with the rule it broke."""
+    try:
+        body = decode_body(message.get("Body"))
+        envelope = _envelope(message)
+        message_id = _message_id(body, envelope)
+    except _BadMessage as exc:
+        out.add_reject(ENTITY, url, index, exc.rule, exc.detail)
+        return
+    result = templates.map_message(body, envelope, message=index)
+    if result.rejects:  # a message with any reject loads nothing: one reject row for it
+        first = result.rejects[0]
+        out.add_reject(ENTITY, url, index, first.rule, first.detail)
+        return
+    matches: dict[int, list[Measurement]] = {}
+    for row in result.rows:
+        matches.setdefault(row.match, []).append(row)
+    for match, rows in matches.items():
+        raw = orjson.dumps(_payload(rows, envelope), default=str)
+        out.add_record(ENTITY, f"{message_id}-{match}", raw.decode(), url, index, raw)
 
 
 def map_blob(out: Extraction, templates: DeviceTemplates, url: str, data: bytes) -> None:
     """Map every message of one routed blob into bronze records or rejects."""
+    messages = avro_messages(data) if url.endswith(".avro") else json_messages(data)
     try:
-        messages: list[dict[str, Any] | _BadMessage] = list(
-            avro_messages(data) if url.endswith(".avro") else json_messages(data)
-        )
-    except _BadMessage as exc:
+        for index, message in enumerate(messages):
+            if isinstance(message, _BadMessage):
+                out.add_reject(ENTITY, url, index, message.rule, message.detail)
+                continue
+            map_message(out, templates, url, index, message)
+    except _BadMessage as exc:  # the file as a whole
         out.add_reject(ENTITY, url, 0, exc.rule, exc.detail)
-        return
-    for index, message in enumerate(messages):
-        if isinstance(message, _BadMessage):
-            out.add_reject(ENTITY, url, index, message.rule, message.detail)
-            continue
-        try:
-            body = decode_body(message.get("Body"))
-        except _BadMessage as exc:
-            out.add_reject(ENTITY, url, index, exc.rule, exc.detail)
-            continue
-        envelope = Envelope.from_routed_record(message)
-        result = templates.map_message(body, envelope, message=index)
-        if result.rejects:  # a message with any reject loads nothing: one reject row for it
-            first = result.rejects[0]
-            out.add_reject(ENTITY, url, index, first.rule, first.detail)
-            continue
-        message_id = _message_id(body, envelope)
-        matches: dict[int, list[Measurement]] = {}
-        for row in result.rows:
-            matches.setdefault(row.match, []).append(row)
-        for match, rows in matches.items():
-            raw = orjson.dumps(_payload(rows, envelope), default=str)
-            out.add_record(ENTITY, f"{message_id}-{match}", raw.decode(), url, index, raw)
 
 
 def extract(
@@ -154,6 +186,13 @@ def extract(
 ) -> Extraction:
     """Read every routed telemetry blob under ``prefix`` that the ledger has not seen."""
     out = Extraction(SOURCE, run_id)
-    for file, data in new_files(out, landing, prefix, SUFFIXES, seen):
-        map_blob(out, templates, file.url, data)
+    read_new_files(
+        out,
+        landing,
+        prefix,
+        SUFFIXES,
+        seen,
+        lambda file, data: map_blob(out, templates, file.url, data),
+        ENTITY,
+    )
     return out

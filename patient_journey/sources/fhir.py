@@ -1,20 +1,44 @@
 """FHIR R4: bulk export NDJSON (one resource per line, a file per type, optional gzip) and Bundles.
 
-Every line or Bundle entry becomes one bronze record whose entity is the resource type. A line
-that is not JSON, is not a resource, or whose type disagrees with its file is rejected with the
-rule it broke and its line number.
+Every line or Bundle entry becomes one bronze record whose entity is the resource type. No input
+stops a load: whatever cannot be read becomes a reject with its rule and position, and the rest
+of the input still loads. The rules:
+
+- ``gzip_readable``: a ``.gz`` file that is not gzip (offset 0), or whose stream is corrupt or
+  ends early (offset: the line after the last whole line; the lines before it load);
+- ``utf8_valid``, ``json_well_formed``, ``json_nesting_depth``, ``json_number_in_range``: a line
+  (or Bundle file) that is not UTF-8, not JSON, nested deeper than the reader's limit, or holds a
+  number beyond a 64-bit float; a UTF-8 byte order mark is accepted;
+- ``fhir_resource_type_present``, ``fhir_resource_type_matches_file``: not a resource, or not the
+  type its bulk file is named after;
+- ``fhir_field_type``: a field the pipeline reads has the wrong JSON type (``id``, ``meta``,
+  ``meta.lastUpdated``; in a Bundle ``entry``, ``entry.request``, ``entry.fullUrl``);
+- ``fhir_bundle_entry_has_resource``, ``fhir_delete_names_resource``: Bundle entries that carry
+  nothing to load.
+
+A resource without an ``id`` gets a stable one of its own (``~`` and a hash of its input, position
+and content), so distinct id-less resources are never taken for versions of one another.
+
+References inside a Bundle are resolved as FHIR defines them: an entry's ``fullUrl``
+(``urn:uuid:``, ``urn:oid:`` or an absolute URL) referenced by another entry becomes the
+relative ``Type/id`` of that entry's resource, and a conditional reference
+(``Patient?identifier=system|value``, as transaction Bundles such as Synthea's write them) becomes
+the entry whose resource carries that identifier. Staging reads every reference as ``Type/id``
+(an absolute URL's last two segments, ``_history`` dropped).
 """
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 import re
+import zlib
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 
-from patient_journey.sources.records import Extraction, InputSelection, new_files
+from patient_journey.sources.records import Extraction, InputSelection, read_new_files
 from patient_journey.storage import FileInfo, Storage
 
 SOURCE = "fhir"
@@ -23,6 +47,30 @@ BUNDLE_SUFFIXES = (".json",)
 # Patient.000.ndjson (Synthea), Patient-1-1.ndjson (Azure $export), Patient.ndjson
 _TYPE_FROM_NAME = re.compile(r"^([A-Z][A-Za-z]+)(?:[.-].*)?\.ndjson(?:\.gz)?$")
 _DELETE_URL = re.compile(r"^(?:.*/)?([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+_BOM = b"\xef\xbb\xbf"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+RULE_GZIP = "gzip_readable"
+RULE_UTF8 = "utf8_valid"
+RULE_JSON = "json_well_formed"
+RULE_DEPTH = "json_nesting_depth"
+RULE_NUMBER = "json_number_in_range"
+RULE_TYPE_PRESENT = "fhir_resource_type_present"
+RULE_TYPE_MATCHES_FILE = "fhir_resource_type_matches_file"
+RULE_FIELD_TYPE = "fhir_field_type"
+RULE_ENTRY_HAS_RESOURCE = "fhir_bundle_entry_has_resource"
+RULE_DELETE_NAMES_RESOURCE = "fhir_delete_names_resource"
+# orjson serialises at most this many levels; a resource of a Bundle is serialised again.
+MAX_DEPTH = 254
+
+
+class Unreadable(Exception):
+    """One record that cannot be read: the rule it breaks and a detail without its content."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        super().__init__(detail)
+        self.rule = rule
+        self.detail = detail
 
 
 def resource_type_of_file(url: str) -> str | None:
@@ -30,15 +78,70 @@ def resource_type_of_file(url: str) -> str | None:
     return match.group(1) if match else None
 
 
+def parse_json(raw: bytes) -> Any:
+    """One JSON document, or ``Unreadable`` naming why not (never quoting the input)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        reason = str(exc.msg)
+        if "depth limit" in reason:
+            raise Unreadable(RULE_DEPTH, "nested deeper than the reader's limit (1024 levels)") from None
+        if "infinity" in reason:
+            raise Unreadable(
+                RULE_NUMBER, f"a number beyond the range of a 64-bit float (column {exc.colno})"
+            ) from None
+        if "UTF-8" in reason:
+            raise Unreadable(RULE_UTF8, "not valid UTF-8") from None
+        raise Unreadable(RULE_JSON, f"not well-formed JSON (column {exc.colno})") from None
+
+
+def _decompressed(data: bytes) -> tuple[bytes, str | None]:
+    """A gzip file's content (every member), and why it stops early, if it does: as much as
+    could be decompressed is returned, so the whole lines before a truncation still load."""
+    if not data.startswith(_GZIP_MAGIC):
+        return b"", "not a gzip file"
+    parts: list[bytes] = []
+    rest = data
+    while rest:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            parts.append(inflater.decompress(rest))
+        except zlib.error:
+            return b"".join(parts), "the gzip stream is corrupt"
+        if not inflater.eof:
+            parts.append(inflater.flush())
+            return b"".join(parts), "the gzip stream ends early"
+        rest = inflater.unused_data.lstrip(b"\x00")  # members may be padded with zeros
+        if rest and not rest.startswith(_GZIP_MAGIC):
+            return b"".join(parts), "data after the gzip stream is not gzip"
+    return b"".join(parts), None
+
+
 def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
     for number, line in enumerate(data.split(b"\n"), start=1):
+        if line.startswith(_BOM):
+            line = line[len(_BOM) :]
         if line.strip():
             yield number, line.rstrip(b"\r")
 
 
-def _decode_error(exc: orjson.JSONDecodeError) -> str:
-    # orjson's message can quote the input; keep only the position.
-    return f"not well-formed JSON (column {exc.colno})"
+def _own_id(uri: str, offset: int, raw: bytes) -> str:
+    """The record id of a resource without one: stable for the same input, position and content."""
+    digest = hashlib.sha256(b"\0".join((uri.encode(), str(offset).encode(), raw))).hexdigest()
+    return f"~{digest[:32]}"
+
+
+def _check_fields(resource: dict[str, Any]) -> None:
+    """The resource-level fields the reader and staging's versioning read, of the right type."""
+    if "id" in resource and not isinstance(resource["id"], str):
+        raise Unreadable(RULE_FIELD_TYPE, "id is not a string")
+    meta = resource.get("meta")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise Unreadable(RULE_FIELD_TYPE, "meta is not an object")
+        updated = meta.get("lastUpdated")
+        if updated is not None and not isinstance(updated, str):
+            raise Unreadable(RULE_FIELD_TYPE, "meta.lastUpdated is not a string")
 
 
 def _add_resource(
@@ -46,14 +149,18 @@ def _add_resource(
 ) -> None:
     entity = expected or "unknown"
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-        out.add_reject(entity, uri, offset, "fhir_resource_type_present", "no resourceType")
+        out.add_reject(entity, uri, offset, RULE_TYPE_PRESENT, "no resourceType")
         return
     resource_type: str = resource["resourceType"]
     if expected is not None and resource_type != expected:
-        out.add_reject(expected, uri, offset, "fhir_resource_type_matches_file", f"found {resource_type}")
+        out.add_reject(expected, uri, offset, RULE_TYPE_MATCHES_FILE, f"found {resource_type}")
         return
-    resource_id = resource.get("id")
-    record_id = resource_id if isinstance(resource_id, str) else ""
+    try:
+        _check_fields(resource)
+    except Unreadable as exc:
+        out.add_reject(resource_type, uri, offset, exc.rule, exc.detail)
+        return
+    record_id = resource.get("id") or _own_id(uri, offset, raw)
     out.add_record(resource_type, record_id, raw.decode(), uri, offset, raw)
 
 
@@ -64,71 +171,155 @@ def deletion(resource_type: str, resource_id: str, deleted_at: str | None) -> by
 
 
 def _bundle_time(bundle: dict[str, Any]) -> str | None:
-    for value in (bundle.get("timestamp"), (bundle.get("meta") or {}).get("lastUpdated")):
+    meta = bundle.get("meta")
+    updated = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    for value in (bundle.get("timestamp"), updated):
         if isinstance(value, str):
             return value
     return None
 
 
-def _add_delete(
-    out: Extraction, entry: dict[str, Any], deleted_at: str | None, uri: str, offset: int
-) -> None:
-    url = (entry.get("request") or {}).get("url")
+def _add_delete(out: Extraction, url: object, deleted_at: str | None, uri: str, offset: int) -> None:
     match = _DELETE_URL.match(url) if isinstance(url, str) else None
     if match is None:
-        out.add_reject("Bundle", uri, offset, "fhir_delete_names_resource", "request.url is not Type/id")
+        out.add_reject("Bundle", uri, offset, RULE_DELETE_NAMES_RESOURCE, "request.url is not Type/id")
         return
     raw = deletion(match.group(1), match.group(2), deleted_at)
     out.add_record(match.group(1), match.group(2), raw.decode(), uri, offset, raw)
+
+
+class _References:
+    """What the references of one Bundle's entries can point at: each entry's ``fullUrl``, and
+    each (type, identifier system|value) for conditional references; both as ``Type/id``."""
+
+    def __init__(self, entries: list[Any], own_ids: dict[int, str]) -> None:
+        self.by_url: dict[str, str] = {}
+        self.by_identifier: dict[tuple[str, str], str] = {}
+        for number, entry in enumerate(entries, start=1):
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+                continue
+            resource_id = resource.get("id") if isinstance(resource.get("id"), str) else own_ids.get(number)
+            if not resource_id:
+                continue
+            target = f"{resource['resourceType']}/{resource_id}"
+            full_url = entry.get("fullUrl")
+            if isinstance(full_url, str) and full_url:
+                self.by_url[full_url] = target
+            identifiers = resource.get("identifier")
+            for identifier in identifiers if isinstance(identifiers, list) else ():
+                if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
+                    system = identifier.get("system") if isinstance(identifier.get("system"), str) else ""
+                    key = (resource["resourceType"], f"{system}|{identifier['value']}")
+                    self.by_identifier.setdefault(key, target)
+                    self.by_identifier.setdefault((resource["resourceType"], identifier["value"]), target)
+
+    def resolve(self, reference: str) -> str | None:
+        found = self.by_url.get(reference)
+        if found is not None or "?" not in reference:
+            return found
+        resource_type, _, query = reference.partition("?")
+        for name, value in parse_qsl(query):
+            if name == "identifier":
+                return self.by_identifier.get((resource_type, value))
+        return None
+
+    def rewrite(self, node: Any, depth: int = 0) -> Any:
+        """``node`` with every ``reference`` this Bundle resolves made relative (a copy)."""
+        if depth > MAX_DEPTH:
+            raise Unreadable(RULE_DEPTH, f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            changed = {key: self.rewrite(value, depth + 1) for key, value in node.items()}
+            reference = changed.get("reference")
+            if isinstance(reference, str):
+                resolved = self.resolve(reference)
+                if resolved is not None:
+                    changed["reference"] = resolved
+            return changed
+        if isinstance(node, list):
+            return [self.rewrite(item, depth + 1) for item in node]
+        return node
 
 
 def extract_bundle(out: Extraction, bundle: dict[str, Any], uri: str, offset: int | None) -> None:
     """Each entry's resource is a record; a DELETE entry (transaction or batch, and the Bundles of
     a bulk export's ``deleted`` files) removes its resource. ``offset`` is the NDJSON line of a
     Bundle on one line; for a Bundle file, each entry's number is its offset."""
-    entries = bundle.get("entry") or []
+    entries = bundle.get("entry")
+    if entries is None:
+        return
     if not isinstance(entries, list):
-        out.add_reject("Bundle", uri, offset or 0, "fhir_bundle_entry_list", "entry is not a list")
+        out.add_reject("Bundle", uri, offset or 0, RULE_FIELD_TYPE, "entry is not a list")
         return
     deleted_at = _bundle_time(bundle)
+    # An entry of a transaction without resource.id is named by its fullUrl's uuid or oid.
+    own_ids: dict[int, str] = {}
+    for number, entry in enumerate(entries, start=1):
+        full_url = entry.get("fullUrl") if isinstance(entry, dict) else None
+        if isinstance(full_url, str) and full_url.startswith(("urn:uuid:", "urn:oid:")):
+            own_ids[number] = full_url.rsplit(":", 1)[-1][:64]
+    references = _References(entries, own_ids)
     for number, entry in enumerate(entries, start=1):
         where = offset if offset is not None else number
         if not isinstance(entry, dict):
-            out.add_reject("Bundle", uri, where, "fhir_bundle_entry_has_resource", "entry is not an object")
+            out.add_reject("Bundle", uri, where, RULE_FIELD_TYPE, "entry is not an object")
             continue
-        if (entry.get("request") or {}).get("method") == "DELETE":
-            _add_delete(out, entry, deleted_at, uri, where)
+        request = entry.get("request")
+        if request is not None and not isinstance(request, dict):
+            out.add_reject("Bundle", uri, where, RULE_FIELD_TYPE, "entry.request is not an object")
+            continue
+        if request is not None and request.get("method") == "DELETE":
+            _add_delete(out, request.get("url"), deleted_at, uri, where)
             continue
         resource = entry.get("resource")
         if resource is None:
             # Response bundles carry entries with only a response: nothing to load.
-            out.add_reject("Bundle", uri, where, "fhir_bundle_entry_has_resource", "no resource")
+            out.add_reject("Bundle", uri, where, RULE_ENTRY_HAS_RESOURCE, "no resource")
             continue
-        _add_resource(out, resource, orjson.dumps(resource), uri, where, None)
+        if isinstance(resource, dict) and "id" not in resource and number in own_ids:
+            resource = {**resource, "id": own_ids[number]}
+        try:
+            resource = references.rewrite(resource)
+        except Unreadable as exc:
+            out.add_reject("Bundle", uri, where, exc.rule, exc.detail)
+            continue
+        raw = orjson.dumps(resource)
+        _add_resource(out, resource, raw, uri, where, None)
 
 
 def extract_ndjson(out: Extraction, file: FileInfo, data: bytes) -> None:
     expected = resource_type_of_file(file.url)
+    entity = expected or "unknown"
+    problem = None
     if file.url.endswith(".gz"):
-        data = gzip.decompress(data)
+        data, problem = _decompressed(data)
+        if problem is not None:
+            # Only whole lines of a stream that stops early: the last one may be cut.
+            data = data[: data.rfind(b"\n") + 1]
+    last = 0
     for number, line in _lines(data):
+        last = number
         try:
-            resource = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            out.add_reject(expected or "unknown", file.url, number, "json_well_formed", _decode_error(exc))
+            resource = parse_json(line)
+        except Unreadable as exc:
+            out.add_reject(entity, file.url, number, exc.rule, exc.detail)
             continue
         if expected == "Bundle" and isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
             extract_bundle(out, resource, file.url, number)
             continue
         _add_resource(out, resource, line, file.url, number, expected)
+    if problem is not None:
+        out.add_reject(entity, file.url, last + 1 if data else 0, RULE_GZIP, problem)
 
 
 def extract_bundle_or_resource(out: Extraction, file: FileInfo, data: bytes) -> None:
     """A JSON file: a Bundle (each entry.resource is a record, offset = entry number) or one resource."""
+    if data.startswith(_BOM):
+        data = data[len(_BOM) :]
     try:
-        document = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        out.add_reject("Bundle", file.url, 0, "json_well_formed", _decode_error(exc))
+        document = parse_json(data)
+    except Unreadable as exc:
+        out.add_reject("Bundle", file.url, 0, exc.rule, exc.detail)
         return
     if isinstance(document, dict) and document.get("resourceType") == "Bundle":
         extract_bundle(out, document, file.url, None)
@@ -136,15 +327,26 @@ def extract_bundle_or_resource(out: Extraction, file: FileInfo, data: bytes) -> 
     _add_resource(out, document, data, file.url, 1, None)
 
 
+def _read_file(out: Extraction, file: FileInfo, data: bytes) -> None:
+    name = file.url.rsplit("/", 1)[-1]
+    if name == "manifest.json":
+        return  # export metadata: recorded in the ledger, no records
+    if name.endswith(NDJSON_SUFFIXES):
+        extract_ndjson(out, file, data)
+    else:
+        extract_bundle_or_resource(out, file, data)
+
+
 def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) -> Extraction:
     """Read every FHIR file under ``prefix`` that the ledger has not seen with this content."""
     out = Extraction(SOURCE, run_id)
-    for file, data in new_files(out, landing, prefix, NDJSON_SUFFIXES + BUNDLE_SUFFIXES, seen):
-        name = file.url.rsplit("/", 1)[-1]
-        if name == "manifest.json":
-            continue  # export metadata: recorded in the ledger, no records
-        if name.endswith(NDJSON_SUFFIXES):
-            extract_ndjson(out, file, data)
-        else:
-            extract_bundle_or_resource(out, file, data)
+    read_new_files(
+        out,
+        landing,
+        prefix,
+        NDJSON_SUFFIXES + BUNDLE_SUFFIXES,
+        seen,
+        lambda file, data: _read_file(out, file, data),
+        "unknown",
+    )
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from patient_journey.errors import StorageError
 from patient_journey.storage import (
     LISTING_SCHEMA,
     FileInfo,
@@ -155,6 +156,18 @@ class Extraction:
         )
         for name, value in zip(LEDGER_SCHEMA.names, values, strict=True):
             self._ledger[name].append(value)
+
+    def mark(self) -> tuple[int, int]:
+        """Where the records and rejects stand now, for ``rollback``."""
+        return self.record_count, self.reject_count
+
+    def rollback(self, mark: tuple[int, int]) -> None:
+        """Forget the records and rejects added since ``mark`` (an input that failed half read)."""
+        records, rejects = mark
+        for column in self._records.values():
+            del column[records:]
+        for column in self._rejects.values():
+            del column[rejects:]
 
     @property
     def record_count(self) -> int:
@@ -326,19 +339,37 @@ def read_ahead(landing: Storage, files: Sequence[FileInfo]) -> Iterator[tuple[Fi
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def new_files(
-    out: Extraction, landing: Storage, prefix: str, suffixes: tuple[str, ...], seen: InputSelection
-) -> Iterator[tuple[FileInfo, bytes]]:
-    """Yield each file under ``prefix`` that the ledger has not processed yet.
+# The rule of an input that an adapter failed on in a way no narrower rule names (a programming
+# error met on hostile input, say): the input is quarantined whole and recorded as read.
+RULE_INPUT_READABLE = "input_readable"
+FileReader = Callable[[FileInfo, bytes], None]
+
+
+def read_new_files(
+    out: Extraction,
+    landing: Storage,
+    prefix: str,
+    suffixes: tuple[str, ...],
+    seen: InputSelection,
+    read_file: FileReader,
+    entity: str,
+) -> None:
+    """Read each file under ``prefix`` that the ledger has not processed yet with ``read_file``.
 
     Listing alone decides most files: a (URI, version) the ledger has is skipped unread. A file
     modified within the settle window may still be being written and waits for the next run;
     so does one that changes between listing and reading (the read is conditional on the listed
     version). A known URI under a new version with the same content is only recorded; with new
-    content it is read again whole and counted as changed. After the caller has read a file into
-    ``out``, its ledger entry (with the records and rejects it produced) is added, so every
+    content it is read again whole and counted as changed. After ``read_file`` has read a file
+    into ``out``, its ledger entry (with the records and rejects it produced) is added, so every
     adapter keeps the ledger the same way. Files are read ahead by a few threads
     (``read_ahead``).
+
+    No input stops a load: adapters reject what they cannot read record by record, and if
+    ``read_file`` still raises (anything but a storage error, which fails the batch), what it
+    added for that file is dropped and the file becomes one reject (``input_readable``, entity
+    ``entity``, naming the exception's type, never its message, which may quote the input),
+    recorded as read so that the next run moves on.
     """
     listing, pending = candidate_files(landing, prefix, suffixes, seen)
     seen = seen.narrowed(listing)
@@ -354,8 +385,20 @@ def new_files(
             continue
         if file.url in known:
             out.changed_inputs += 1
-        records, rejects = out.record_count, out.reject_count
-        yield file, data
+        mark = records, rejects = out.mark()
+        try:
+            read_file(file, data)
+        except StorageError:
+            raise
+        except Exception as exc:  # isolating one input is the point
+            out.rollback(mark)
+            out.add_reject(
+                entity,
+                file.url,
+                0,
+                RULE_INPUT_READABLE,
+                f"the adapter failed on this input ({type(exc).__name__})",
+            )
         out.add_input(
             file.url, file.version, file.size, digest, out.record_count - records, out.reject_count - rejects
         )

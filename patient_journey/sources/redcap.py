@@ -33,7 +33,7 @@ import orjson
 import pyarrow as pa
 
 from patient_journey.errors import SourceError
-from patient_journey.sources.records import Extraction, InputSelection, new_files
+from patient_journey.sources.records import Extraction, InputSelection, read_new_files
 from patient_journey.sources.redcap_export import (
     DataDictionary,
     EventDefinition,
@@ -42,7 +42,7 @@ from patient_journey.sources.redcap_export import (
     parse_events,
     parse_records,
 )
-from patient_journey.storage import Storage
+from patient_journey.storage import FileInfo, Storage
 
 SOURCE = "redcap"
 RECORDS_SUFFIX = "_records.csv"
@@ -165,7 +165,8 @@ def extract_project(
 def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) -> Extraction:
     """Read every records export under ``prefix`` not seen yet, with the files beside it."""
     out = Extraction(SOURCE, run_id)
-    for file, data in new_files(out, landing, prefix, (RECORDS_SUFFIX,), seen):
+
+    def read_file(file: FileInfo, data: bytes) -> None:
         project = file.url.rsplit("/", 1)[-1][: -len(RECORDS_SUFFIX)]
         base = file.url[: -len(RECORDS_SUFFIX)]
         dictionary = _optional(landing, base + DICTIONARY_SUFFIX)
@@ -177,8 +178,10 @@ def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) ->
                 RULE_DICTIONARY_PRESENT,
                 f"no data dictionary {project}{DICTIONARY_SUFFIX} beside the records export",
             )
-            continue
+            return
         events = _optional(landing, base + EVENTS_SUFFIX)
         arms = _optional(landing, base + ARMS_SUFFIX)
         extract_project(out, project, file.url, data, dictionary, events, arms)
+
+    read_new_files(out, landing, prefix, (RECORDS_SUFFIX,), seen, read_file, "redcap")
     return out
