@@ -249,6 +249,23 @@ def check() -> None:
 
 
 @app.command()
+def lineage(
+    key: Annotated[str, typer.Argument(help="An input_key from the warehouse (or its first characters).")],
+) -> None:
+    """Name the input behind an input_key (restricted: prints landing paths, which can carry PHI)."""
+    from patient_journey.pipeline import find_input
+
+    try:
+        found = find_input(load_settings(), key)
+    except JourneyError as exc:
+        _fail(exc)
+    if not found:
+        console.print("No input has that key.")
+        raise typer.Exit(code=1)
+    print_table(pa.table({"source": [s for s, _ in found], "input": [u for _, u in found]}))
+
+
+@app.command()
 def reprocess(
     source: Annotated[str, typer.Argument(help="fhir, device, redcap or registry.")],
     prefix: Annotated[

@@ -22,6 +22,11 @@ class KeyMaker:
         message = f"{namespace}:{identifier}".encode()
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
+    def input_key(self, uri: str, length: int = 24) -> str:
+        """The opaque key of an input (a landing file, a registry table) that the analysts' zone
+        carries as lineage instead of its URI; the ledgers in the restricted zone hold the URI."""
+        return self.key("input", uri)[:length]
+
     def patient_key(self, mrn: str) -> str:
         return self.key("mrn", mrn)
 

@@ -159,7 +159,7 @@ SELECT idx.episode_key, idx.patient_key,
        {_reaches_mcid("6m")} AS prom_mcid_6m,
        {_reaches_mcid("12m")} AS prom_mcid_12m,
        coalesce(dev.device_events, 0) AS device_events,
-       idx.source_uri, idx.source_offset
+       idx.input_key, idx.source_offset
 FROM idx
 LEFT JOIN adm USING (episode_key)
 LEFT JOIN dev USING (episode_key)
@@ -173,31 +173,31 @@ EVENT_SQL = """
 WITH events AS (
     SELECT patient_key, period_start AS event_time, 'fhir' AS source, 'encounter' AS event_type,
            purpose AS code, class_code AS detail, CAST(NULL AS DOUBLE) AS value, CAST(NULL AS VARCHAR) AS unit,
-           source_uri, source_offset FROM encounter
+           input_key, source_offset FROM encounter
     UNION ALL SELECT patient_key, performed_start, 'fhir', 'procedure', code, display, NULL, NULL,
-           source_uri, source_offset FROM procedure
+           input_key, source_offset FROM procedure
     UNION ALL SELECT patient_key, onset_time, 'fhir', 'condition', code, display, NULL, NULL,
-           source_uri, source_offset FROM condition
+           input_key, source_offset FROM condition
     UNION ALL SELECT patient_key, effective_time, 'fhir', 'observation', code, display, value, unit,
-           source_uri, source_offset FROM observation
+           input_key, source_offset FROM observation
     UNION ALL SELECT patient_key, event_time, 'device', 'device:' || event_type, udi_di, device_type, value, unit,
-           source_uri, source_offset FROM device_event
+           input_key, source_offset FROM device_event
     UNION ALL SELECT patient_key, CAST(collected_on AS TIMESTAMPTZ), prom_source, 'prom', instrument, timepoint,
-           score, 'score', source_uri, source_offset FROM prom_score WHERE score IS NOT NULL
-    UNION ALL SELECT patient_key, CAST(occurred_on AS TIMESTAMPTZ), 'registry', 'complication', description,
-           'clavien-dindo', grade, 'grade', source_uri, source_offset FROM complication
-    UNION ALL SELECT patient_key, CAST(admitted_on AS TIMESTAMPTZ), 'registry', 'readmission', reason, NULL,
-           NULL, NULL, source_uri, source_offset FROM readmission
+           score, 'score', input_key, source_offset FROM prom_score WHERE score IS NOT NULL
+    UNION ALL SELECT patient_key, CAST(occurred_on AS TIMESTAMPTZ), 'registry', 'complication', code,
+           'clavien-dindo', grade, 'grade', input_key, source_offset FROM complication
+    UNION ALL SELECT patient_key, CAST(admitted_on AS TIMESTAMPTZ), 'registry', 'readmission', NULL, NULL,
+           NULL, NULL, input_key, source_offset FROM readmission
 )
 SELECT ev.patient_key, ep.episode_key, ev.event_time,
        CASE WHEN ep.episode_key IS NULL THEN NULL
             WHEN ev.event_time < ep.surgery_start THEN 'pre'
             WHEN ev.event_time <= ep.surgery_end THEN 'intra'
             ELSE 'post' END AS phase,
-       ev.source, ev.event_type, ev.code, ev.detail, ev.value, ev.unit, ev.source_uri, ev.source_offset
+       ev.source, ev.event_type, ev.code, ev.detail, ev.value, ev.unit, ev.input_key, ev.source_offset
 FROM events ev LEFT JOIN surgical_episode ep USING (patient_key)
 WHERE ev.event_time IS NOT NULL
-ORDER BY ev.patient_key, ev.event_time, ev.source, ev.event_type, ev.source_uri, ev.source_offset
+ORDER BY ev.patient_key, ev.event_time, ev.source, ev.event_type, ev.input_key, ev.source_offset
 """
 
 

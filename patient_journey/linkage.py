@@ -42,7 +42,13 @@ HELD_SCHEMA = pa.schema(
     ]
 )
 
-LINEAGE = "s.source_uri, s.source_offset, s.run_id"
+# Lineage in the analysts' zone: an opaque key of the input (a keyed hash of its URI, which
+# stays in the restricted zone's ledgers: a file name can carry a patient's name) and the
+# position in it. ``input_key`` (patient_journey.identity) turns a URI into its key.
+INPUT_KEY_LENGTH = 24
+LINEAGE = (
+    f"left(pseudonym('input', s.source_uri), {INPUT_KEY_LENGTH}) AS input_key, s.source_offset, s.run_id"
+)
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ LINKS: tuple[LinkSpec, ...] = (
         "complication_id",
         "s LEFT JOIN registry_link k USING (registry_id)",
         "registry_id_links_to_patient",
-        "k.patient_key, s.occurred_on, s.description, s.code, s.grade",
+        "k.patient_key, s.occurred_on, s.code, s.grade",  # the description is free text: restricted
     ),
     LinkSpec(
         "readmission",
@@ -161,7 +167,7 @@ LINKS: tuple[LinkSpec, ...] = (
         "readmission_id",
         "s LEFT JOIN registry_link k USING (registry_id)",
         "registry_id_links_to_patient",
-        "k.patient_key, s.admitted_on, s.discharged_on, s.reason",
+        "k.patient_key, s.admitted_on, s.discharged_on",  # the reason is free text: restricted
     ),
     LinkSpec(
         "redcap_prom",

@@ -39,7 +39,7 @@ from patient_journey.sources.records import (
     InputSelection,
     candidate_files,
 )
-from patient_journey.staging import STAGED_TABLES, SUPERSEDED, stage
+from patient_journey.staging import FIELD_ERROR, STAGED_TABLES, SUPERSEDED, stage
 from patient_journey.storage import FileInfo, Storage, check_zones, listed_files
 
 SOURCES = ("fhir", "device", "registry", "redcap")
@@ -616,6 +616,22 @@ def forget_inputs(settings: JourneySettings, source: str, prefix: str = "") -> i
     )
 
 
+def find_input(settings: JourneySettings, key: str) -> list[tuple[str, str]]:
+    """(source, URI) of the inputs whose ``input_key`` (the lineage the analysts' zone carries)
+    is ``key`` or starts with it, from the ledgers and bronze of the restricted zone."""
+    lake = Lake(settings)
+    keys = KeyMaker(settings.patient_hmac_key())
+    found: set[tuple[str, str]] = set()
+    for source in SOURCES:
+        uris: set[str] = set()
+        for ref, column in ((ledger_table(source), "uri"), (bronze(BRONZE_TABLES[source]), "source_uri")):
+            table = lake.read(ref, columns=[column])
+            if table is not None:
+                uris.update(pc.unique(table.column(column)).drop_null().to_pylist())
+        found.update((source, uri) for uri in uris if keys.input_key(uri).startswith(key))
+    return sorted(found)
+
+
 def _bronze_versions(lake: Lake) -> dict[str, int]:
     versions = {}
     for name in BRONZE_TABLES.values():
@@ -783,6 +799,31 @@ def gate_device_types(
     return events.filter(keep), failed, outcomes
 
 
+def field_type_rejects(table: pa.Table, name: str, source: str, run_id: str) -> tuple[pa.Table, pa.Table]:
+    """The staged rows whose fields have the kinds their table reads (without the check's column),
+    and the others as quarantine rows (``<source>_field_type``, naming the field, never its value)."""
+    error = table.column(FIELD_ERROR)
+    wrong = pc.is_valid(error)
+    table = table.drop_columns([FIELD_ERROR])
+    if not pc.any(wrong).as_py():
+        return table, QUARANTINE_SCHEMA.empty_table()
+    bad = table.filter(wrong)
+    quarantined = pa.table(
+        {
+            "table_name": pa.array([name] * bad.num_rows, pa.string()),
+            "rule": pa.array([f"{source}_field_type"] * bad.num_rows, pa.string()),
+            "source": pa.array([source] * bad.num_rows, pa.string()),
+            "record_id": pc.cast(bad.column(0), pa.string()),
+            "source_uri": bad.column("source_uri"),
+            "source_offset": bad.column("source_offset"),
+            "detail": error.filter(wrong),
+            "run_id": pa.array([run_id] * bad.num_rows, pa.string()),
+        },
+        schema=QUARANTINE_SCHEMA,
+    )
+    return table.filter(pc.invert(wrong)), quarantined
+
+
 def build_silver(settings: JourneySettings, run_id: str, force: bool = False) -> BuildReport:
     """Stage bronze, gate every staged table, link identities, write staged/silver/quarantine/held."""
     started = time.perf_counter()
@@ -828,9 +869,11 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         superseded = everything.column(SUPERSEDED)
         table = everything.filter(pc.invert(superseded)).drop_columns([SUPERSEDED])
         counts[name].superseded += everything.num_rows - table.num_rows
+        table, mistyped = field_type_rejects(table, name, source_of[name], run_id)
+        quarantine_parts.append(mistyped)
         result = gate.check("staged", name, table, source_of[name], run_id)
         counts[name].read += everything.num_rows
-        counts[name].quarantined += result.quarantined.num_rows
+        counts[name].quarantined += result.quarantined.num_rows + mistyped.num_rows
         passed[name] = result.passed
         quarantine_parts.append(result.quarantined)
         report.expectations.extend(asdict(o) for o in result.outcomes)

@@ -39,6 +39,48 @@ class StagedTable:
     # is a deletion. Without a version, records of one id are all current.
     version: str = UNVERSIONED
     deleted: str = "false"
+    # The JSON fields the columns read and the JSON kind each must have when present (see
+    # FIELD_KINDS); a record with another kind there is quarantined under ``<source>_field_type``
+    # instead of loading a NULL (or the wrong text) as if valid.
+    fields: tuple[tuple[str, str], ...] = ()
+
+
+# JSON kinds as DuckDB's json_type names them.
+FIELD_KINDS = {
+    "string": ("VARCHAR",),
+    "number": ("BIGINT", "UBIGINT", "DOUBLE"),
+    "scalar": ("VARCHAR", "BIGINT", "UBIGINT", "DOUBLE"),
+    "object": ("OBJECT",),
+    "array": ("ARRAY",),
+}
+FIELD_ERROR = "_field_error"  # the first field of the wrong kind, as "path is X, expected Y"
+_JSON_KIND = (
+    "CASE _types[{n}] WHEN 'VARCHAR' THEN 'a string' WHEN 'OBJECT' THEN 'an object' "
+    "WHEN 'ARRAY' THEN 'an array' WHEN 'BOOLEAN' THEN 'a boolean' ELSE 'a number' END"
+)
+
+
+def _field_error(fields: tuple[tuple[str, str], ...]) -> str:
+    """SQL naming the first of ``fields`` whose kind is wrong, over ``_types`` (their json_type)."""
+    if not fields:
+        return "CAST(NULL AS VARCHAR)"
+    cases = []
+    for n, (path, kind) in enumerate(fields, start=1):
+        allowed = ", ".join(f"'{name}'" for name in FIELD_KINDS[kind])
+        article = "an" if kind[0] in "aeiou" else "a"
+        cases.append(
+            f"WHEN _types[{n}] IS NOT NULL AND _types[{n}] NOT IN ({allowed}) "
+            f"THEN '{path} is ' || {_JSON_KIND.format(n=n)} || ', expected {article} {kind}'"
+        )
+    cases = " ".join(cases)
+    return f"CASE {cases} END"
+
+
+def _fields(*specs: str) -> tuple[tuple[str, str], ...]:
+    """``"path:kind"`` items as (path, kind) pairs."""
+    pairs = tuple(tuple(spec.rsplit(":", 1)) for spec in specs)
+    assert all(len(pair) == 2 and pair[1] in FIELD_KINDS for pair in pairs), specs
+    return pairs  # type: ignore[return-value]
 
 
 def _ts(path: str) -> str:
@@ -94,6 +136,7 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
         f"""record_id AS patient_id, {MRN} AS mrn,
             try_cast(payload->>'$.birthDate' AS DATE) AS birth_date, payload->>'$.gender' AS gender""",
         **FHIR_VERSIONS,
+        fields=_fields("identifier:array", "birthDate:string", "gender:string"),
     ),
     StagedTable(
         "encounter",
@@ -103,6 +146,16 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
             payload->>'$.class.code' AS class_code, payload->>'$.type[0].coding[0].code' AS purpose,
             {_ts("period.start")} AS period_start, {_ts("period.end")} AS period_end""",
         **FHIR_VERSIONS,
+        fields=_fields(
+            "subject:object",
+            "subject.reference:string",
+            "class:object",
+            "class.code:string",
+            "type:array",
+            "period:object",
+            "period.start:string",
+            "period.end:string",
+        ),
     ),
     StagedTable(
         "procedure",
@@ -114,6 +167,22 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
             payload->>'$.status' AS status,
             {_ts("performedPeriod.start")} AS performed_start, {_ts("performedPeriod.end")} AS performed_end""",
         **FHIR_VERSIONS,
+        fields=_fields(
+            "subject:object",
+            "subject.reference:string",
+            "encounter:object",
+            "encounter.reference:string",
+            "identifier:array",
+            "code:object",
+            "code.coding:array",
+            "code.coding[0]:object",
+            "code.coding[0].code:string",
+            "code.coding[0].display:string",
+            "status:string",
+            "performedPeriod:object",
+            "performedPeriod.start:string",
+            "performedPeriod.end:string",
+        ),
     ),
     StagedTable(
         "condition",
@@ -123,6 +192,17 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
             payload->>'$.code.coding[0].code' AS code, payload->>'$.code.coding[0].display' AS display,
             coalesce({_ts("onsetDateTime")}, {_ts("recordedDate")}) AS onset_time""",
         **FHIR_VERSIONS,
+        fields=_fields(
+            "subject:object",
+            "subject.reference:string",
+            "code:object",
+            "code.coding:array",
+            "code.coding[0]:object",
+            "code.coding[0].code:string",
+            "code.coding[0].display:string",
+            "onsetDateTime:string",
+            "recordedDate:string",
+        ),
     ),
     StagedTable(
         "observation",
@@ -135,6 +215,21 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
             try_cast(payload->>'$.valueQuantity.value' AS DOUBLE) AS value,
             payload->>'$.valueQuantity.unit' AS unit""",
         **FHIR_VERSIONS,
+        fields=_fields(
+            "subject:object",
+            "subject.reference:string",
+            "encounter:object",
+            "encounter.reference:string",
+            "code:object",
+            "code.coding:array",
+            "code.coding[0]:object",
+            "code.coding[0].code:string",
+            "code.coding[0].display:string",
+            "effectiveDateTime:string",
+            "valueQuantity:object",
+            "valueQuantity.value:number",
+            "valueQuantity.unit:string",
+        ),
     ),
     StagedTable(
         "device",
@@ -144,6 +239,17 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
             payload->>'$.serialNumber' AS serial_number, payload->>'$.deviceName[0].name' AS device_name,
             payload->>'$.type.coding[0].code' AS device_type, {_ref_id("patient.reference")} AS patient_id""",
         **FHIR_VERSIONS,
+        fields=_fields(
+            "udiCarrier:array",
+            "udiCarrier[0].deviceIdentifier:string",
+            "serialNumber:string",
+            "deviceName:array",
+            "deviceName[0].name:string",
+            "type:object",
+            "type.coding:array",
+            "patient:object",
+            "patient.reference:string",
+        ),
     ),
     StagedTable(
         "device_event",
@@ -166,6 +272,7 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
            try_cast(payload->>'$.birth_date' AS DATE) AS birth_date, payload->>'$.site' AS site,
            try_cast(payload->>'$.updated_at' AS TIMESTAMPTZ) AS updated_at""",
         **REGISTRY_VERSIONS,
+        fields=_fields("mrn:scalar", "birth_date:string", "site:scalar", "updated_at:string"),
     ),
     StagedTable(
         "prom_response",
@@ -177,6 +284,14 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
            try_cast(payload->>'$.score' AS DOUBLE) AS score,
            try_cast(payload->>'$.collected_on' AS DATE) AS collected_on""",
         **REGISTRY_VERSIONS,
+        fields=_fields(
+            "registry_id:scalar",
+            "instrument:string",
+            "timepoint:string",
+            "score:number",
+            "collected_on:string",
+            "updated_at:string",
+        ),
     ),
     StagedTable(
         "complication",
@@ -186,6 +301,13 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
            try_cast(payload->>'$.occurred_on' AS DATE) AS occurred_on, payload->>'$.description' AS description,
            payload->>'$.code' AS code, try_cast(payload->>'$.clavien_dindo_grade' AS INTEGER) AS grade""",
         **REGISTRY_VERSIONS,
+        fields=_fields(
+            "registry_id:scalar",
+            "occurred_on:string",
+            "code:scalar",
+            "clavien_dindo_grade:number",
+            "updated_at:string",
+        ),
     ),
     StagedTable(
         "readmission",
@@ -195,6 +317,9 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
            try_cast(payload->>'$.admitted_on' AS DATE) AS admitted_on,
            try_cast(payload->>'$.discharged_on' AS DATE) AS discharged_on, payload->>'$.reason' AS reason""",
         **REGISTRY_VERSIONS,
+        fields=_fields(
+            "registry_id:scalar", "admitted_on:string", "discharged_on:string", "updated_at:string"
+        ),
     ),
     StagedTable(
         "redcap_prom",
@@ -228,6 +353,14 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
             payload->>'$.status' AS response_status,
             {PROM_SCORE_COLUMNS}, {QR_ITEMS} AS items""",
         **FHIR_VERSIONS,
+        fields=_fields(
+            "subject:object",
+            "subject.reference:string",
+            "questionnaire:string",
+            "authored:string",
+            "status:string",
+            "item:array",
+        ),
     ),
 )
 
@@ -287,6 +420,8 @@ def stage(bronze_tables: dict[str, pa.Table], *, release: bool = False) -> dict[
     staged: dict[str, pa.Table] = {}
     for declared in sorted(present, key=lambda spec: sources.index(spec.bronze)):
         parsed, spec = _parsed_once(declared)
+        paths = ", ".join(f"'$.{path}'" for path, _ in spec.fields)
+        types = f"json_type(payload, [{paths}]) AS _types" if spec.fields else "NULL AS _types"
         # Records of one id are all current in an unversioned source: no windows to find the latest.
         versioned = (
             "NULL::TIMESTAMPTZ AS _latest, NULL::TIMESTAMPTZ AS _deleted_at"
@@ -302,10 +437,11 @@ def stage(bronze_tables: dict[str, pa.Table], *, release: bool = False) -> dict[
         flat = connection.sql(
             f"""
             WITH flattened AS MATERIALIZED (
-                SELECT {spec.columns}, record_id AS _record_id, content_hash AS _hash,
+                SELECT {spec.columns}, {_field_error(spec.fields)} AS {FIELD_ERROR},
+                       record_id AS _record_id, content_hash AS _hash,
                        ingested_at AS _ingested, {spec.version} AS _version, {spec.deleted} AS _deleted,
                        {LINEAGE}, row_number() OVER () AS _n
-                FROM (SELECT *, {parsed} FROM bronze_{spec.bronze} WHERE entity = '{spec.entity}')
+                FROM (SELECT *, {parsed}, {types} FROM bronze_{spec.bronze} WHERE entity = '{spec.entity}')
             ), records AS (
                 SELECT _n, _record_id, _hash, _ingested, _version, _deleted, source_uri, source_offset
                 FROM flattened

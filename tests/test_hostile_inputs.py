@@ -259,3 +259,73 @@ def test_no_hostile_input_stops_a_load_and_a_rerun_moves_on(
             assert (name, rule) in hostile_rules
     second = [pipeline.ingest(settings, source, "run-2") for source in pipeline.SOURCES]
     assert [r.records + r.rejects for r in second if r.source != "registry"] == [0, 0, 0]
+
+
+WRONG_TYPES = [
+    (
+        {"resourceType": "Encounter", "subject": {"reference": 12345}},
+        "encounter",
+        "subject.reference is a number",
+    ),
+    (
+        {"resourceType": "Encounter", "subject": "Patient/x"},
+        "encounter",
+        "subject is a string, expected an object",
+    ),
+    (
+        {
+            "resourceType": "Observation",
+            "subject": {"reference": "Patient/x"},
+            "valueQuantity": {"value": "CANARY"},
+        },
+        "observation",
+        "valueQuantity.value is a string, expected a number",
+    ),
+    (
+        {
+            "resourceType": "Procedure",
+            "subject": {"reference": "Patient/x"},
+            "performedPeriod": {"start": 2023},
+        },
+        "procedure",
+        "performedPeriod.start is a number, expected a string",
+    ),
+    (
+        {"resourceType": "Condition", "code": {"coding": {"code": "x"}}},
+        "condition",
+        "code.coding is an object",
+    ),
+    (
+        {"resourceType": "Patient", "birthDate": ["CANARY"]},
+        "patient",
+        "birthDate is an array, expected a string",
+    ),
+]
+
+
+def test_a_field_of_the_wrong_json_type_is_quarantined_naming_the_field(tmp_path: Path) -> None:
+    landing = tmp_path / "landing" / "ehr"
+    landing.mkdir(parents=True)
+    good = {
+        "resourceType": "Observation",
+        "subject": {"reference": "Patient/x"},
+        "valueQuantity": {"value": 72},
+    }
+    lines = [orjson.dumps({**resource, "id": f"r{n}"}) for n, (resource, _, _) in enumerate(WRONG_TYPES)]
+    by_type: dict[str, list[bytes]] = {}
+    for line in [*lines, orjson.dumps({**good, "id": "good"})]:
+        by_type.setdefault(orjson.loads(line)["resourceType"], []).append(line)
+    for resource_type, typed in by_type.items():
+        (landing / f"{resource_type}.000.ndjson").write_bytes(b"\n".join(typed) + b"\n")
+    settings = settings_for(tmp_path)
+    pipeline.ingest(settings, "fhir", "run-1")
+    report = pipeline.build_silver(settings, "run-1")
+    quarantine = pipeline.Lake(settings).read(pipeline.QUARANTINE)
+    assert quarantine is not None
+    found = {r["record_id"]: r for r in quarantine.to_pylist() if r["rule"] == "fhir_field_type"}
+    for n, (_, table, detail) in enumerate(WRONG_TYPES):
+        assert found[f"r{n}"]["table_name"] == table
+        assert detail in found[f"r{n}"]["detail"]
+        assert "CANARY" not in found[f"r{n}"]["detail"]
+    assert "good" not in found
+    assert all(t.balanced for t in report.tables)

@@ -28,13 +28,23 @@ from tests.conftest import TEST_KEY, settings_for
 GOLDEN = Path(__file__).parent / "golden"
 
 
-def _rows(table: pa.Table, landing: Path) -> list[dict[str, object]]:
+def _rows(table: pa.Table, landing: Path, inputs: dict[str, str]) -> list[dict[str, object]]:
+    """Rows with the landing folder as ``<landing>``, and each input key as the input it names
+    (``<input <landing>/...>``; keys hash the URI, whose folder differs between runs)."""
     rows = table.to_pylist()
     for row in rows:
         for key, value in row.items():
+            if key == "input_key" and value is not None:
+                value = f"<input {inputs[value]}>"
             if isinstance(value, str):
                 row[key] = value.replace(str(landing), "<landing>")
     return rows
+
+
+def _input_keys(bronze_tables: dict[str, pa.Table]) -> dict[str, str]:
+    keys = KeyMaker(TEST_KEY.encode())
+    uris = {uri for table in bronze_tables.values() for uri in table.column("source_uri").to_pylist()}
+    return {keys.input_key(uri): uri for uri in uris}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +64,9 @@ def golden_bronze(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, p
 
 
 @pytest.fixture(scope="module")
-def transformed(golden_bronze: tuple[dict[str, pa.Table], Path]) -> tuple[dict[str, pa.Table], Path]:
+def transformed(
+    golden_bronze: tuple[dict[str, pa.Table], Path],
+) -> tuple[dict[str, pa.Table], Path, dict[str, str]]:
     bronze_tables, landing = golden_bronze
     staged = stage(bronze_tables)
     linked = link(staged, KeyMaker(TEST_KEY.encode()), "golden-run")
@@ -62,7 +74,7 @@ def transformed(golden_bronze: tuple[dict[str, pa.Table], Path]) -> tuple[dict[s
     tables = {f"staged.{k}": v for k, v in staged.items()}
     tables |= {f"silver.{k}": v for k, v in linked.silver.items()}
     tables |= {f"gold.{k}": v for k, v in gold.items()}
-    return tables, landing
+    return tables, landing, _input_keys(bronze_tables)
 
 
 def test_staging_that_releases_bronze_as_it_goes_stages_the_same_tables(
@@ -95,10 +107,10 @@ def test_staging_that_releases_bronze_as_it_goes_stages_the_same_tables(
     ],
 )
 def test_transform_output_matches_its_golden_file(
-    transformed: tuple[dict[str, pa.Table], Path], table: str
+    transformed: tuple[dict[str, pa.Table], Path, dict[str, str]], table: str
 ) -> None:
-    tables, landing = transformed
-    actual = orjson.loads(orjson.dumps(_rows(tables[table], landing), default=str))
+    tables, landing, inputs = transformed
+    actual = orjson.loads(orjson.dumps(_rows(tables[table], landing, inputs), default=str))
     path = GOLDEN / f"{table}.json"
     if os.environ.get("UPDATE_GOLDEN"):
         path.write_bytes(orjson.dumps(actual, option=orjson.OPT_INDENT_2) + b"\n")
