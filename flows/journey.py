@@ -33,6 +33,7 @@ from patient_journey.settings import load_settings
 from tasks.journey import (
     build_gold,
     build_silver,
+    check_linkage_floor,
     check_quarantine_share,
     commit_ingest,
     plan_ingest,
@@ -153,6 +154,7 @@ def _finish(summary: RunSummary, started: float) -> RunSummary:
     summary.seconds = round(time.perf_counter() - started, 2)
     check_quarantine_share(summary)
     publish_summary(summary)
+    check_linkage_floor(summary)
     return summary
 
 

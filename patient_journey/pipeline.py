@@ -289,7 +289,6 @@ class IngestBatch:
     source: str
     number: int
     of: int
-    first: str = ""  # the first input's path inside landing, for task names
     listing: pa.Table | None = None  # LISTING_SCHEMA: the batch's files in listing order
     ledger_versions: frozenset[tuple[str, str]] = frozenset()  # (uri, version)
     ledger_hashes: frozenset[tuple[str, str]] = frozenset()  # (uri, content hash)
@@ -311,10 +310,12 @@ class IngestBatch:
 
     @property
     def label(self) -> str:
+        """The batch for task names and logs: its source, number and size, never a file name (a
+        landing path can carry a patient's name or MRN)."""
         if not self.file_count:
             return self.source
-        more = f" +{self.file_count - 1} files" if self.file_count > 1 else ""
-        return f"{self.source} {self.number}/{self.of}: {self.first}{more}"
+        files = "1 file" if self.file_count == 1 else f"{self.file_count:,} files"
+        return f"{self.source} {self.number}/{self.of}: {files}"
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,6 @@ def plan_ingest(
                 source,
                 number,
                 len(chunks),
-                landing.relative(urls[0]),
                 rows,
                 frozenset(v for url in urls for v in versions.get(url, ())),
                 frozenset(h for url in urls for h in hashes.get(url, ())),

@@ -27,6 +27,7 @@ from patient_journey.quality import load_suite_files, rule_of
 from patient_journey.settings import JourneySettings
 
 QUARANTINE_EVENT = "patient-journey.quarantine.threshold-exceeded"
+LINKAGE_EVENT = "patient-journey.linkage.below-floor"
 EXPECTATION_COLUMNS = (
     "table",
     "rule",
@@ -66,6 +67,16 @@ class RunSummary:
         loaded = sum(t.loaded for t in staged)
         held = sum(t.held for t in staged)
         return None if loaded + held == 0 else loaded / (loaded + held)
+
+    def below_linkage_floor(self, floor: float, min_rows: int) -> list[tuple[str, int, int]]:
+        """(table, loaded, held) of the staged tables with at least ``min_rows`` loaded or held
+        rows whose linkage rate is below ``floor``."""
+        staged = self.silver.tables if self.silver and self.silver.built else []
+        return [
+            (t.table, t.loaded, t.held)
+            for t in staged
+            if t.loaded + t.held >= min_rows and t.loaded < floor * (t.loaded + t.held)
+        ]
 
     def failed_expectations(self) -> list[dict[str, object]]:
         reports = [r for r in (self.silver, self.gold) if r is not None]

@@ -147,6 +147,21 @@ class QualitySettings(BaseModel):
         default=PROJECT_ROOT / "expectations",
         description="Folder of Great Expectations suites, one JSON file per table.",
     )
+    min_linkage_rate: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "A run in which a staged table with at least min_linkage_rows linked or held rows links "
+            "fewer than this share of them (loaded / (loaded + held)) ends Failed after loading, and "
+            "emits patient-journey.linkage.below-floor: e.g. references that resolve to no patient."
+        ),
+    )
+    min_linkage_rows: int = Field(
+        default=20,
+        ge=1,
+        description="Tables with fewer linked or held rows than this are not held to min_linkage_rate.",
+    )
 
 
 TaskRunnerKind = Literal["default", "dask"]

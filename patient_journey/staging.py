@@ -72,8 +72,7 @@ def _field_error(fields: tuple[tuple[str, str], ...]) -> str:
             f"WHEN _types[{n}] IS NOT NULL AND _types[{n}] NOT IN ({allowed}) "
             f"THEN '{path} is ' || {_JSON_KIND.format(n=n)} || ', expected {article} {kind}'"
         )
-    cases = " ".join(cases)
-    return f"CASE {cases} END"
+    return f"CASE {' '.join(cases)} END"
 
 
 def _fields(*specs: str) -> tuple[tuple[str, str], ...]:

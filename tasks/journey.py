@@ -18,9 +18,10 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.events import emit_event
 
 from patient_journey import pipeline
-from patient_journey.errors import StorageError
+from patient_journey.errors import LinkageFloorError, StorageError
 from patient_journey.pipeline import BuildReport, IngestBatch, IngestPlan, IngestReport, Window
 from patient_journey.report import (
+    LINKAGE_EVENT,
     QUARANTINE_EVENT,
     RunSummary,
     quarantine_locations,
@@ -168,3 +169,35 @@ def check_quarantine_share(summary: RunSummary) -> float | None:
             },
         )
     return share
+
+
+@task(name="check-linkage-floor", cache_policy=NO_CACHE)
+def check_linkage_floor(summary: RunSummary) -> None:
+    """Fail (after everything was loaded and published) when a table linked fewer of its rows
+    than JOURNEY_QUALITY__MIN_LINKAGE_RATE, emitting ``patient-journey.linkage.below-floor``:
+    a run whose records mostly wait for a patient must not look like a plain Completed."""
+    quality = journey_settings().quality
+    below = summary.below_linkage_floor(quality.min_linkage_rate, quality.min_linkage_rows)
+    if not below:
+        return
+    emit_event(
+        event=LINKAGE_EVENT,
+        resource={
+            "prefect.resource.id": f"patient-journey.run.{summary.run_id}",
+            "prefect.resource.name": summary.flow,
+        },
+        payload={
+            "flow": summary.flow,
+            "floor": quality.min_linkage_rate,
+            "tables": {table: {"loaded": loaded, "held": held} for table, loaded, held in below},
+        },
+    )
+    described = "; ".join(
+        f"{table} {100 * loaded / (loaded + held):.1f}% ({loaded:,} of {loaded + held:,})"
+        for table, loaded, held in below
+    )
+    raise LinkageFloorError(
+        f"Linkage below the floor of {100 * quality.min_linkage_rate:.0f}% (JOURNEY_QUALITY__MIN_LINKAGE_RATE): "
+        f"{described}. Everything read was loaded or held; held records are retried on later runs. Check "
+        "that their patients arrive (references, MRNs, case ids)."
+    )

@@ -224,3 +224,22 @@ def test_a_failed_preflight_fails_the_flow_and_nothing_reaches_bronze(
     lake = Lake(settings)
     assert [name for name in BRONZE_TABLES.values() if lake.version(bronze(name)) is not None] == []
     assert not (tmp_path / "restricted" / SPILL_PREFIX).exists()
+
+
+def test_a_run_whose_records_mostly_wait_for_their_patients_ends_failed_after_loading(
+    harness: None, generated: GenerationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    landing = tmp_path / "landing"
+    shutil.copytree(generated.out / "landing" / "device", landing / "device")  # no EHR: no case links
+    settings = settings_for(tmp_path, landing=landing)
+    use_settings_env(monkeypatch, settings)
+    state = patient_journey(return_state=True)
+    assert state.is_failed()
+    message = str(state.message)
+    assert "device_event 0.0%" in message and "JOURNEY_QUALITY__MIN_LINKAGE_RATE" in message
+    held = Lake(settings).read(HELD)
+    assert held is not None and held.num_rows > 0  # loaded (held) all the same, retried later
+    monkeypatch.setenv("JOURNEY_QUALITY__MIN_LINKAGE_RATE", "0")
+    assert patient_journey(rebuild=True).built  # with no floor, the same run completes
