@@ -435,6 +435,9 @@ def _read_inputs(
     else:
         seen, watermarks = _selection(lake, landing, settings, source, window, reread)
     if source == "registry":
+        # Rows a crashed commit left are removed before the rows read are compared with bronze
+        # (which would take them for read), so that the query reads them again.
+        _remove_uncommitted(lake, source)
         url = registry_url(settings)
         if url is None:
             return IngestReport(
@@ -468,15 +471,33 @@ def _read_inputs(
 def _append_ingested(
     lake: Lake, report: IngestReport, records: ArrowRows, rejects: ArrowRows, ledger: ArrowRows
 ) -> None:
-    """Append what a source read. Order matters for crash safety: bronze, then rejects, then the
-    ledger. A crash before the ledger write re-reads the inputs next time; staging collapses
-    such exact re-reads."""
+    """Append what a source read: bronze, then rejects, then the ledger, whose entries are the
+    commit point. A crash before the ledger write leaves bronze or reject rows of a run the ledger
+    does not name; they are removed here before anything is appended, so the inputs that the next
+    run reads again land in bronze exactly once."""
+    _remove_uncommitted(lake, report.source)
     if report.records:
         report.bronze_version = lake.append(bronze(BRONZE_TABLES[report.source]), records)
     if report.rejects:
         lake.append(extraction_rejects_table(report.source), rejects)
     if report.new_inputs:
         lake.append(ledger_table(report.source), ledger)
+
+
+def _remove_uncommitted(lake: Lake, source: str) -> None:
+    """Delete the bronze and reject rows of a source's runs that have no ledger entry (a commit
+    that crashed before its ledger write). Their inputs are not in the ledger, so they are read
+    again. The caller holds the source's ingest limit: no other commit of it is under way."""
+    ledger = lake.read(ledger_table(source), columns=["run_id"])
+    committed = set() if ledger is None else set(pc.unique(ledger.column("run_id")).to_pylist())
+    for ref in (bronze(BRONZE_TABLES[source]), extraction_rejects_table(source)):
+        rows = lake.read(ref, columns=["run_id"])
+        if rows is None:
+            continue
+        orphans = sorted(set(pc.unique(rows.column("run_id")).drop_null().to_pylist()) - committed)
+        if orphans:
+            listed = ", ".join("'" + run.replace("'", "''") + "'" for run in orphans)
+            lake.delete(ref, f"run_id IN ({listed})")
 
 
 def ingest(
