@@ -101,13 +101,20 @@ def generate(
     bad_rate: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of planted bad records per kind.")
     ] = 0.02,
+    fhir_layout: Annotated[
+        str,
+        typer.Option(
+            help="The first EHR export: bulk (NDJSON per resource type) or synthea (a transaction "
+            "Bundle per patient, named after the patient, with urn:uuid references)."
+        ),
+    ] = "bulk",
 ) -> None:
     """Write synthetic surgical journeys in the formats real systems write, with ground truth."""
     from patient_journey.generate import generate as run_generate
 
     try:
-        result = run_generate(out, patients=patients, seed=seed, bad_rate=bad_rate)
-    except FileExistsError as exc:
+        result = run_generate(out, patients=patients, seed=seed, bad_rate=bad_rate, fhir_layout=fhir_layout)
+    except (FileExistsError, ValueError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
     console.print(

@@ -20,6 +20,7 @@ from patient_journey.generate.bad_records import (
 from patient_journey.generate.fhir_layouts import fhir_variants, write_fhir_variants
 from patient_journey.generate.model import build_cohort
 from patient_journey.generate.proms import redcap_project, write_redcap
+from patient_journey.generate.synthea import write_synthea
 from patient_journey.generate.writers import (
     encounter_resource,
     fhir_lines,
@@ -30,7 +31,11 @@ from patient_journey.generate.writers import (
     write_registry,
 )
 
-__all__ = ["GenerationResult", "generate"]
+__all__ = ["FHIR_LAYOUTS", "GenerationResult", "generate"]
+
+# The first EHR export: bulk NDJSON (Synthea's bulk layout), or Synthea's own transaction Bundles
+# per patient, named after the patient (patient_journey.generate.synthea).
+FHIR_LAYOUTS = ("bulk", "synthea")
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,18 @@ class GenerationResult:
     planted: dict[str, int]  # planted bad records (rows of planted_bad_records.csv) per kind
 
 
-def generate(out: Path, patients: int, seed: int, bad_rate: float = 0.02) -> GenerationResult:
+def generate(
+    out: Path, patients: int, seed: int, bad_rate: float = 0.02, fhir_layout: str = "bulk"
+) -> GenerationResult:
     """Write a synthetic landing zone and its ground truth under ``out``.
 
     Same ``seed`` (and arguments) -> byte-identical files. Refuses to write into an existing
-    ``out/landing`` so that two runs never mix.
+    ``out/landing`` so that two runs never mix. With ``fhir_layout="synthea"`` the first EHR
+    export is one transaction Bundle per patient; the malformed Observation and
+    QuestionnaireResponse lines planted in bulk NDJSON have no place there and are not planted.
     """
+    if fhir_layout not in FHIR_LAYOUTS:
+        raise ValueError(f"fhir_layout must be one of {', '.join(FHIR_LAYOUTS)}")
     out = Path(out)
     landing = out / "landing"
     if landing.exists():
@@ -62,10 +73,11 @@ def generate(out: Path, patients: int, seed: int, bad_rate: float = 0.02) -> Gen
 
     lines = fhir_lines(cohort)
     variants = fhir_variants(cohort, lines, encounter_resource)
-    lines["Observation"], planted = plant_fhir(lines["Observation"], cohort, bad_rng, n_bad)
+    n_bad_fhir = n_bad if fhir_layout == "bulk" else 0
+    lines["Observation"], planted = plant_fhir(lines["Observation"], cohort, bad_rng, n_bad_fhir)
     prom_bad_rng = random.Random(seed * 1_000_003 + 104_729)  # PROM plants: no other plant shifts
     lines["QuestionnaireResponse"], planted_qr = plant_questionnaire_responses(
-        lines["QuestionnaireResponse"], cohort, prom_bad_rng, n_bad
+        lines["QuestionnaireResponse"], cohort, prom_bad_rng, n_bad_fhir
     )
     planted += planted_qr
     redcap = redcap_project(cohort)
@@ -78,7 +90,7 @@ def generate(out: Path, patients: int, seed: int, bad_rate: float = 0.02) -> Gen
     planted_registry = plant_registry(rows, cohort, bad_rng, n_bad)
 
     landing.mkdir(parents=True)
-    resources = write_fhir(landing, lines)
+    resources = write_fhir(landing, lines) if fhir_layout == "bulk" else write_synthea(landing, cohort, lines)
     fhir_files = write_fhir_variants(landing, variants)
     events = good_events + bad_events + [m.event for m in bad_messages]
     first_message = len(good_events) + len(bad_events)
@@ -96,6 +108,7 @@ def generate(out: Path, patients: int, seed: int, bad_rate: float = 0.02) -> Gen
         "seed": seed,
         "patients": patients,
         "bad_rate": bad_rate,
+        "fhir_layout": fhir_layout,
         "counts": {
             "episodes": len(cohort.journeys),
             "fhir_resources": resources,
