@@ -1017,10 +1017,14 @@ class DeviceTemplates:
         rows = []
         for spec in template.values:
             value = self._one(spec.expression, scope, f"value '{spec.name}'")
-            if not _present(value) or isinstance(value, dict | list):
+            if isinstance(value, dict | list):
+                # present but not one value, required or not: a rule, never a value silently dropped
+                raise _Rejected(f"value '{spec.name}': {spec.expression.text} is not a single value")
+            if not _present(value):
                 if spec.required:
-                    what = "is not a single value" if _present(value) else "found no value"
-                    raise _Rejected(f"required value '{spec.name}' missing: {spec.expression.text} {what}")
+                    raise _Rejected(
+                        f"required value '{spec.name}' missing: {spec.expression.text} found no value"
+                    )
                 continue
             rows.append(
                 Measurement(

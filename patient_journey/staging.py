@@ -262,6 +262,16 @@ STAGED_TABLES: tuple[StagedTable, ...] = (
             payload->>'$.values.udiDi' AS udi_di, payload->>'$.values.firmware' AS firmware,
             try_cast(payload->>'$.values.value' AS DOUBLE) AS value, payload->>'$.values.unit' AS unit,
             CAST(json_extract(payload, '$.values') AS VARCHAR) AS measured_values""",
+        # What the templates mapped, of the kinds staging reads; a case id or serial may be a
+        # number. A value a suite compares with numbers is checked by its device type's gate.
+        fields=_fields(
+            "caseId:scalar",
+            "deviceId:scalar",
+            "values.event:string",
+            "values.udiDi:string",
+            "values.firmware:scalar",
+            "values.unit:string",
+        ),
     ),
     StagedTable(
         "registry_patient",

@@ -117,7 +117,7 @@ def write_synthea(landing: Path, cohort: Cohort, lines: dict[str, list[bytes]]) 
             resource = orjson.loads(line)
             counts[resource_type] = counts.get(resource_type, 0) + 1
             patient = _patient_of(resource)
-            per_patient.get(patient, unowned).append(resource)
+            per_patient.get(patient or "", unowned).append(resource)
     for patient, resources in per_patient.items():
         given, family = synthea_names(journeys[patient])
         for resource in resources:

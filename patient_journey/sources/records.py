@@ -342,6 +342,8 @@ def read_ahead(landing: Storage, files: Sequence[FileInfo]) -> Iterator[tuple[Fi
 # The rule of an input that an adapter failed on in a way no narrower rule names (a programming
 # error met on hostile input, say): the input is quarantined whole and recorded as read.
 RULE_INPUT_READABLE = "input_readable"
+# A zero-byte input: nothing to load, but usually a transfer that failed, so it is reported.
+RULE_INPUT_EMPTY = "input_not_empty"
 FileReader = Callable[[FileInfo, bytes], None]
 
 
@@ -386,6 +388,10 @@ def read_new_files(
         if file.url in known:
             out.changed_inputs += 1
         mark = records, rejects = out.mark()
+        if not data:
+            out.add_reject(entity, file.url, 0, RULE_INPUT_EMPTY, "the input is empty (zero bytes)")
+            out.add_input(file.url, file.version, file.size, digest, 0, 1)
+            continue
         try:
             read_file(file, data)
         except StorageError:
