@@ -72,7 +72,7 @@ def print_table(table: pa.Table, output: OutputFormat = OutputFormat.table, titl
         import pyarrow.csv as pacsv
 
         sink = pa.BufferOutputStream()
-        pacsv.write_csv(table, sink)
+        pacsv.write_csv(_flat_for_csv(table), sink)
         sys.stdout.write(sink.getvalue().to_pybytes().decode())
         return
     if output is OutputFormat.json:
@@ -86,6 +86,20 @@ def print_table(table: pa.Table, output: OutputFormat = OutputFormat.table, titl
     for row in table.to_pylist():
         view.add_row(*["" if v is None else str(v) for v in row.values()])
     console.print(view)
+
+
+def _flat_for_csv(table: pa.Table) -> pa.Table:
+    """List, struct and map columns (``devices_used``, say) as JSON text: CSV has only scalars."""
+    import orjson
+
+    for index, field in enumerate(table.schema):
+        if pa.types.is_nested(field.type):
+            text = [
+                None if v is None else orjson.dumps(v, default=str).decode()
+                for v in table.column(index).to_pylist()
+            ]
+            table = table.set_column(index, field.name, pa.array(text, pa.string()))
+    return table
 
 
 def _fail(exc: JourneyError) -> NoReturn:

@@ -663,11 +663,17 @@ def _bronze_versions(lake: Lake) -> dict[str, int]:
 
 
 def _last_build(lake: Lake) -> dict[str, int] | None:
+    """The bronze versions the latest build used. A Delta read has no row order, so the latest is
+    the build with the newest versions: a bronze table's version only grows, so each build's
+    versions are at least its predecessor's."""
     builds = lake.read(BUILDS)
     if builds is None or builds.num_rows == 0:
         return None
-    last = builds.slice(builds.num_rows - 1).to_pylist()[0]
-    return {k: int(v) for k, v in (item.split("=") for item in last["bronze_versions"].split(",") if item)}
+    recorded = [
+        {k: int(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+        for text in builds.column("bronze_versions").to_pylist()
+    ]
+    return max(recorded, key=lambda versions: (sum(versions.values()), sorted(versions.items())))
 
 
 def latest_reads(lake: Lake) -> pa.Table:

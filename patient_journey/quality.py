@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import version
@@ -88,8 +89,10 @@ class SuiteFile:
         named: set[str] = set()
         for config in self.document.get("expectations", []):
             kwargs = config.get("kwargs") or {}
-            if not str(config.get("type", "")).startswith(COLUMN_EXPECTATIONS) or kwargs.get("row_condition"):
+            if not str(config.get("type", "")).startswith(COLUMN_EXPECTATIONS):
                 return None
+            # a row condition's words: the columns it reads among them (the others match no column)
+            named.update(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(kwargs.get("row_condition") or "")))
             for key in COLUMN_KWARGS:
                 value = kwargs.get(key)
                 named.update(value if isinstance(value, list) else [value] if isinstance(value, str) else [])

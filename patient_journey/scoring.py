@@ -425,12 +425,16 @@ def _observed_sql(catalog: Catalog, columns: Iterable[str]) -> str:
     present = set(columns)
     selects = [
         f"SELECT _scoring_row, '{item.id}' AS item_id, TRY_CAST(\"{item.id}\" AS DOUBLE) AS value, "
-        f"\"{item.id}\" IS NOT NULL AS present FROM responses WHERE instrument = '{instrument.id}'"
+        f"\"{item.id}\" IS NOT NULL AS present, {item.range[0]} AS lo, {item.range[1]} AS hi "
+        f"FROM responses WHERE instrument = '{instrument.id}'"
         for instrument in catalog.instruments.values()
         for item in instrument.items
         if item.id in present
     ]
-    empty = "SELECT NULL::BIGINT AS _scoring_row, NULL::VARCHAR AS item_id, NULL::DOUBLE AS value, false AS present WHERE false"
+    empty = (
+        "SELECT NULL::BIGINT AS _scoring_row, NULL::VARCHAR AS item_id, NULL::DOUBLE AS value, "
+        "false AS present, NULL::INTEGER AS lo, NULL::INTEGER AS hi WHERE false"
+    )
     return "\nUNION ALL\n".join(selects or [empty])
 
 
@@ -462,13 +466,22 @@ per_score AS (
     FROM checked
     GROUP BY _scoring_row, response_id, instrument, score_name
 ),
+-- an item in no score (PROMIS-10's Global01 and Global09r) must be a valid response code too:
+-- one that is not makes every score of its response out of range
+invalid_anywhere AS (
+    SELECT o._scoring_row, count(*) AS n_bad FROM observed o JOIN base b USING (_scoring_row)
+    WHERE o.present AND NOT coalesce(o.value = floor(o.value) AND o.value BETWEEN o.lo AND o.hi, false)
+      AND NOT EXISTS (SELECT 1 FROM item_def d WHERE d.instrument = b.instrument AND d.item_id = o.item_id)
+    GROUP BY o._scoring_row
+),
 judged AS (
     SELECT p.*, s.score_order, s.impute, s.use_lookup,
-           CASE WHEN p.n_invalid > 0 THEN 'out_of_range'
+           CASE WHEN p.n_invalid > 0 OR coalesce(ia.n_bad, 0) > 0 THEN 'out_of_range'
                 WHEN p.n_items - p.answered > s.max_missing THEN 'incomplete'
                 ELSE 'scored' END AS status
     FROM per_score p
     JOIN score_def s ON s.instrument = p.instrument AND s.score_name = p.score_name
+    LEFT JOIN invalid_anywhere ia ON ia._scoring_row = p._scoring_row
 )
 SELECT j._scoring_row, j.score_order, j.response_id, j.instrument, j.score_name,
        CASE WHEN j.status = 'scored' THEN j.answered_sum END AS raw_score,

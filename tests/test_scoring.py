@@ -505,6 +505,11 @@ def test_a_definition_that_is_not_json_is_refused_with_its_line(tmp_path: Path) 
 def reference_score(instrument: Any, score: Any, row: dict[str, Any]) -> tuple[str, float | None]:
     """A plain-Python reading of the same definition, to check the vectorised engine against."""
     items = {item.id: item for item in instrument.items}
+    in_a_score = {item_id for each in instrument.scores for item_id in each.items}
+    for item in instrument.items:  # an item in no score is range-checked too, for every score
+        value = row.get(item.id)
+        if item.id not in in_a_score and value is not None and not item.range[0] <= value <= item.range[1]:
+            return "out_of_range", None
     values = []
     for item_id in score.items:
         value = row.get(item_id)
@@ -559,3 +564,20 @@ def test_the_ground_truth_rounds_prom_changes_as_the_warehouse_sql_does() -> Non
     sql = duckdb.sql(f"select round(v, 1) from unnest({values}::double[]) t(v)").fetchall()
     assert [row[0] for row in sql] == [sql_round(v) for v in values]
     assert any(round(v, 1) != sql_round(v) for v in values)  # the case the helper exists for
+
+
+def test_promis_10_items_in_no_score_are_range_checked_too(catalog: Catalog) -> None:
+    good = {**dict.fromkeys(GPH_ITEMS + GMH_ITEMS + ["global01", "global09r"], 3), "global07r": 4}
+    rows = [
+        {"response_id": "ok", "instrument": "promis_10", **good},
+        {"response_id": "g01", "instrument": "promis_10", **good, "global01": 9},
+        {"response_id": "g09", "instrument": "promis_10", **good, "global09r": 0},
+    ]
+    result = scores_by(score_responses(wide(rows), catalog))
+    for name in ("global_physical_health", "global_mental_health"):
+        assert result[("ok", name)]["status"] == "scored"
+        for bad in ("g01", "g09"):
+            assert (result[(bad, name)]["status"], result[(bad, name)]["rule"]) == (
+                "out_of_range",
+                "item_in_range",
+            )

@@ -395,3 +395,47 @@ def test_what_to_read_of_a_listing_keeps_the_window_leaves_other_sources_and_wai
     assert listed_files(rows) == [files[0]] and pending == 1
     everything, none_pending = InputSelection().to_read(listing)
     assert listed_files(everything) == files and none_pending == 0
+
+
+def test_the_last_build_is_the_one_with_the_newest_bronze_versions_whatever_the_row_order(
+    tmp_path: Path,
+) -> None:
+    lake = pipeline.Lake(settings_for(tmp_path))
+    newer, older = "device_message=7,fhir_resource=5", "device_message=3,fhir_resource=5"
+    lake.append(pipeline.BUILDS, pa.table({"run_id": ["b", "a"], "bronze_versions": [newer, older]}))
+    assert pipeline._last_build(lake) == {"device_message": 7, "fhir_resource": 5}
+
+
+def test_csv_output_writes_list_columns_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from patient_journey.cli import OutputFormat, print_table
+
+    print_table(pa.table({"n": [1, 2], "devices_used": [["0081", "0082"], None]}), OutputFormat.csv)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == '"n","devices_used"'
+    assert lines[1] == '1,"[""0081"",""0082""]"' and lines[2] == "2,"
+
+
+def test_implausible_vital_signs_are_quarantined_by_the_observation_suite() -> None:
+    gate = QualityGate(Path(__file__).resolve().parents[1] / "expectations")
+    rows = {
+        "observation_id": ["ok", "hr", "bmi", "kg", "other"],
+        "_first_of_id": [True] * 5,
+        "patient_id": ["p"] * 5,
+        "code": ["8867-4", "8867-4", "39156-5", "29463-7", "1234-5"],
+        "effective_time": [None] * 5,
+        "value": [72.0, 1e20, 300.0, -4.0, 1e20],  # an unknown code has no range
+        "source_uri": ["u"] * 5,
+        "source_offset": [1, 2, 3, 4, 5],
+    }
+    result = gate.check("staged", "observation", pa.table(rows), "fhir", "run")
+    assert dict(
+        zip(
+            result.quarantined.column("record_id").to_pylist(),
+            result.quarantined.column("rule").to_pylist(),
+            strict=True,
+        )
+    ) == {
+        "hr": "heart_rate_plausible",
+        "bmi": "bmi_plausible",
+        "kg": "body_weight_plausible",
+    }
