@@ -459,19 +459,22 @@ def stage(bronze_tables: dict[str, pa.Table], *, release: bool = False) -> dict[
             ), versions AS (
                 SELECT *,
                     row_number() OVER (
-                        PARTITION BY _record_id, _hash ORDER BY {spec.order_by}) > 1 AS _again,
+                        PARTITION BY _record_id, _hash ORDER BY _ingested, {spec.order_by}) > 1 AS _again,
                     {versioned}
                 FROM records
             ), flags AS (
-                SELECT _n, _record_id, source_uri, source_offset,
+                SELECT _n, _record_id, _ingested, source_uri, source_offset,
                        _again OR _version IS DISTINCT FROM _latest
                        OR coalesce(_deleted_at >= coalesce(_version, '-infinity'::TIMESTAMPTZ), false)
                        AS {SUPERSEDED}
                 FROM versions
             ), ordered AS (
                 SELECT _n, {SUPERSEDED},
+                       -- of two current records of one id (same version, other content), the one
+                       -- that arrived first is the record; within one read, the earlier in the listing
                        row_number() OVER (
-                           PARTITION BY _record_id, {SUPERSEDED} ORDER BY {spec.order_by}) = 1 AS _first_of_id,
+                           PARTITION BY _record_id, {SUPERSEDED} ORDER BY _ingested, {spec.order_by}
+                       ) = 1 AS _first_of_id,
                        -- a total order: one line or message can hold several records (REDCap forms,
                        -- template matches), and ties would number them differently from run to run
                        row_number() OVER (ORDER BY {spec.order_by}, _record_id) AS _row

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import gzip
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pytest
 
 from patient_journey import pipeline
@@ -329,3 +331,19 @@ def test_a_field_of_the_wrong_json_type_is_quarantined_naming_the_field(tmp_path
         assert "CANARY" not in found[f"r{n}"]["detail"]
     assert "good" not in found
     assert all(t.balanced for t in report.tables)
+
+
+def test_two_contents_of_one_id_and_time_are_settled_by_arrival_not_by_file_name() -> None:
+    resource = {"resourceType": "Patient", "id": "p1", "meta": {"lastUpdated": "2025-01-01T00:00:00Z"}}
+    first, second = Extraction("fhir", "run-1"), Extraction("fhir", "run-2")
+    first.started_at, second.started_at = datetime(2025, 1, 2, tzinfo=UTC), datetime(2025, 1, 3, tzinfo=UTC)
+    for out, uri, gender in (
+        (first, "/l/ehr/z-first.ndjson", "female"),
+        (second, "/l/ehr/a-later.ndjson", "male"),
+    ):
+        raw = orjson.dumps({**resource, "gender": gender})
+        out.add_record("Patient", "p1", raw.decode(), uri, 1, raw)
+    bronze = pa.concat_tables([second.records(), first.records()])
+    patient = stage({"fhir_resource": bronze})["patient"]
+    kept = [r for r in patient.to_pylist() if r["_first_of_id"] and not r["_superseded"]]
+    assert [r["gender"] for r in kept] == ["female"]  # the first to arrive, though its file sorts last
