@@ -425,7 +425,7 @@ def _observed_sql(catalog: Catalog, columns: Iterable[str]) -> str:
     present = set(columns)
     selects = [
         f"SELECT _scoring_row, '{item.id}' AS item_id, TRY_CAST(\"{item.id}\" AS DOUBLE) AS value, "
-        f"\"{item.id}\" IS NOT NULL AS present, {item.range[0]} AS lo, {item.range[1]} AS hi "
+        f'"{item.id}" IS NOT NULL AS present, {item.range[0]} AS lo, {item.range[1]} AS hi '
         f"FROM responses WHERE instrument = '{instrument.id}'"
         for instrument in catalog.instruments.values()
         for item in instrument.items

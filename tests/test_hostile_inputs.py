@@ -347,3 +347,22 @@ def test_two_contents_of_one_id_and_time_are_settled_by_arrival_not_by_file_name
     patient = stage({"fhir_resource": bronze})["patient"]
     kept = [r for r in patient.to_pylist() if r["_first_of_id"] and not r["_superseded"]]
     assert [r["gender"] for r in kept] == ["female"]  # the first to arrive, though its file sorts last
+
+
+def test_a_bundle_with_a_byte_that_is_not_utf8_loads_every_other_entry(tmp_path: Path) -> None:
+    entries = [
+        {"resource": {"resourceType": "Patient", "id": name, "note": "\ufffd" if name == "a" else "QQ"}}
+        for name in "abc"
+    ]
+    data = _bundle(entries).replace(b"QQ", b"\xff", 1)  # only entry b is spoilt
+    out = _extract(tmp_path, "utf8.json", data)
+    assert out.records().column("record_id").to_pylist() == ["a", "c"]  # a real U+FFFD is no fault
+    assert [(r["source_offset"], r["rule"]) for r in out.rejects().to_pylist()] == [(2, "utf8_valid")]
+
+
+def test_a_bundle_that_does_not_parse_is_counted_by_its_entries(tmp_path: Path) -> None:
+    entries = [{"resource": {"resourceType": "Patient", "id": str(n)}} for n in range(7)]
+    out = _extract(tmp_path, "cut.json", _bundle(entries)[:-30])
+    assert [(r["source_offset"], r["rule"]) for r in out.rejects().to_pylist()] == [
+        (n, "json_well_formed") for n in range(1, 8)
+    ]

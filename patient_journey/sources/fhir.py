@@ -29,6 +29,7 @@ the entry whose resource carries that identifier. Staging reads every reference 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import re
 import zlib
@@ -284,6 +285,9 @@ def extract_bundle(out: Extraction, bundle: dict[str, Any], uri: str, offset: in
             out.add_reject("Bundle", uri, where, exc.rule, exc.detail)
             continue
         raw = orjson.dumps(resource)
+        if _NOT_UTF8.encode() in raw:
+            out.add_reject("Bundle", uri, where, RULE_UTF8, "the entry holds bytes that are not UTF-8")
+            continue
         _add_resource(out, resource, raw, uri, where, None)
 
 
@@ -312,14 +316,44 @@ def extract_ndjson(out: Extraction, file: FileInfo, data: bytes) -> None:
         out.add_reject(entity, file.url, last + 1 if data else 0, RULE_GZIP, problem)
 
 
+# Where a Bundle file holds bytes that are not UTF-8, each is read as this noncharacter, so that the
+# entries holding one are rejected alone (utf8_valid) and the others load.
+_NOT_UTF8 = "\U0010fffe"
+_ENTRY_KEY = re.compile(rb'"resource"\s*:')
+
+
+def _mark_not_utf8(error: UnicodeError) -> tuple[str, int]:
+    assert isinstance(error, UnicodeDecodeError)
+    return _NOT_UTF8, error.end
+
+
+def _salvaged(data: bytes) -> Any:
+    """A document whose only fault is bytes that are not UTF-8, each such byte marked; else None."""
+    codecs.register_error("patient-journey-not-utf8", _mark_not_utf8)
+    try:
+        return orjson.loads(data.decode("utf-8", errors="patient-journey-not-utf8"))
+    except orjson.JSONDecodeError:
+        return None
+
+
 def extract_bundle_or_resource(out: Extraction, file: FileInfo, data: bytes) -> None:
-    """A JSON file: a Bundle (each entry.resource is a record, offset = entry number) or one resource."""
+    """A JSON file: a Bundle (each entry.resource is a record, offset = entry number) or one resource.
+
+    A Bundle file that does not parse is rejected as many times as it has entries (counted by
+    their ``"resource":`` keys, at offsets 1..n), so that what it held is counted; one whose only
+    fault is bytes that are not UTF-8 loads every entry but those holding such bytes."""
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
     try:
         document = parse_json(data)
     except Unreadable as exc:
-        out.add_reject("Bundle", file.url, 0, exc.rule, exc.detail)
+        salvaged = _salvaged(data) if exc.rule == RULE_UTF8 else None
+        if isinstance(salvaged, dict) and salvaged.get("resourceType") == "Bundle":
+            extract_bundle(out, salvaged, file.url, None)
+            return
+        entries = len(_ENTRY_KEY.findall(data)) or 1
+        for number in range(1, entries + 1) if entries > 1 else (0,):
+            out.add_reject("Bundle", file.url, number, exc.rule, exc.detail)
         return
     if isinstance(document, dict) and document.get("resourceType") == "Bundle":
         extract_bundle(out, document, file.url, None)
