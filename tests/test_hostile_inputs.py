@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from patient_journey import pipeline
@@ -366,3 +368,31 @@ def test_a_bundle_that_does_not_parse_is_counted_by_its_entries(tmp_path: Path) 
     assert [(r["source_offset"], r["rule"]) for r in out.rejects().to_pylist()] == [
         (n, "json_well_formed") for n in range(1, 8)
     ]
+
+
+def test_the_registry_s_free_text_never_reaches_the_warehouse(
+    generated: GenerationResult, tmp_path: Path
+) -> None:
+    landing = tmp_path / "landing"
+    shutil.copytree(generated.out / "landing", landing)
+    database = sqlite3.connect(landing / "outcomes" / "registry.sqlite")
+    database.execute("UPDATE complication SET description = 'CANARY-NOTE ' || complication_id")
+    database.execute("UPDATE readmission SET reason = 'CANARY-REASON ' || readmission_id")
+    database.commit()
+    database.close()
+    settings = settings_for(tmp_path, landing=landing)
+    for source in pipeline.SOURCES:
+        pipeline.ingest(settings, source, "run-1")
+    pipeline.build_silver(settings, "run-1")
+    pipeline.build_gold(settings, "run-1")
+    lake = pipeline.Lake(settings)
+    complications = lake.read(pipeline.silver("complication"))
+    assert complications is not None and complications.num_rows > 0
+    assert "description" not in complications.column_names
+    warehouse = [pq.read_table(p).to_pylist() for p in (tmp_path / "warehouse").rglob("*.parquet")]
+    logs = [p.read_text() for p in (tmp_path / "warehouse").rglob("*.json")]
+    assert "CANARY" not in repr(warehouse) + "".join(logs)
+    bronze = lake.read(pipeline.bronze("registry_row"))
+    assert bronze is not None and "CANARY-NOTE" in "".join(
+        bronze.column("payload").to_pylist()
+    )  # kept, restricted
