@@ -66,19 +66,24 @@ def _field_forms(dictionary: Path) -> dict[str, str]:
 
 
 def _forms_with_values(records: Path, dictionary: Path, rejects: pa.Table) -> set[tuple[int, str]]:
-    """(line, form) of every form instance with a value that was not rejected."""
+    """(line, form) of every form instance with a value that was not rejected (NA is no value, as
+    R writes a missing one), or saved as unverified or complete (1, 2) with nothing in it."""
     forms = _field_forms(dictionary)
     record_id = next(iter(forms))
     rejected = {
         (r["source_offset"], r["detail"].split(":")[0].removeprefix("column ")) for r in rejects.to_pylist()
     }
     found: set[tuple[int, str]] = set()
+    names = set(forms.values())
     for line, row in raw_rows(records.read_text(encoding="utf-8-sig"), skip_blank=True):
         for column, value in row.items():
+            if column.endswith("_complete") and column.removesuffix("_complete") in names and value in ("1", "2"):
+                found.add((line, column.removesuffix("_complete")))
+                continue
             field = column.split("___")[0] if "___" in column else column
             if column == record_id or field not in forms or (line, column) in rejected:
                 continue
-            if ("___" in column and value == "1") or ("___" not in column and value != ""):
+            if ("___" in column and value == "1") or ("___" not in column and value not in ("", "NA")):
                 found.add((line, forms[field]))
     return found
 

@@ -22,9 +22,12 @@ import csv
 from collections import Counter
 from pathlib import Path
 
+import orjson
 import pytest
 
 from patient_journey.errors import SourceError
+from patient_journey.sources import redcap
+from patient_journey.sources.records import Extraction
 from patient_journey.sources.redcap_export import (
     COMPLETION_SCHEMA,
     REJECTS_SCHEMA,
@@ -517,3 +520,30 @@ def test_whole_file_problems_raise_a_source_error_naming_the_fix() -> None:
         _records("0,54", header="sex,age")
     with pytest.raises(SourceError, match="empty"):
         parse_records(b"", parse_dictionary(DICTIONARY))
+
+
+def test_na_is_a_missing_value_in_every_field_as_r_writes_it() -> None:
+    parsed = _records(
+        "P1,NA,NA,NA,NA,1,0,0,2,NA,NA,2",  # a choice, validated fields, free text: all missing
+        "P2,1,NA,2024-03-02,NA,NA,NA,NA,2,,,0",
+    )
+    assert _rejects(parsed) == []
+    values = {(v["record_id"], v["field"], v["value"]) for v in parsed.values.to_pylist()}
+    assert values == {("P1", "side", "L"), ("P2", "sex", "1"), ("P2", "surgery_date", "2024-03-02")}
+
+
+def test_a_form_saved_complete_with_nothing_in_it_loads_blank_and_one_never_started_does_not() -> None:
+    out = Extraction("redcap", "run")
+    rows = [
+        "P1,0,54,,,0,0,0,2,,,2",
+        "P2,1,60,,,0,0,0,2,,,0",
+    ]  # P1's follow-up saved blank; P2's never started
+    redcap.extract_project(
+        out, "t", "/l/t_records.csv", ("\n".join([HEADER, *rows]) + "\n").encode(), DICTIONARY.encode()
+    )
+    forms = {
+        (r["source_offset"], orjson.loads(r["payload"])["form"]): orjson.loads(r["payload"])
+        for r in out.records().to_pylist()
+    }
+    assert sorted(forms) == [(2, "enrolment"), (2, "followup"), (3, "enrolment")]
+    assert (forms[(2, "followup")]["values"], forms[(2, "followup")]["form_state"]) == ({}, "complete")

@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from patient_journey.errors import SourceError
 from patient_journey.sources.records import Extraction, InputSelection, read_new_files
@@ -68,7 +69,7 @@ def _optional(landing: Storage, url: str) -> bytes | None:
 def form_records(
     records: pa.Table, completion: pa.Table, dictionary: DataDictionary, arm_names: dict[int, str]
 ) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """(record id, line, payload) per form instance with any value, in reading order."""
+    """(record id, line, payload) per form instance with a status or any value, in reading order."""
     checkbox = {f.name for f in dictionary.fields if f.field_type == "checkbox"}
     status: dict[tuple[int, str], tuple[int | None, str]] = {
         (line, form): (code, state)
@@ -104,6 +105,23 @@ def form_records(
             payload["values"].setdefault(name, []).append(value)
         else:
             payload["values"][name] = value
+    # A form saved as unverified or complete with nothing in it is a form too: it loads blank (and
+    # scores as incomplete). Status 0 with nothing filled is how REDCap exports a form never
+    # started, so that is no form.
+    for row in completion.filter(
+        pc.is_in(completion.column("state"), pa.array(["unverified", "complete"]))
+    ).to_pylist():
+        line, form = row["source_line"], row["form"]
+        if (line, form) not in forms:
+            keys = {name: row.get(name) for name in _KEYS}
+            forms[(line, form)] = {
+                **keys,
+                "arm_name": arm_names.get(keys["arm"]) if keys["arm"] is not None else None,
+                "form": form,
+                "form_status": row["status"],
+                "form_state": row["state"],
+                "values": {},
+            }
     order = {form: index for index, form in enumerate(dictionary.forms)}
     field_order = {f.name: index for index, f in enumerate(dictionary.fields)}
     for line, form in sorted(forms, key=lambda key: (key[0], order[key[1]])):

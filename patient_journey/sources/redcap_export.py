@@ -184,7 +184,8 @@ _DICTIONARY_HEADERS: Mapping[str, str] = {
     "field annotation": "field_annotation",
 }
 _REQUIRED_DICTIONARY_COLUMNS = ("field_name", "form_name", "field_type")
-# R's write.csv writes missing cells as NA (simple/metadata.csv); REDCap itself never does.
+# R's write.csv writes missing cells as NA (simple/metadata.csv); REDCap itself never does. In the
+# records export, too, a cell holding exactly NA is missing (_na_as_blank).
 _MISSING = frozenset({"", "NA"})
 
 
@@ -524,7 +525,23 @@ def _read_table(raw: bytes, width: int) -> tuple[pa.Table, npt.NDArray[np.int64]
     physical[~is_invalid] += breaks
     physical[numbers - 1] += np.array([_text_line_breaks(text) for _, _, text in invalid], dtype=np.int64)
     starts = np.concatenate([[1], 1 + np.cumsum(physical)[:-1]]).astype(np.int64)
-    return table, starts[~is_invalid], [(int(starts[n - 1]), actual) for n, actual, _ in invalid]
+    return (
+        _na_as_blank(table),
+        starts[~is_invalid],
+        [(int(starts[n - 1]), actual) for n, actual, _ in invalid],
+    )
+
+
+def _na_as_blank(table: pa.Table) -> pa.Table:
+    """Data cells holding exactly ``NA`` (R's write.csv for a missing value, as REDCapR's exports
+    have it) as blank, in every field: one meaning, not a rejected code here and the text "NA"
+    there. The header row (row 0) is left alone."""
+    data = np.arange(table.num_rows) > 0
+    columns = [
+        pc.if_else(pa.array(data & _mask(pc.equal(column, "NA"))), pa.scalar("", pa.string()), column)
+        for column in table.columns
+    ]
+    return pa.table(columns, names=table.column_names)
 
 
 def _line_breaks(column: pa.ChunkedArray) -> npt.NDArray[np.int64]:
