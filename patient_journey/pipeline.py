@@ -121,6 +121,7 @@ class TableCounts:
     quarantined: int = 0
     held: int = 0
     superseded: int = 0  # replaced by a later version, deleted, or the same record delivered again
+    cells_rejected: int = 0  # REDCap cells rejected in rows that loaded: beside the rows, not among them
 
     @property
     def balanced(self) -> bool:
@@ -826,6 +827,31 @@ def gate_device_types(
     return events.filter(keep), failed, outcomes
 
 
+def _cell_rejects(rejects: pa.Table, staged_tables: dict[str, pa.Table]) -> pa.Array:
+    """Which rejects at read are of one cell of a REDCap row that loaded all the same (its line
+    has a staged record): they are counted beside the rows, not as rows read."""
+    redcap = [name for name in staged_tables if name.startswith("redcap")]
+    if not redcap or rejects.num_rows == 0:
+        return pa.array([False] * rejects.num_rows, pa.bool_())
+    loaded = (
+        pa.concat_tables(
+            [
+                staged_tables[name]
+                .select(["source_uri", "source_offset"])
+                .append_column("table_name", pa.array([name] * staged_tables[name].num_rows, pa.string()))
+                for name in redcap
+            ]
+        )
+        .group_by(["table_name", "source_uri", "source_offset"])
+        .aggregate([])
+    )
+    numbered = rejects.select(["table_name", "source_uri", "source_offset"]).append_column(
+        "_n", pa.array(range(rejects.num_rows), pa.int64())
+    )
+    found = numbered.join(loaded, ["table_name", "source_uri", "source_offset"], join_type="inner")
+    return pc.is_in(numbered.column("_n"), value_set=found.column("_n").combine_chunks())
+
+
 def field_type_rejects(table: pa.Table, name: str, source: str, run_id: str) -> tuple[pa.Table, pa.Table]:
     """The staged rows whose fields have the kinds their table reads (without the check's column),
     and the others as quarantine rows (``<source>_field_type``, naming the field, never its value)."""
@@ -881,10 +907,13 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     rejected_at_read = _rejects_as_quarantine(lake, reads)
     names = list(staged_tables)
     counts = {name: TableCounts(name) for name in names}
-    for item in pc.value_counts(rejected_at_read.column("table_name")).to_pylist():
+    cells = _cell_rejects(rejected_at_read, staged_tables)
+    for item in pc.value_counts(rejected_at_read.filter(pc.invert(cells)).column("table_name")).to_pylist():
         table = counts.setdefault(item["values"], TableCounts(item["values"]))
         table.read += item["counts"]
         table.quarantined += item["counts"]
+    for item in pc.value_counts(rejected_at_read.filter(cells).column("table_name")).to_pylist():
+        counts[item["values"]].cells_rejected += item["counts"]
     clock.lap("stage")
 
     report = BuildReport(built=True)

@@ -28,6 +28,7 @@ from patient_journey.settings import JourneySettings
 
 QUARANTINE_EVENT = "patient-journey.quarantine.threshold-exceeded"
 LINKAGE_EVENT = "patient-journey.linkage.below-floor"
+BRONZE_ONLY_LISTED = 10
 EXPECTATION_COLUMNS = (
     "table",
     "rule",
@@ -188,8 +189,18 @@ def render_markdown(summary: RunSummary) -> str:
             f"{_rate(t.loaded, t.held)} | {'yes' if t.balanced else '**no**'} | {_version_of(t.table, versions)} |"
         )
     lines += ["", f"Overall linkage rate: {'-' if rate is None else f'{100 * rate:.1f}%'}", ""]
+    cells = [f"{t.table} {t.cells_rejected:,}" for t in summary.tables if t.cells_rejected]
+    if cells:
+        lines += [
+            f"REDCap cells rejected in rows that loaded (in the quarantine, not counted as rows): {', '.join(cells)}.",
+            "",
+        ]
     if summary.silver.bronze_only:
-        kept = ", ".join(f"{k} {v}" for k, v in sorted(summary.silver.bronze_only.items()))
+        # at most BRONZE_ONLY_LISTED by name: a wide REDCap project has thousands of forms
+        largest = sorted(summary.silver.bronze_only.items(), key=lambda item: (-item[1], item[0]))
+        kept = ", ".join(f"{k} {v}" for k, v in largest[:BRONZE_ONLY_LISTED])
+        more = len(largest) - BRONZE_ONLY_LISTED
+        kept += f" and {more:,} more" if more > 0 else ""
         lines += [f"Kept in bronze, not modelled yet: {kept}.", ""]
     if summary.gold is not None and summary.gold.device_clocks:
         clocks = summary.gold.device_clocks

@@ -396,3 +396,22 @@ def test_the_registry_s_free_text_never_reaches_the_warehouse(
     assert bronze is not None and "CANARY-NOTE" in "".join(
         bronze.column("payload").to_pylist()
     )  # kept, restricted
+
+
+def test_redcap_rows_balance_in_rows_with_rejected_cells_counted_beside_them(
+    generated: GenerationResult, tmp_path: Path
+) -> None:
+    planted = generated.planted["invalid_choice_code"]
+    assert planted > 0
+    settings = settings_for(tmp_path, landing=generated.out / "landing")
+    for source in pipeline.SOURCES:
+        pipeline.ingest(settings, source, "run-1")
+    report = pipeline.build_silver(settings, "run-1")
+    redcap = {t.table: t for t in report.tables}["redcap_prom"]
+    staged_rows = pipeline.Lake(settings).read(pipeline.bronze("redcap_record"))
+    assert staged_rows is not None
+    # every form read is a bronze record, read into redcap_prom or kept in bronze (forms that are
+    # no PROM); a rejected cell leaves its row loading, counted apart, not as a row read
+    kept = sum(n for name, n in report.bronze_only.items() if name.startswith("redcap"))
+    assert redcap.read + kept == staged_rows.num_rows and redcap.balanced
+    assert redcap.cells_rejected == planted

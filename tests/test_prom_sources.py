@@ -77,7 +77,11 @@ def _forms_with_values(records: Path, dictionary: Path, rejects: pa.Table) -> se
     names = set(forms.values())
     for line, row in raw_rows(records.read_text(encoding="utf-8-sig"), skip_blank=True):
         for column, value in row.items():
-            if column.endswith("_complete") and column.removesuffix("_complete") in names and value in ("1", "2"):
+            if (
+                column.endswith("_complete")
+                and column.removesuffix("_complete") in names
+                and value in ("1", "2")
+            ):
                 found.add((line, column.removesuffix("_complete")))
                 continue
             field = column.split("___")[0] if "___" in column else column
