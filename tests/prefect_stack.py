@@ -111,7 +111,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 @pytest.fixture(scope="session")
 def served_client(served: Served) -> Iterator[SyncPrefectClient]:
-    with temporary_settings({PREFECT_API_URL: served.stack.api_url}), get_client(sync_client=True) as c:
+    """A client of the served stack. The setting is only in force while the client is made: kept
+    for the session, it sent every later flow test's runs (the harness's) to the served server."""
+    with temporary_settings({PREFECT_API_URL: served.stack.api_url}):
+        client = get_client(sync_client=True)
+    with client as c:
         yield c
 
 
