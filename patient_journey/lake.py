@@ -168,6 +168,17 @@ class Lake:
         metrics = self._call("delete from", ref, lambda _uri, _options: table.delete(predicate))
         return int(metrics["num_deleted_rows"])
 
+    def update(self, ref: TableRef, predicate: str, updates: dict[str, str]) -> int:
+        """Set columns (SQL expressions) of the rows matching a SQL predicate in one commit;
+        returns the number of rows updated."""
+        table = self._table(ref)
+        if table is None:
+            return 0
+        metrics = self._call(
+            "update", ref, lambda _uri, _options: table.update(updates=updates, predicate=predicate)
+        )
+        return int(metrics["num_updated_rows"])
+
     def _version_after_write(self, ref: TableRef) -> int:
         version = self.version(ref)
         assert version is not None  # we just wrote it

@@ -32,6 +32,7 @@ from patient_journey.settings import JourneySettings
 from patient_journey.sources import device, fhir, redcap, registry
 from patient_journey.sources.records import (
     BRONZE_SCHEMA,
+    FORGOTTEN,
     LEDGER_KEYS,
     LEDGER_SCHEMA,
     REJECT_SCHEMA,
@@ -617,12 +618,16 @@ def _ipc_bytes(table: pa.Table) -> bytes:
 
 
 def forget_inputs(settings: JourneySettings, source: str, prefix: str = "") -> int:
-    """Remove ledger entries so that the next run reads those inputs again, on purpose.
+    """Invalidate ledger entries so that the next run reads those inputs again, on purpose.
+
+    The entries stay, their version, content hash and watermark cleared: the runs they name
+    remain committed (bronze rows of a run with no ledger entry are taken for a crashed commit's
+    and removed), and an input that is no longer in the landing zone keeps what it loaded.
 
     File sources: inputs under ``prefix`` in the landing zone (all with an empty prefix). The
     registry: one table's watermark (``prefix`` = table name), or all. Re-read records equal to
     ones already in bronze (same input, offset and content) are collapsed by staging, so nothing
-    loads twice. Returns the number of ledger entries removed.
+    loads twice. Returns the number of ledger entries invalidated.
     """
     if source not in SOURCES:
         raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
@@ -633,8 +638,10 @@ def forget_inputs(settings: JourneySettings, source: str, prefix: str = "") -> i
         base = getattr(settings.sources, f"{source}_prefix")
         start, end = lake.storage(settings.storage.landing_url).url(base, prefix), ""
     quoted_start, quoted_end = start.replace("'", "''"), end.replace("'", "''")
-    return lake.delete(
-        ledger_table(source), f"starts_with(uri, '{quoted_start}') AND ends_with(uri, '{quoted_end}')"
+    return lake.update(
+        ledger_table(source),
+        f"starts_with(uri, '{quoted_start}') AND ends_with(uri, '{quoted_end}') AND version <> '{FORGOTTEN}'",
+        {"version": f"'{FORGOTTEN}'", "content_hash": "NULL", "watermark": "NULL"},
     )
 
 

@@ -202,3 +202,25 @@ def test_prefect_sees_a_planned_batch_as_a_few_leaves(generated: GenerationResul
     visited: list[object] = []
     visit_collection({"batch": batch}, visit_fn=visited.append, return_data=False, max_depth=-1)
     assert len(visited) < 15
+
+
+def test_reprocess_of_inputs_no_longer_landed_keeps_what_they_loaded(
+    generated: GenerationResult, tmp_path: Path
+) -> None:
+    """`journey reprocess` invalidates ledger entries instead of deleting them, so their runs stay
+    committed: bronze rows of a run with no ledger entry would be taken for a crashed commit's."""
+    landing = tmp_path / "landing"
+    shutil.copytree(generated.out / "landing", landing)
+    settings = settings_for(tmp_path, landing=landing)
+    pipeline.ingest(settings, "fhir", "run-1")
+    before = Lake(settings).read(bronze("fhir_resource"), ["record_id"])
+    assert before is not None and before.num_rows > 0
+    assert pipeline.forget_inputs(settings, "fhir") > 0
+    shutil.rmtree(landing / "ehr" / "bundles")  # archived meanwhile: these inputs are not read again
+    again = pipeline.ingest(settings, "fhir", "run-2")
+    assert again.records > 0 and again.changed_inputs == 0  # the others are read again, as new
+    after = Lake(settings).read(bronze("fhir_resource"), ["record_id", "run_id"])
+    assert after is not None
+    kept = [r for r in after.to_pylist() if r["run_id"] == "run-1"]
+    assert len(kept) == before.num_rows  # nothing the first run loaded was removed
+    assert pipeline.forget_inputs(settings, "fhir") > 0  # and forgetting again works

@@ -70,6 +70,8 @@ LEDGER_SCHEMA = pa.schema(
 )
 # What deciding which inputs are new needs of a ledger.
 LEDGER_KEYS = ["uri", "version", "content_hash"]
+# The version of a ledger entry that `journey reprocess` invalidated: its input is read again as new.
+FORGOTTEN = "forgotten"
 
 
 def content_hash(data: bytes) -> str:
@@ -264,7 +266,12 @@ class InputSelection:
         if self.ledger is None:
             return self
         uris = pc.unique(listing.column("url"))
-        known = self.ledger.filter(pc.is_in(self.ledger.column("uri"), value_set=uris))
+        known = self.ledger.filter(
+            pc.and_(
+                pc.is_in(self.ledger.column("uri"), value_set=uris),
+                pc.not_equal(self.ledger.column("version"), FORGOTTEN),
+            )
+        )
         uri, version, digest = (known.column(name).to_pylist() for name in LEDGER_KEYS)
         return replace(
             self,
