@@ -154,14 +154,10 @@ def check_quarantine_share(summary: RunSummary) -> float | None:
     threshold = journey_settings().orchestration.quarantine_share_threshold
     share = summary.quarantine_share()
     if share is not None and share > threshold:
-        emit_event(
-            event=QUARANTINE_EVENT,
-            resource={
-                "prefect.resource.id": f"patient-journey.run.{summary.run_id}",
-                "prefect.resource.name": summary.flow,
-            },
-            payload={
-                "flow": summary.flow,
+        _emit_for_run(
+            QUARANTINE_EVENT,
+            summary,
+            {
                 "quarantine_share": round(share, 6),
                 "threshold": threshold,
                 "tables": {t.table: t.quarantined for t in summary.tables if t.quarantined},
@@ -169,6 +165,18 @@ def check_quarantine_share(summary: RunSummary) -> float | None:
             },
         )
     return share
+
+
+def _emit_for_run(event: str, summary: RunSummary, payload: dict[str, Any]) -> None:
+    """An event on the run's resource (``patient-journey.run.<run id>``), counts only."""
+    emit_event(
+        event=event,
+        resource={
+            "prefect.resource.id": f"patient-journey.run.{summary.run_id}",
+            "prefect.resource.name": summary.flow,
+        },
+        payload={"flow": summary.flow, **payload},
+    )
 
 
 @task(name="check-linkage-floor", cache_policy=NO_CACHE)
@@ -180,14 +188,10 @@ def check_linkage_floor(summary: RunSummary) -> None:
     below = summary.below_linkage_floor(quality.min_linkage_rate, quality.min_linkage_rows)
     if not below:
         return
-    emit_event(
-        event=LINKAGE_EVENT,
-        resource={
-            "prefect.resource.id": f"patient-journey.run.{summary.run_id}",
-            "prefect.resource.name": summary.flow,
-        },
-        payload={
-            "flow": summary.flow,
+    _emit_for_run(
+        LINKAGE_EVENT,
+        summary,
+        {
             "floor": quality.min_linkage_rate,
             "tables": {table: {"loaded": loaded, "held": held} for table, loaded, held in below},
         },

@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 from patient_journey import pipeline
 from patient_journey.device_templates import load_templates
 from patient_journey.generate import GenerationResult
+from patient_journey.generate.writers import AVRO_SCHEMA
 from patient_journey.lake import Lake, silver
 from patient_journey.settings import JourneySettings
 from patient_journey.sources import device, fhir
@@ -55,17 +56,6 @@ from tests.conftest import settings_for
 SEED = int(os.environ.get("FUZZ_SEED", "20261204"))
 NOW = datetime(2026, 12, 4, tzinfo=UTC)
 CANARY = "CANARY"
-AVRO_SCHEMA = {
-    "type": "record",
-    "name": "Message",
-    "namespace": "Microsoft.Azure.Devices",
-    "fields": [
-        {"name": "EnqueuedTimeUtc", "type": "string"},
-        {"name": "Properties", "type": {"type": "map", "values": "string"}},
-        {"name": "SystemProperties", "type": {"type": "map", "values": "string"}},
-        {"name": "Body", "type": ["null", "bytes"]},
-    ],
-}
 TABLE_OF_TYPE = {
     "Patient": "patient",
     "Encounter": "encounter",
