@@ -270,6 +270,30 @@ def check() -> None:
 
 
 @app.command()
+def tables(
+    markdown: Annotated[bool, typer.Option(help="Print docs/warehouse.md's table section instead.")] = False,
+) -> None:
+    """The warehouse's tables: grain, key and typed columns, from their declarations."""
+    from patient_journey.contracts import CONTRACTS, render_markdown
+
+    if markdown:
+        sys.stdout.write(render_markdown())
+        return
+    for contract in CONTRACTS:
+        key = f"; key {', '.join(contract.key)}" if contract.key else ""
+        print_table(
+            pa.table(
+                {
+                    "column": [c.name for c in contract.columns],
+                    "type": [c.type for c in contract.columns],
+                    "meaning": [c.description for c in contract.columns],
+                }
+            ),
+            title=f"{contract.label}: {contract.grain}{key}",
+        )
+
+
+@app.command()
 def lineage(
     key: Annotated[str, typer.Argument(help="An input_key from the warehouse (or its first characters).")],
 ) -> None:

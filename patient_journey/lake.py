@@ -29,6 +29,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import SchemaMismatchError, TableNotFoundError
 
 from patient_journey.azure import AzureAccess, is_blob_url, storage_failure
+from patient_journey.contracts import ContractError, contract_of
 from patient_journey.settings import JourneySettings
 from patient_journey.storage import Storage, azure_access, join, normalise_url
 
@@ -140,7 +141,20 @@ class Lake:
         return self._call("read", ref, lambda _uri, _options: table.to_pyarrow_table(columns=columns))
 
     def overwrite(self, ref: TableRef, data: pa.Table) -> int:
-        """Replace the table's content (and schema) in one commit; returns the new version."""
+        """Replace the table's content in one commit; returns the new version.
+
+        A table of the analysts' zone must have exactly its declared columns and types
+        (patient_journey.contracts), or nothing is written: ContractError names the table and the
+        columns that differ. Its Delta schema follows the declaration, so changing a declared
+        column (a deliberate migration) replaces the schema with the new one in the same commit."""
+        if ref.zone is Zone.WAREHOUSE:
+            contract = contract_of(ref.layer, ref.name)
+            if contract is None:
+                raise ContractError(
+                    f"Table {ref.label} is not declared in patient_journey/contracts.py: every table of "
+                    "the analysts' zone is. Nothing was written."
+                )
+            contract.check(data)
         self._call(
             "write",
             ref,
