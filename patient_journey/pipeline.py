@@ -87,6 +87,7 @@ class IngestReport:
     new_inputs: int = 0
     pending_inputs: int = 0
     changed_inputs: int = 0
+    blank_rows: int = 0  # rows of a tabular input with nothing to load (REDCap)
     records: int = 0
     rejects: int = 0
     skipped: str | None = None
@@ -106,6 +107,7 @@ class IngestReport:
         for part in parts:
             combined.new_inputs += part.new_inputs
             combined.pending_inputs += part.pending_inputs
+            combined.blank_rows += part.blank_rows
             combined.changed_inputs += part.changed_inputs
             combined.records += part.records
             combined.rejects += part.rejects
@@ -465,6 +467,7 @@ def _read_inputs(
         records=extraction.record_count,
         rejects=extraction.reject_count,
         pending_inputs=extraction.pending_inputs,
+        blank_rows=extraction.blank_rows,
         changed_inputs=extraction.changed_inputs,
     )
     return report, extraction

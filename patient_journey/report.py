@@ -157,6 +157,13 @@ def render_markdown(summary: RunSummary) -> str:
                 f"| {ingest.records} | {ingest.rejects} | {version} | {ingest.seconds:.2f} |"
             )
         lines.append("")
+        blank = sum(ingest.blank_rows for ingest in summary.ingests)
+        if blank:
+            lines += [
+                f"Rows with nothing to load (a REDCap row holding only its record id, form statuses or "
+                f"unchecked boxes): {blank:,}.",
+                "",
+            ]
         if any(ingest.pending_inputs for ingest in summary.ingests):
             lines += [
                 "Inputs modified within the settle window (JOURNEY_SOURCES__SETTLE_SECONDS) may still be "

@@ -547,3 +547,19 @@ def test_a_form_saved_complete_with_nothing_in_it_loads_blank_and_one_never_star
     }
     assert sorted(forms) == [(2, "enrolment"), (2, "followup"), (3, "enrolment")]
     assert (forms[(2, "followup")]["values"], forms[(2, "followup")]["form_state"]) == ({}, "complete")
+
+
+def test_rows_with_nothing_to_load_are_counted_as_blank() -> None:
+    out = Extraction("redcap", "run")
+    rows = [
+        "P1,0,54,,,0,0,0,2,,,0",  # an enrolment form
+        "P2,,,,,0,0,0,0,,,0",  # a record id, unchecked boxes and statuses of forms never started
+        "P3,,,,,,,,,,,",  # a record id alone
+        "P4,9,,,,0,0,0,0,,,0",  # its only value is a rejected code: quarantined, not blank
+    ]
+    redcap.extract_project(
+        out, "t", "/l/t_records.csv", ("\n".join([HEADER, *rows]) + "\n").encode(), DICTIONARY.encode()
+    )
+    assert [r["source_offset"] for r in out.records().to_pylist()] == [2]
+    assert [r["source_offset"] for r in out.rejects().to_pylist()] == [5]
+    assert out.blank_rows == 2

@@ -439,3 +439,20 @@ def test_implausible_vital_signs_are_quarantined_by_the_observation_suite() -> N
         "bmi": "bmi_plausible",
         "kg": "body_weight_plausible",
     }
+
+
+def test_the_summary_of_a_very_wide_redcap_project_stays_short() -> None:
+    from patient_journey.pipeline import BuildReport, IngestReport, TableCounts
+
+    forms = {f"redcap:wide/form_{n:05d}": 3 for n in range(12_000)}
+    silver = BuildReport(
+        built=True, tables=[TableCounts("redcap_prom", 3, 3, cells_rejected=35_000)], bronze_only=forms
+    )
+    summary = RunSummary(run_id="r", silver=silver, ingests=[IngestReport("redcap", blank_rows=7)])
+    markdown = render_markdown(summary)
+    assert len(markdown.splitlines()) < 60
+    assert (
+        "and 11,990 more" in markdown
+        and "redcap_prom 35,000" in markdown
+        and "unchecked boxes): 7." in markdown
+    )

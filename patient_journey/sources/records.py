@@ -98,6 +98,9 @@ class Extraction:
     # again because their content changed under the same URI after an earlier run.
     pending_inputs: int = 0
     changed_inputs: int = 0
+    # Rows of a tabular input with nothing to load (a REDCap row holding only its record id, form
+    # statuses or unchecked boxes): counted, so that no row read goes unaccounted.
+    blank_rows: int = 0
 
     def add_record(
         self,

@@ -173,11 +173,16 @@ def extract_project(
         strict=True,
     ):
         out.add_reject(entity, records_url, line, rule, f"column {column}: {detail}" if column else detail)
+    lines_loaded: set[int] = set()
     for record_id, line, payload in form_records(
         parsed.values, parsed.completion, parsed_dictionary, arm_names
     ):
         raw = orjson.dumps(payload)
         out.add_record(entity, record_id, raw.decode(), records_url, line, raw)
+        lines_loaded.add(line)
+    # Rows with no form instance and no reject (which counts them as quarantined): blank.
+    rejected = set(parsed.rejects.column("source_line").to_pylist())
+    out.blank_rows += parsed.rows_read - len(lines_loaded | rejected)
 
 
 def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) -> Extraction:
