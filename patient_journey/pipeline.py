@@ -52,7 +52,10 @@ BRONZE_TABLES = {
 }
 GOLD_TABLES = ("surgical_episode", "journey_event", "device_clock")
 PREFLIGHT_PREFIX = "_preflight"  # in the restricted zone: fingerprints of suite sets that built
-SPILL_PREFIX = "_ingest"  # in the restricted zone: batches read, not yet committed (extract_batch)
+SPILL_PREFIX = "_ingest"
+BRONZE_APPEND_BYTES = (
+    256 * 2**20
+)  # put-aside bronze rows per Delta append, at most (commit_ingest)  # in the restricted zone: batches read, not yet committed (extract_batch)
 ArrowRows: TypeAlias = pa.Table | pa.RecordBatchReader
 DEVICE_LAYER = "device"  # expectations/device/<type name>.json: one suite per device type
 
@@ -72,7 +75,7 @@ HELD = restricted("held", "record")
 CROSSWALK = restricted("identity", "crosswalk")
 # File-based adapters share one signature (the device adapter also takes the device templates);
 # the registry is read through SQLAlchemy.
-FILE_ADAPTERS: dict[str, Callable[[Storage, str, InputSelection, str], Extraction]] = {
+FILE_ADAPTERS: dict[str, Callable[[Storage, str, InputSelection, str, Extraction | None], Extraction]] = {
     "fhir": fhir.extract,
     "redcap": redcap.extract,
 }
@@ -427,8 +430,10 @@ def _read_inputs(
     batch: IngestBatch | None,
     window: Window | None,
     reread: bool,
+    out: Extraction | None = None,
 ) -> tuple[IngestReport, Extraction | None]:
-    """Read one source's new inputs (or one planned batch of them) into memory."""
+    """Read one source's new inputs (or one planned batch of them): into memory, or into ``out``
+    (whose sink takes the bronze rows as they are read)."""
     if source not in SOURCES:
         raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
     lake = Lake(settings)
@@ -456,11 +461,11 @@ def _read_inputs(
         )
     elif source == "device":
         templates = load_templates(settings.sources.device_templates_dir)
-        extraction = device.extract(landing, settings.sources.device_prefix, seen, run_id, templates)
+        extraction = device.extract(landing, settings.sources.device_prefix, seen, run_id, templates, out)
     else:
         adapter = FILE_ADAPTERS[source]
         prefix = getattr(settings.sources, f"{source}_prefix")
-        extraction = adapter(landing, prefix, seen, run_id)
+        extraction = adapter(landing, prefix, seen, run_id, out)
     report = IngestReport(
         source,
         new_inputs=extraction.input_count,
@@ -474,7 +479,7 @@ def _read_inputs(
 
 
 def _append_ingested(
-    lake: Lake, report: IngestReport, records: ArrowRows, rejects: ArrowRows, ledger: ArrowRows
+    lake: Lake, report: IngestReport, records: list[ArrowRows], rejects: ArrowRows, ledger: ArrowRows
 ) -> None:
     """Append what a source read: bronze, then rejects, then the ledger, whose entries are the
     commit point. A crash before the ledger write leaves bronze or reject rows of a run the ledger
@@ -482,7 +487,8 @@ def _append_ingested(
     run reads again land in bronze exactly once."""
     _remove_uncommitted(lake, report.source)
     if report.records:
-        report.bronze_version = lake.append(bronze(BRONZE_TABLES[report.source]), records)
+        for part in records:
+            report.bronze_version = lake.append(bronze(BRONZE_TABLES[report.source]), part)
     if report.rejects:
         lake.append(extraction_rejects_table(report.source), rejects)
     if report.new_inputs:
@@ -521,7 +527,7 @@ def ingest(
     report, extraction = _read_inputs(settings, source, run_id, batch, window, reread)
     if extraction is not None:
         _append_ingested(
-            Lake(settings), report, extraction.records(), extraction.rejects(), extraction.ledger()
+            Lake(settings), report, [extraction.records()], extraction.rejects(), extraction.ledger()
         )
     report.started = started
     report.seconds = round(time.time() - started, 3)
@@ -540,17 +546,29 @@ def extract_batch(
     a source read in parallel (threads, processes or a Dask cluster) and write no Delta table,
     so none waits for another; the report carries the files' URLs."""
     started = time.time()
-    report, extraction = _read_inputs(settings, batch.source, run_id, batch, window, reread)
+    store = Lake(settings).storage(settings.storage.restricted_url)
+    folder = f"{SPILL_PREFIX}/{batch.source}/{run_id}/{batch.number:06d}"
+    parts = 0
+
+    def sink(table: pa.Table) -> str:  # bronze rows as they are read, in parts
+        nonlocal parts
+        parts += 1
+        path = f"{folder}-{parts:04d}-bronze.arrow"
+        store.write_bytes(path, _ipc_bytes(table))
+        return store.url(path)
+
+    out = Extraction(batch.source, run_id, sink=sink, discard=lambda url: store.delete(store.relative(url)))
+    report, extraction = _read_inputs(settings, batch.source, run_id, batch, window, reread, out)
     if extraction is not None:
-        store = Lake(settings).storage(settings.storage.restricted_url)
-        spilled = []
+        extraction.flush()
+        spilled = [url for url, _ in extraction.parts]
         for kind, table in (
             ("bronze", extraction.records()),
             ("rejects", extraction.rejects()),
             ("ledger", extraction.ledger()),
         ):
             if table.num_rows:
-                path = f"{SPILL_PREFIX}/{batch.source}/{run_id}/{batch.number:06d}-{kind}.arrow"
+                path = f"{folder}-{kind}.arrow"
                 store.write_bytes(path, _ipc_bytes(table))
                 spilled.append(store.url(path))
         report.spilled = tuple(spilled)
@@ -563,8 +581,9 @@ def extract_batch(
 def commit_ingest(
     settings: JourneySettings, source: str, parts: list[IngestReport], pending_inputs: int = 0
 ) -> IngestReport:
-    """Append every batch that ``extract_batch`` put aside for one source: one Delta commit per
-    table (bronze, rejects, ledger, in that order), streamed file by file, then remove the
+    """Append every batch that ``extract_batch`` put aside for one source: bronze (in appends of
+    at most BRONZE_APPEND_BYTES), then the rejects and the ledger in one commit each, streamed
+    file by file; the ledger append is the commit point (see ``_append_ingested``). Then remove the
     source's spill files, those a crashed run left too (the caller holds the source's ingest
     limit, so no other run is between extract and commit). Returns the source's report.
 
@@ -575,13 +594,30 @@ def commit_ingest(
     store = lake.storage(settings.storage.restricted_url)
     spilled = [url for part in parts for url in part.spilled]
 
-    def rows(kind: str, schema: pa.Schema) -> pa.RecordBatchReader:
+    def rows(urls: list[str], schema: pa.Schema) -> pa.RecordBatchReader:
         def batches() -> Iterator[pa.RecordBatch]:
-            for url in (u for u in spilled if u.endswith(f"-{kind}.arrow")):
+            for url in urls:
                 with pa.ipc.open_stream(store.read_bytes(url)) as reader:
                     yield from reader
 
         return pa.RecordBatchReader.from_batches(schema, batches())
+
+    def of_kind(kind: str) -> list[str]:
+        return [url for url in spilled if url.endswith(f"-{kind}.arrow")]
+
+    # delta-rs holds all of an append's rows before it writes them: bronze goes in appends of at
+    # most BRONZE_APPEND_BYTES of put-aside parts (a part holds about FLUSH_BYTES of records at
+    # most), not one append for a batch of several GB. The ledger append after them stays the
+    # commit point.
+    bronze_parts = of_kind("bronze")
+    listed = store.list_table(f"{SPILL_PREFIX}/{source}")
+    size_of = dict(zip(listed.column("url").to_pylist(), listed.column("size").to_pylist(), strict=True))
+    bronze_groups = [
+        rows(bronze_parts[start : start + count], BRONZE_SCHEMA)
+        for start, count in _chunks(
+            [size_of.get(url, 0) for url in bronze_parts], len(bronze_parts), BRONZE_APPEND_BYTES
+        )
+    ]
 
     if _committed(lake, source, {part.run_id for part in parts if part.run_id}):
         # A retry after the clean-up below failed part way: the rows are in, some of the files
@@ -591,9 +627,9 @@ def commit_ingest(
         _append_ingested(
             lake,
             combined,
-            rows("bronze", BRONZE_SCHEMA),
-            rows("rejects", REJECT_SCHEMA),
-            rows("ledger", LEDGER_SCHEMA),
+            bronze_groups,
+            rows(of_kind("rejects"), REJECT_SCHEMA),
+            rows(of_kind("ledger"), LEDGER_SCHEMA),
         )
     for leftover in store.list_files(f"{SPILL_PREFIX}/{source}"):
         store.delete(store.relative(leftover.url))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -93,6 +93,7 @@ class _Backend(Protocol):
     def list_table(self, path: str) -> pa.Table: ...
     def list_dirs(self, path: str) -> list[str]: ...
     def read(self, url: str, version: str | None) -> bytes: ...
+    def read_chunks(self, url: str, version: str | None, chunk_bytes: int) -> Iterator[bytes]: ...
     def write(self, path: str, data: bytes) -> None: ...
     def delete(self, path: str) -> None: ...
 
@@ -156,6 +157,23 @@ class _LocalBackend:
         if version is not None and self._version(os.stat(url)) != version:
             raise InputChangedError(f"{url} changed while it was being read; it is left for the next run.")
         return data
+
+    def read_chunks(self, url: str, version: str | None, chunk_bytes: int) -> Iterator[bytes]:
+        try:
+            file = open(url, "rb")  # noqa: SIM115 - closed in the finally of this generator
+        except FileNotFoundError:
+            raise SourceError(f"Cannot read {url}: no such file.") from None
+        try:
+            if version is not None and self._version(os.fstat(file.fileno())) != version:
+                raise InputChangedError(f"{url} changed since it was listed; it is left for the next run.")
+            while chunk := file.read(chunk_bytes):
+                yield chunk
+            if version is not None and self._version(os.stat(url)) != version:
+                raise InputChangedError(
+                    f"{url} changed while it was being read; it is left for the next run."
+                )
+        finally:
+            file.close()
 
     def write(self, path: str, data: bytes) -> None:
         target = self.root / path
@@ -245,6 +263,44 @@ class _BlobBackend:
         except Exception as exc:
             raise storage_failure(exc, "read", url) from None
 
+    def read_chunks(self, url: str, version: str | None, chunk_bytes: int) -> Iterator[bytes]:
+        """Ranged reads of at most ``chunk_bytes``, each conditional on the listed etag."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+
+        name = parse_blob_url(url).prefix
+        etag = None if version is None else f'"{version}"'
+        condition = None if version is None else MatchConditions.IfNotModified
+        offset = 0
+        while True:
+            try:
+                chunk = self.client.download_blob(
+                    name, offset=offset, length=chunk_bytes, etag=etag, match_condition=condition
+                ).readall()
+            except ResourceModifiedError:
+                raise InputChangedError(
+                    f"{url} changed while it was being read; it is left for the next run."
+                ) from None
+            except ResourceNotFoundError as exc:
+                if getattr(exc, "error_code", None) == "BlobNotFound":
+                    raise SourceError(f"Cannot read {url}: no such blob.") from None
+                if (
+                    getattr(exc, "error_code", None) == "InvalidRange"
+                    or getattr(exc, "status_code", None) == 416
+                ):
+                    return  # past the end (a blob whose size is a multiple of the chunk)
+                raise storage_failure(exc, "read", url) from None
+            except Exception as exc:
+                if getattr(exc, "status_code", None) == 416:
+                    return
+                raise storage_failure(exc, "read", url) from None
+            if not chunk:
+                return
+            yield chunk
+            offset += len(chunk)
+            if len(chunk) < chunk_bytes:
+                return
+
     def write(self, path: str, data: bytes) -> None:
         try:
             self.client.upload_blob(self._name(path), data, overwrite=True)
@@ -315,6 +371,14 @@ class Storage:
     def read_bytes(self, url: str, version: str | None = None) -> bytes:
         """The file's content; with ``version``, only if it is still that version."""
         return self._backend.read(url, version)
+
+    def read_chunks(
+        self, url: str, version: str | None = None, chunk_bytes: int = 64 * 2**20
+    ) -> Iterator[bytes]:
+        """The file's content in chunks of at most ``chunk_bytes`` (ranged reads from blob storage),
+        so that a file of several GB is never held whole; with ``version``, only while it is
+        still that version (``InputChangedError`` otherwise, possibly after some chunks)."""
+        return self._backend.read_chunks(url, version, chunk_bytes)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         self._backend.write(path, data)

@@ -353,3 +353,25 @@ def test_blobs_are_read_ahead_in_listing_order_and_a_changed_one_waits(
     assert [file.url for file, _ in read] == [file.url for file in listed]
     assert [number for number, (_, data) in enumerate(read) if data is None] == [7]
     assert all(data == f'{{"n": {n}}}'.encode() * 50 for n, (_, data) in enumerate(read) if n != 7)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 10_000, 12_288])
+def test_a_blob_is_read_in_ranged_chunks_and_a_change_mid_read_is_noticed(
+    azurite: Azurite, size: int
+) -> None:
+    container = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client(
+        "landing"
+    )
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    container.upload_blob(f"chunks/{size}.ndjson", data, overwrite=True)
+    settings = blob_settings(azurite, prefix="chunks")
+    landing = Lake(settings).storage(settings.storage.landing_url)
+    [file] = [f for f in landing.list_files("") if f.url.endswith(f"/{size}.ndjson")]
+    chunks = list(landing.read_chunks(file.url, file.version, chunk_bytes=4096))
+    assert b"".join(chunks) == data and all(len(c) <= 4096 for c in chunks)
+    if size > 4096:
+        reading = landing.read_chunks(file.url, file.version, chunk_bytes=4096)
+        next(reading)
+        container.upload_blob(f"chunks/{size}.ndjson", data[::-1], overwrite=True)
+        with pytest.raises(records.InputChangedError):
+            list(reading)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from patient_journey.generate import GenerationResult
 from patient_journey.lake import Lake, TableRef, bronze
 from patient_journey.pipeline import SPILL_PREFIX, extraction_rejects_table, ledger_table
 from patient_journey.settings import JourneySettings
+from patient_journey.sources import records
 from patient_journey.storage import Storage
 from tests.conftest import settings_for
 
@@ -224,3 +226,66 @@ def test_reprocess_of_inputs_no_longer_landed_keeps_what_they_loaded(
     kept = [r for r in after.to_pylist() if r["run_id"] == "run-1"]
     assert len(kept) == before.num_rows  # nothing the first run loaded was removed
     assert pipeline.forget_inputs(settings, "fhir") > 0  # and forgetting again works
+
+
+def _bronze_and_rejects(
+    settings: JourneySettings,
+) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    lake = Lake(settings)
+    bronze_rows = lake.read(
+        bronze("fhir_resource"), ["record_id", "payload", "source_offset", "content_hash"]
+    )
+    rejects = lake.read(extraction_rejects_table("fhir"), ["source_offset", "rule", "detail"])
+    assert bronze_rows is not None and rejects is not None
+    return sorted(tuple(r.values()) for r in bronze_rows.to_pylist()), sorted(
+        tuple(r.values()) for r in rejects.to_pylist()
+    )
+
+
+def test_a_file_larger_than_the_stream_bound_is_read_in_chunks_as_if_whole(
+    generated: GenerationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = (
+        generated.out / "landing" / "ehr" / "fhir-export-20250301T000000Z" / "Observation.000.ndjson"
+    ).read_bytes()
+    body = lines.splitlines()[:400]
+    body[17] = body[17][:40]  # a cut line
+    body[250] = b"\xef\xbb\xbf" + body[250]  # a byte order mark
+    content = b"\n".join(body) + b"\n"
+    landing = tmp_path / "landing" / "ehr"
+    landing.mkdir(parents=True)
+    (landing / "Observation.000.ndjson").write_bytes(content)
+    (landing / "Observation.001.ndjson.gz").write_bytes(gzip.compress(content, mtime=0) * 2)  # two members
+    (landing / "Observation.002.ndjson.gz").write_bytes(gzip.compress(content, mtime=0)[:-5000])  # cut short
+    whole, streamed = (
+        settings_for(tmp_path / name, landing=tmp_path / "landing") for name in ("whole", "streamed")
+    )
+
+    def load(settings: JourneySettings) -> None:
+        plan = pipeline.plan_ingest(settings, "fhir", batch_files=10)
+        parts = [pipeline.extract_batch(settings, b, "run-1") for b in plan.batches]
+        pipeline.commit_ingest(settings, "fhir", parts)
+
+    load(whole)
+    monkeypatch.setattr(records, "STREAM_BYTES", 1_000)
+    monkeypatch.setattr(records, "STREAM_CHUNK_BYTES", 777)  # lines and gzip members cut across chunks
+    monkeypatch.setattr(records, "FLUSH_ROWS", 64)  # and the bronze rows put aside in parts,
+    monkeypatch.setattr(pipeline, "BRONZE_APPEND_BYTES", 100_000)  # committed in several appends
+    written: list[str] = []
+    write = Storage.write_bytes
+    monkeypatch.setattr(
+        Storage, "write_bytes", lambda store, path, data: (written.append(path), write(store, path, data))[1]
+    )
+    load(streamed)
+    assert sum(path.endswith("-bronze.arrow") for path in written) > 10
+    assert (Lake(streamed).version(bronze("fhir_resource")) or 0) > 1  # several appends before the ledger's
+    assert _bronze_and_rejects(streamed) == _bronze_and_rejects(whole)
+    _, rejects = _bronze_and_rejects(streamed)
+    assert {rule for _, rule, _ in rejects} == {"json_well_formed", "gzip_readable"}
+    ledgers = [
+        Lake(s).read(ledger_table("fhir"), ["uri", "content_hash", "records"]) for s in (whole, streamed)
+    ]
+    assert ledgers[0] is not None and ledgers[1] is not None
+    assert sorted(ledgers[0].to_pylist(), key=str) == sorted(ledgers[1].to_pylist(), key=str)  # same hashes
+    again = pipeline.ingest(streamed, "fhir", "run-2")
+    assert (again.records, again.rejects) == (0, 0)

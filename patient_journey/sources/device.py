@@ -182,10 +182,15 @@ def map_blob(out: Extraction, templates: DeviceTemplates, url: str, data: bytes)
 
 
 def extract(
-    landing: Storage, prefix: str, seen: InputSelection, run_id: str, templates: DeviceTemplates
+    landing: Storage,
+    prefix: str,
+    seen: InputSelection,
+    run_id: str,
+    templates: DeviceTemplates,
+    out: Extraction | None = None,
 ) -> Extraction:
     """Read every routed telemetry blob under ``prefix`` that the ledger has not seen."""
-    out = Extraction(SOURCE, run_id)
+    out = out if out is not None else Extraction(SOURCE, run_id)
     read_new_files(
         out,
         landing,

@@ -96,34 +96,51 @@ def parse_json(raw: bytes) -> Any:
         raise Unreadable(RULE_JSON, f"not well-formed JSON (column {exc.colno})") from None
 
 
-def _decompressed(data: bytes) -> tuple[bytes, str | None]:
-    """A gzip file's content (every member), and why it stops early, if it does: as much as
-    could be decompressed is returned, so the whole lines before a truncation still load."""
-    if not data.startswith(_GZIP_MAGIC):
-        return b"", "not a gzip file"
-    parts: list[bytes] = []
-    rest = data
-    while rest:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            parts.append(inflater.decompress(rest))
-        except zlib.error:
-            return b"".join(parts), "the gzip stream is corrupt"
-        if not inflater.eof:
-            parts.append(inflater.flush())
-            return b"".join(parts), "the gzip stream ends early"
-        rest = inflater.unused_data.lstrip(b"\x00")  # members may be padded with zeros
-        if rest and not rest.startswith(_GZIP_MAGIC):
-            return b"".join(parts), "data after the gzip stream is not gzip"
-    return b"".join(parts), None
+# A gzip stream is inflated at most this many bytes at a time.
+_INFLATE_BYTES = 16 * 2**20
 
 
-def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        if line.startswith(_BOM):
-            line = line[len(_BOM) :]
-        if line.strip():
-            yield number, line.rstrip(b"\r")
+def _gunzipped(chunks: Iterator[bytes], problems: list[str]) -> Iterator[bytes]:
+    """The content of a gzip stream given in chunks (every member, each inflated a bounded piece
+    at a time). Where it stops early (not gzip, corrupt, cut short, followed by something else)
+    the reason goes to ``problems`` and the content up to there has been yielded."""
+    inflater = None
+    started = False
+    carry = b""
+    for chunk in chunks:
+        data = carry + chunk if carry else chunk
+        carry = b""
+        while data:
+            if inflater is None:
+                if started:
+                    data = data.lstrip(b"\x00")  # members may be padded with zeros
+                if len(data) < len(_GZIP_MAGIC):
+                    carry = data
+                    break
+                if not data.startswith(_GZIP_MAGIC):
+                    problems.append(
+                        "data after the gzip stream is not gzip" if started else "not a gzip file"
+                    )
+                    return
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                started = True
+            try:
+                piece = inflater.decompress(data, _INFLATE_BYTES)
+            except zlib.error:
+                problems.append("the gzip stream is corrupt")
+                return
+            if piece:
+                yield piece
+            if inflater.eof:
+                data, inflater = inflater.unused_data, None
+            else:
+                data = inflater.unconsumed_tail
+    if not started:
+        problems.append("not a gzip file")
+    elif inflater is not None:
+        problems.append("the gzip stream ends early")
+    elif carry.strip(b"\x00"):
+        problems.append("data after the gzip stream is not gzip")
 
 
 def _own_id(uri: str, offset: int, raw: bytes) -> str:
@@ -292,28 +309,57 @@ def extract_bundle(out: Extraction, bundle: dict[str, Any], uri: str, offset: in
 
 
 def extract_ndjson(out: Extraction, file: FileInfo, data: bytes) -> None:
+    """A bulk NDJSON file (plain or gzip) read whole: the streamed reader over one chunk."""
+    stream_ndjson(out, file, iter((data,)), streamed=False)
+
+
+def stream_ndjson(out: Extraction, file: FileInfo, chunks: Iterator[bytes], streamed: bool = True) -> None:
+    """A bulk NDJSON file (plain or gzip), given in chunks of any size: lines are cut across chunk
+    boundaries, numbered from 1, and read one by one. ``streamed``: ``out`` may hand its rows to
+    its sink between chunks (``Extraction.flush_if_full``), so that memory stays bounded by a
+    chunk whatever the file's size. A gzip stream that stops early loads its whole lines and is
+    rejected (``gzip_readable``) at the line after them."""
     expected = resource_type_of_file(file.url)
     entity = expected or "unknown"
-    problem = None
+    problems: list[str] = []
     if file.url.endswith(".gz"):
-        data, problem = _decompressed(data)
-        if problem is not None:
-            # Only whole lines of a stream that stops early: the last one may be cut.
-            data = data[: data.rfind(b"\n") + 1]
-    last = 0
-    for number, line in _lines(data):
-        last = number
-        try:
-            resource = parse_json(line)
-        except Unreadable as exc:
-            out.add_reject(entity, file.url, number, exc.rule, exc.detail)
+        chunks = _gunzipped(chunks, problems)
+    number, rest = 0, b""
+    for chunk in chunks:
+        data = rest + chunk if rest else chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            rest = data
             continue
-        if expected == "Bundle" and isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
-            extract_bundle(out, resource, file.url, number)
-            continue
-        _add_resource(out, resource, line, file.url, number, expected)
-    if problem is not None:
-        out.add_reject(entity, file.url, last + 1 if data else 0, RULE_GZIP, problem)
+        rest = data[cut + 1 :]
+        for line in data[:cut].split(b"\n"):
+            number += 1
+            _read_line(out, file.url, expected, entity, number, line)
+        if streamed:
+            out.flush_if_full()
+    if problems:  # the last line of a stream that stops early may be cut: it is not read
+        out.add_reject(entity, file.url, number + 1 if number or rest else 0, RULE_GZIP, problems[0])
+    elif rest:
+        _read_line(out, file.url, expected, entity, number + 1, rest)
+
+
+def _read_line(
+    out: Extraction, uri: str, expected: str | None, entity: str, number: int, line: bytes
+) -> None:
+    if line.startswith(_BOM):
+        line = line[len(_BOM) :]
+    if not line.strip():
+        return
+    line = line.rstrip(b"\r")
+    try:
+        resource = parse_json(line)
+    except Unreadable as exc:
+        out.add_reject(entity, uri, number, exc.rule, exc.detail)
+        return
+    if expected == "Bundle" and isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
+        extract_bundle(out, resource, uri, number)
+        return
+    _add_resource(out, resource, line, uri, number, expected)
 
 
 # Where a Bundle file holds bytes that are not UTF-8, each is read as this noncharacter, so that the
@@ -371,9 +417,11 @@ def _read_file(out: Extraction, file: FileInfo, data: bytes) -> None:
         extract_bundle_or_resource(out, file, data)
 
 
-def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) -> Extraction:
+def extract(
+    landing: Storage, prefix: str, seen: InputSelection, run_id: str, out: Extraction | None = None
+) -> Extraction:
     """Read every FHIR file under ``prefix`` that the ledger has not seen with this content."""
-    out = Extraction(SOURCE, run_id)
+    out = out if out is not None else Extraction(SOURCE, run_id)
     read_new_files(
         out,
         landing,
@@ -382,5 +430,14 @@ def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) ->
         seen,
         lambda file, data: _read_file(out, file, data),
         "unknown",
+        read_stream=lambda file, chunks: _stream_file(out, file, chunks),
     )
     return out
+
+
+def _stream_file(out: Extraction, file: FileInfo, chunks: Iterator[bytes]) -> None:
+    """A large input: NDJSON streams; a Bundle or single resource is one JSON document, read whole."""
+    if file.url.endswith(NDJSON_SUFFIXES):
+        stream_ndjson(out, file, chunks)
+    else:
+        _read_file(out, file, b"".join(chunks))

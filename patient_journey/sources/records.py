@@ -78,6 +78,12 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# An extraction hands its bronze rows to its sink in parts of about this many rows or bytes.
+FLUSH_ROWS = 200_000
+FLUSH_BYTES = 64 * 2**20
+PartSink = Callable[[pa.Table], str]
+
+
 @dataclass
 class Extraction:
     """What one adapter read in one run: bronze records, rejects and the ledger entries."""
@@ -101,6 +107,14 @@ class Extraction:
     # Rows of a tabular input with nothing to load (a REDCap row holding only its record id, form
     # statuses or unchecked boxes): counted, so that no row read goes unaccounted.
     blank_rows: int = 0
+    # Where bronze rows go once enough are buffered (``flush``): a sink writes a part and returns
+    # its URL; ``discard`` removes a part again (an input that failed half read). Without a sink
+    # every row stays in memory until ``records``.
+    sink: PartSink | None = field(default=None, repr=False)
+    discard: Callable[[str], None] | None = field(default=None, repr=False)
+    parts: list[tuple[str, int]] = field(default_factory=list)  # (URL, rows) written by the sink
+    _spilled: int = 0
+    _buffered_bytes: int = 0
 
     def add_record(
         self,
@@ -123,6 +137,24 @@ class Extraction:
         )
         for name, value in zip(BRONZE_SCHEMA.names, values, strict=True):
             self._records[name].append(value)
+        self._buffered_bytes += len(raw)
+
+    def flush(self) -> None:
+        """Hand the buffered bronze rows to the sink as one part (nothing without a sink)."""
+        buffered = len(self._records["entity"])
+        if self.sink is None or buffered == 0:
+            return
+        self.parts.append((self.sink(pa.table(self._records, schema=BRONZE_SCHEMA)), buffered))
+        self._spilled += buffered
+        for column in self._records.values():
+            column.clear()
+        self._buffered_bytes = 0
+
+    def flush_if_full(self) -> None:
+        """``flush`` once FLUSH_ROWS rows or FLUSH_BYTES of records are buffered: called between
+        inputs, and between the chunks of a streamed one, so memory stays bounded."""
+        if len(self._records["entity"]) >= FLUSH_ROWS or self._buffered_bytes >= FLUSH_BYTES:
+            self.flush()
 
     def add_reject(
         self,
@@ -167,16 +199,27 @@ class Extraction:
         return self.record_count, self.reject_count
 
     def rollback(self, mark: tuple[int, int]) -> None:
-        """Forget the records and rejects added since ``mark`` (an input that failed half read)."""
+        """Forget the records and rejects added since ``mark`` (an input that failed half read),
+        parts the sink wrote since then included (a mark taken right after a ``flush`` ends a part)."""
         records, rejects = mark
+        popped = False
+        while self.parts and self._spilled > records:
+            url, rows = self.parts.pop()
+            self._spilled -= rows
+            popped = True
+            if self.discard is not None:
+                self.discard(url)
+        # a part that began before the mark cannot be taken back in part: flush before marking
+        assert not popped or self._spilled == records, "a mark inside a part"
         for column in self._records.values():
-            del column[records:]
+            del column[records - self._spilled :]
         for column in self._rejects.values():
             del column[rejects:]
 
     @property
     def record_count(self) -> int:
-        return len(self._records["entity"])
+        """Records read so far, those handed to the sink included."""
+        return self._spilled + len(self._records["entity"])
 
     @property
     def reject_count(self) -> int:
@@ -188,6 +231,7 @@ class Extraction:
         return len(self._ledger["uri"])
 
     def records(self) -> pa.Table:
+        """The buffered records (with a sink, those not handed to it yet; see ``parts``)."""
         return pa.table(self._records, schema=BRONZE_SCHEMA)
 
     def rejects(self) -> pa.Table:
@@ -355,6 +399,11 @@ RULE_INPUT_READABLE = "input_readable"
 # A zero-byte input: nothing to load, but usually a transfer that failed, so it is reported.
 RULE_INPUT_EMPTY = "input_not_empty"
 FileReader = Callable[[FileInfo, bytes], None]
+# A reader of one input as a stream of chunks (bytes in order, of any sizes).
+StreamReader = Callable[[FileInfo, Iterator[bytes]], None]
+# Inputs larger than this are read as a stream (by adapters that can), in chunks of the other.
+STREAM_BYTES = 64 * 2**20
+STREAM_CHUNK_BYTES = 16 * 2**20
 
 
 def read_new_files(
@@ -365,6 +414,7 @@ def read_new_files(
     seen: InputSelection,
     read_file: FileReader,
     entity: str,
+    read_stream: StreamReader | None = None,
 ) -> None:
     """Read each file under ``prefix`` that the ledger has not processed yet with ``read_file``.
 
@@ -382,12 +432,18 @@ def read_new_files(
     added for that file is dropped and the file becomes one reject (``input_readable``, entity
     ``entity``, naming the exception's type, never its message, which may quote the input),
     recorded as read so that the next run moves on.
+
+    With ``read_stream``, an input larger than STREAM_BYTES is read as a stream instead
+    (``_read_streamed``): a bulk export's NDJSON file of several GB never sits in memory.
     """
     listing, pending = candidate_files(landing, prefix, suffixes, seen)
     seen = seen.narrowed(listing)
     known = seen.uris
     out.pending_inputs += pending
-    for file, data in read_ahead(landing, listed_files(listing)):
+    files = listed_files(listing)
+    streamed = [f for f in files if read_stream is not None and f.size > STREAM_BYTES]
+    whole = [f for f in files if read_stream is None or f.size <= STREAM_BYTES]
+    for file, data in read_ahead(landing, whole):
         if data is None:
             out.pending_inputs += 1
             continue
@@ -397,24 +453,84 @@ def read_new_files(
             continue
         if file.url in known:
             out.changed_inputs += 1
-        mark = records, rejects = out.mark()
         if not data:
             out.add_reject(entity, file.url, 0, RULE_INPUT_EMPTY, "the input is empty (zero bytes)")
             out.add_input(file.url, file.version, file.size, digest, 0, 1)
             continue
-        try:
-            read_file(file, data)
-        except StorageError:
-            raise
-        except Exception as exc:  # isolating one input is the point
-            out.rollback(mark)
-            out.add_reject(
-                entity,
-                file.url,
-                0,
-                RULE_INPUT_READABLE,
-                f"the adapter failed on this input ({type(exc).__name__})",
-            )
-        out.add_input(
-            file.url, file.version, file.size, digest, out.record_count - records, out.reject_count - rejects
+        mark = out.mark()
+        _isolated(out, mark, entity, file, functools.partial(read_file, file, data))
+        out.add_input(file.url, file.version, file.size, digest, *_since(out, mark))
+        out.flush_if_full()
+    for file in streamed:
+        assert read_stream is not None
+        _read_streamed(out, landing, file, seen, entity, read_stream)
+
+
+def _since(out: Extraction, mark: tuple[int, int]) -> tuple[int, int]:
+    """Records and rejects added since ``mark``."""
+    return out.record_count - mark[0], out.reject_count - mark[1]
+
+
+def _isolated(
+    out: Extraction, mark: tuple[int, int], entity: str, file: FileInfo, read: Callable[[], None]
+) -> None:
+    """Run one input's reader; if it raises (anything but a storage error, which fails the batch),
+    what it added is dropped and the input becomes one ``input_readable`` reject."""
+    try:
+        read()
+    except StorageError:
+        raise
+    except Exception as exc:  # isolating one input is the point
+        out.rollback(mark)
+        out.add_reject(
+            entity,
+            file.url,
+            0,
+            RULE_INPUT_READABLE,
+            f"the adapter failed on this input ({type(exc).__name__})",
         )
+
+
+def _read_streamed(
+    out: Extraction,
+    landing: Storage,
+    file: FileInfo,
+    seen: InputSelection,
+    entity: str,
+    read_stream: StreamReader,
+) -> None:
+    """One input larger than STREAM_BYTES, read in chunks of STREAM_CHUNK_BYTES (ranged reads from
+    blob storage) with its content hash computed as it streams: the reader never holds the whole
+    file, and ``out`` hands its rows to its sink between chunks. An input whose content turns out
+    to be one the ledger has is taken back and recorded unchanged."""
+    out.flush()  # parts written from here on are this input's alone, so that it can be taken back
+    mark = out.mark()
+    digest = hashlib.sha256()
+
+    def chunks() -> Iterator[bytes]:
+        for chunk in landing.read_chunks(file.url, file.version, STREAM_CHUNK_BYTES):
+            digest.update(chunk)
+            yield chunk
+
+    stream = chunks()
+
+    def read() -> None:
+        read_stream(file, stream)
+        for _ in stream:  # the hash covers the whole input, whatever the reader consumed
+            pass
+
+    try:
+        _isolated(out, mark, entity, file, read)
+    except InputChangedError:
+        out.rollback(mark)
+        out.pending_inputs += 1
+        return
+    hexdigest = digest.hexdigest()
+    if (file.url, hexdigest) in seen.hashes:
+        out.rollback(mark)
+        out.add_input(file.url, file.version, file.size, hexdigest, 0, 0)
+        return
+    if file.url in seen.uris:
+        out.changed_inputs += 1
+    out.add_input(file.url, file.version, file.size, hexdigest, *_since(out, mark))
+    out.flush_if_full()

@@ -185,9 +185,11 @@ def extract_project(
     out.blank_rows += parsed.rows_read - len(lines_loaded | rejected)
 
 
-def extract(landing: Storage, prefix: str, seen: InputSelection, run_id: str) -> Extraction:
+def extract(
+    landing: Storage, prefix: str, seen: InputSelection, run_id: str, out: Extraction | None = None
+) -> Extraction:
     """Read every records export under ``prefix`` not seen yet, with the files beside it."""
-    out = Extraction(SOURCE, run_id)
+    out = out if out is not None else Extraction(SOURCE, run_id)
 
     def read_file(file: FileInfo, data: bytes) -> None:
         project = file.url.rsplit("/", 1)[-1][: -len(RECORDS_SUFFIX)]
