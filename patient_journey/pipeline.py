@@ -52,10 +52,8 @@ BRONZE_TABLES = {
 }
 GOLD_TABLES = ("surgical_episode", "journey_event", "device_clock")
 PREFLIGHT_PREFIX = "_preflight"  # in the restricted zone: fingerprints of suite sets that built
-SPILL_PREFIX = "_ingest"
-BRONZE_APPEND_BYTES = (
-    256 * 2**20
-)  # put-aside bronze rows per Delta append, at most (commit_ingest)  # in the restricted zone: batches read, not yet committed (extract_batch)
+SPILL_PREFIX = "_ingest"  # in the restricted zone: batches read, not yet committed (extract_batch)
+BRONZE_APPEND_BYTES = 256 * 2**20  # put-aside bronze rows per Delta append, at most (commit_ingest)
 ArrowRows: TypeAlias = pa.Table | pa.RecordBatchReader
 DEVICE_LAYER = "device"  # expectations/device/<type name>.json: one suite per device type
 
