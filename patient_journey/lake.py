@@ -69,6 +69,16 @@ def quarantine(name: str) -> TableRef:
     return TableRef(Zone.QUARANTINE, "quarantine", name)
 
 
+def ledger_table(source: str) -> TableRef:
+    """Inputs already read, per source (one table each, so sources ingest in parallel safely)."""
+    return restricted("ledger", f"{source}_input")
+
+
+def extraction_rejects_table(source: str) -> TableRef:
+    """Records a source rejected while reading (kept across runs)."""
+    return quarantine(f"{source}_rejected_at_read")
+
+
 def silver(name: str) -> TableRef:
     return TableRef(Zone.WAREHOUSE, "silver", name)
 

@@ -9,7 +9,7 @@ so steps can run in separate processes (or on a Dask cluster) and be re-run alon
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeAlias
@@ -19,17 +19,26 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from patient_journey.azure import is_blob_url
-from patient_journey.device_templates import DeviceTemplates, load_templates
 from patient_journey.errors import ConfigurationError
 from patient_journey.identity import KeyMaker
 from patient_journey.journey import build_journey
-from patient_journey.lake import Lake, TableRef, bronze, gold, quarantine, restricted, silver, staged
+from patient_journey.lake import (
+    Lake,
+    bronze,
+    extraction_rejects_table,
+    gold,
+    ledger_table,
+    quarantine,
+    restricted,
+    silver,
+    staged,
+)
 from patient_journey.linkage import LINKS, link
 from patient_journey.prom import redcap_forms_not_loaded
-from patient_journey.quality import QUARANTINE_SCHEMA, ExpectationOutcome, QualityGate
+from patient_journey.quality import QUARANTINE_SCHEMA, QualityGate
 from patient_journey.settings import JourneySettings
-from patient_journey.sources import device, fhir, redcap, registry
+from patient_journey.sources import registry
+from patient_journey.sources.plugins import PLUGINS, source_named
 from patient_journey.sources.records import (
     BRONZE_SCHEMA,
     FORGOTTEN,
@@ -40,44 +49,24 @@ from patient_journey.sources.records import (
     InputSelection,
     candidate_files,
 )
+from patient_journey.sources.source import ExtractJob
 from patient_journey.staging import FIELD_ERROR, STAGED_TABLES, SUPERSEDED, stage
 from patient_journey.storage import FileInfo, Storage, check_zones, listed_files
 
-SOURCES = ("fhir", "device", "registry", "redcap")
-BRONZE_TABLES = {
-    "fhir": "fhir_resource",
-    "device": "device_message",
-    "registry": "registry_row",
-    "redcap": "redcap_record",
-}
+SOURCES = tuple(PLUGINS)
+BRONZE_TABLES = {name: source.bronze_table for name, source in PLUGINS.items()}
 GOLD_TABLES = ("surgical_episode", "journey_event", "device_clock")
 PREFLIGHT_PREFIX = "_preflight"  # in the restricted zone: fingerprints of suite sets that built
 SPILL_PREFIX = "_ingest"  # in the restricted zone: batches read, not yet committed (extract_batch)
 BRONZE_APPEND_BYTES = 256 * 2**20  # put-aside bronze rows per Delta append, at most (commit_ingest)
 ArrowRows: TypeAlias = pa.Table | pa.RecordBatchReader
-DEVICE_LAYER = "device"  # expectations/device/<type name>.json: one suite per device type
-
-
-def ledger_table(source: str) -> TableRef:
-    """Inputs already read, per source (one table each, so sources ingest in parallel safely)."""
-    return restricted("ledger", f"{source}_input")
-
-
-def extraction_rejects_table(source: str) -> TableRef:
-    return quarantine(f"{source}_rejected_at_read")
 
 
 BUILDS = restricted("ledger", "build")
 QUARANTINE = quarantine("record")
 HELD = restricted("held", "record")
 CROSSWALK = restricted("identity", "crosswalk")
-# File-based adapters share one signature (the device adapter also takes the device templates);
-# the registry is read through SQLAlchemy.
-FILE_ADAPTERS: dict[str, Callable[[Storage, str, InputSelection, str, Extraction | None], Extraction]] = {
-    "fhir": fhir.extract,
-    "redcap": redcap.extract,
-}
-FILE_SOURCES = ("fhir", "device", "redcap")
+FILE_SOURCES = tuple(name for name, source in PLUGINS.items() if source.lists_files)
 # Entities read by an adapter -> the staged table they belong to.
 ENTITY_TABLE = {spec.entity: spec.name for spec in STAGED_TABLES}
 
@@ -171,11 +160,11 @@ def preflight(settings: JourneySettings) -> int:
     """Fail before any load: a missing key, a missing or broken suite, a storage zone that cannot
     be listed (landing) or written (the others). Returns the number of expectations."""
     settings.patient_hmac_key()
-    templates = load_templates(settings.sources.device_templates_dir)
-    check_zones(settings)
     gate = QualityGate(settings.quality.expectations_dir)
+    for plugin in PLUGINS.values():  # a source's own configuration and suites (device templates)
+        plugin.require_suites(settings, gate)
+    check_zones(settings)
     gate.require("staged", [t.name for t in STAGED_TABLES])
-    gate.require(DEVICE_LAYER, templates.type_names())
     gate.require("gold", list(GOLD_TABLES))
     # Building the suites in GX costs its import (about 3 s), the biggest part of a run with
     # nothing new: suites that built before, unchanged, under the same GX version, are not built
@@ -195,15 +184,15 @@ def preflight(settings: JourneySettings) -> int:
 def _seen(
     lake: Lake, landing: Storage, settings: JourneySettings, source: str
 ) -> tuple[InputSelection, dict[str, str]]:
-    """The source's ledger as inputs already processed, and the registry's watermark per table."""
+    """The source's ledger as inputs already processed, and a database source's watermark per table."""
     ledger = lake.read(ledger_table(source), columns=[*LEDGER_KEYS, "watermark"])
     settle_seconds = settings.sources.settle_seconds
     settle_before = datetime.now(UTC) - timedelta(seconds=settle_seconds) if settle_seconds else None
-    own = getattr(settings.sources, f"{source}_prefix", "")
+    own = PLUGINS[source].prefix(settings)
     others = tuple(
         landing.url(prefix) + "/"
         for other in FILE_SOURCES
-        if other != source and (prefix := getattr(settings.sources, f"{other}_prefix")).startswith(own)
+        if other != source and (prefix := PLUGINS[other].prefix(settings)).startswith(own)
     )
     seen = InputSelection.from_ledger(ledger, settle_before, others)
     watermarks: dict[str, str] = {}
@@ -217,65 +206,6 @@ def _seen(
     return seen, watermarks
 
 
-def registry_url(settings: JourneySettings) -> str | None:
-    if settings.sources.registry_url is not None:
-        return settings.sources.registry_url.get_secret_value()
-    if is_blob_url(settings.storage.landing_url):
-        return None
-    landing = Storage(settings.storage.landing_url)
-    if landing.exists("outcomes", "registry.sqlite"):
-        return f"sqlite:///{landing.url('outcomes', 'registry.sqlite')}"
-    return None
-
-
-def _registry_rows_read(
-    lake: Lake, watermarks: dict[str, str], lookback_seconds: int
-) -> set[tuple[str, str, str]]:
-    """(table, primary key, content hash) of the registry rows in bronze that this run's queries
-    can select again, so that the adapter skips them.
-
-    A table is read from its watermark less the lookback. A row updated since then was read by
-    a run whose watermark for that table (the newest update it saw) is at least as late, so only
-    the bronze rows of those runs are kept (one set of every row ever read grew with each run).
-    All of a table's rows when it has no watermark (a first or forced read), and every row of a
-    run that has no ledger entry."""
-    rows = lake.read(
-        bronze(BRONZE_TABLES["registry"]), columns=["entity", "record_id", "content_hash", "run_id"]
-    )
-    if rows is None:
-        return set()
-    ledger = lake.read(ledger_table("registry"), columns=["uri", "run_id", "watermark"])
-    entries = ledger.filter(pc.is_valid(ledger.column("watermark"))).to_pylist() if ledger is not None else []
-    # (table, run, watermark) of every ledger entry; rows of a run with none (it crashed between
-    # its bronze and its ledger writes) are kept.
-    marks = [(registry.table_of(e["uri"]), e["run_id"], registry.instant(e["watermark"])) for e in entries]
-    keep = pc.invert(
-        pc.is_in(rows.column("run_id"), value_set=pa.array(sorted({run for _, run, _ in marks}), pa.string()))
-    )
-    for table in rows.column("entity").unique().to_pylist():
-        of_table = pc.equal(rows.column("entity"), table)
-        since = registry.instant(watermarks.get(table))
-        if since is not None:
-            lower = since - timedelta(seconds=lookback_seconds)
-            # an unreadable watermark counts as reaching the window: its rows are kept
-            runs = sorted(
-                {run for name, run, mark in marks if name == table and (mark is None or mark >= lower)}
-            )
-            of_table = pc.and_(
-                of_table, pc.is_in(rows.column("run_id"), value_set=pa.array(runs, pa.string()))
-            )
-        keep = pc.or_(keep, of_table)
-    kept = rows.filter(keep)
-    columns = (kept.column(name).to_pylist() for name in ("entity", "record_id", "content_hash"))
-    return set(zip(*columns, strict=True))
-
-
-# The suffixes each file source lists (the adapters read the same ones).
-SOURCE_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "fhir": fhir.NDJSON_SUFFIXES + fhir.BUNDLE_SUFFIXES,
-    "device": device.SUFFIXES,
-    "redcap": (redcap.RECORDS_SUFFIX,),
-}
 Window = tuple[datetime, datetime]  # [start, end), timezone-aware
 
 
@@ -369,15 +299,13 @@ def plan_ingest(
     (nothing is read). The registry is one batch. With ``window``, only inputs modified in it
     (registry: rows updated since its start); with ``reread``, inputs already in the ledger too
     (staging collapses records read twice, so nothing loads twice)."""
-    if source not in SOURCES:
-        raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
-    if source == "registry":
+    plugin = source_named(source)
+    if not plugin.lists_files:  # a database: one batch, on its watermarks
         return IngestPlan(source, (IngestBatch(source, 1, 1),))
     lake = Lake(settings)
     landing = lake.storage(settings.storage.landing_url)
     seen, _ = _selection(lake, landing, settings, source, window, reread)
-    prefix = getattr(settings.sources, f"{source}_prefix")
-    listing, pending = candidate_files(landing, prefix, SOURCE_SUFFIXES[source], seen)
+    listing, pending = candidate_files(landing, plugin.prefix(settings), plugin.suffixes, seen)
     chunks = list(_chunks(listing.column("size").to_pylist(), batch_files, batch_bytes))
     known = seen.narrowed(listing)  # the ledger facts of these files alone: the ledger is large
     versions, hashes = _by_uri(known.versions), _by_uri(known.hashes)
@@ -432,8 +360,7 @@ def _read_inputs(
 ) -> tuple[IngestReport, Extraction | None]:
     """Read one source's new inputs (or one planned batch of them): into memory, or into ``out``
     (whose sink takes the bronze rows as they are read)."""
-    if source not in SOURCES:
-        raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
+    plugin = source_named(source)
     lake = Lake(settings)
     landing = lake.storage(settings.storage.landing_url)
     watermarks: dict[str, str] = {}
@@ -441,29 +368,13 @@ def _read_inputs(
         seen = batch.selection()
     else:
         seen, watermarks = _selection(lake, landing, settings, source, window, reread)
-    if source == "registry":
+    if plugin.reads_bronze:
         # Rows a crashed commit left are removed before the rows read are compared with bronze
-        # (which would take them for read), so that the query reads them again.
+        # (which would take them for read), so that they are read again.
         _remove_uncommitted(lake, source)
-        url = registry_url(settings)
-        if url is None:
-            return IngestReport(
-                source, skipped="no registry configured (JOURNEY_SOURCES__REGISTRY_URL)"
-            ), None
-        extraction = registry.extract(
-            url,
-            watermarks,
-            run_id,
-            settings.sources.registry_lookback_seconds,
-            _registry_rows_read(lake, watermarks, settings.sources.registry_lookback_seconds),
-        )
-    elif source == "device":
-        templates = load_templates(settings.sources.device_templates_dir)
-        extraction = device.extract(landing, settings.sources.device_prefix, seen, run_id, templates, out)
-    else:
-        adapter = FILE_ADAPTERS[source]
-        prefix = getattr(settings.sources, f"{source}_prefix")
-        extraction = adapter(landing, prefix, seen, run_id, out)
+    extraction = plugin.extract(ExtractJob(settings, lake, landing, seen, run_id, watermarks, out))
+    if isinstance(extraction, str):
+        return IngestReport(source, skipped=extraction), None
     report = IngestReport(
         source,
         new_inputs=extraction.input_count,
@@ -666,14 +577,9 @@ def forget_inputs(settings: JourneySettings, source: str, prefix: str = "") -> i
     ones already in bronze (same input, offset and content) are collapsed by staging, so nothing
     loads twice. Returns the number of ledger entries invalidated.
     """
-    if source not in SOURCES:
-        raise ConfigurationError(f"Unknown source {source!r}; sources are {', '.join(SOURCES)}.")
+    plugin = source_named(source)
     lake = Lake(settings)
-    if source == "registry":
-        start, end = "", f"#{prefix}" if prefix else ""
-    else:
-        base = getattr(settings.sources, f"{source}_prefix")
-        start, end = lake.storage(settings.storage.landing_url).url(base, prefix), ""
+    start, end = plugin.forget_bounds(settings, lake.storage(settings.storage.landing_url), prefix)
     quoted_start, quoted_end = start.replace("'", "''"), end.replace("'", "''")
     return lake.update(
         ledger_table(source),
@@ -769,106 +675,6 @@ def _rejects_as_quarantine(lake: Lake, reads: pa.Table) -> pa.Table:
     return (
         rejects.drop_columns(["entity"]).append_column("table_name", tables).select(QUARANTINE_SCHEMA.names)
     )
-
-
-RULE_DEVICE_VALUE_TYPE = "device_value_type"
-
-
-def _typed_column(values: list[object]) -> pa.Array:
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed kinds: compare as text
-        return pa.array([None if v is None else str(v) for v in values], pa.string())
-
-
-def _number(value: object) -> float | None:
-    """A device value as a number, as JMESPath's to_number reads it (numbers, numeric text), or
-    None when it is not one (a boolean, a list, other text, NaN or infinity)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return None
-    else:
-        return None
-    return number if np.isfinite(number) else None
-
-
-def device_type_table(
-    events: pa.Table, type_name: str, value_names: list[str], numeric: frozenset[str] = frozenset()
-) -> tuple[pa.Table, dict[int, list[str]]]:
-    """One device type's measurements with a column per value its templates name (the shape
-    its suite in expectations/device/<type>.json is written against), and the rows whose value
-    in a ``numeric`` column (one the suite compares with numbers) is not a number, with those
-    columns' names. Numeric columns are float64, so that a type error stays a row's fault."""
-    rows = events.filter(pc.equal(events.column("device_type"), type_name))
-    measured = [orjson.loads(text) for text in rows.column("measured_values").to_pylist()]
-    columns: dict[str, pa.Array | pa.ChunkedArray] = {"measurement_id": rows.column("measurement_id")}
-    wrong: dict[int, list[str]] = {}
-    for name in value_names:
-        values = [values.get(name) for values in measured]
-        if name not in numeric:
-            columns[name] = _typed_column(values)
-            continue
-        numbers = [None if value is None else _number(value) for value in values]
-        for row, (value, number) in enumerate(zip(values, numbers, strict=True)):
-            if value is not None and number is None:
-                wrong.setdefault(row, []).append(name)
-        columns[name] = pa.array(numbers, pa.float64())
-    for name in ("_row", "source_uri", "source_offset"):
-        columns[name] = rows.column(name)
-    return pa.table(columns), wrong
-
-
-def gate_device_types(
-    gate: QualityGate, templates: DeviceTemplates, events: pa.Table, run_id: str
-) -> tuple[pa.Table, pa.Table, list[ExpectationOutcome]]:
-    """Check each device type's measurements against its own suite: (passed, quarantined, outcomes).
-    A value of the wrong type where the suite expects a number quarantines its row
-    (``device_value_type``, naming the value) before the suite runs."""
-    quarantined: list[pa.Table] = []
-    outcomes: list[ExpectationOutcome] = []
-    for type_name in templates.type_names():
-        numeric = gate.numeric_columns(DEVICE_LAYER, type_name)
-        table, wrong = device_type_table(events, type_name, templates.value_names(type_name), numeric)
-        if table.num_rows == 0:
-            continue
-        if wrong:
-            mistyped = np.zeros(table.num_rows, dtype=bool)
-            mistyped[sorted(wrong)] = True
-            bad = table.filter(pa.array(mistyped))
-            quarantined.append(
-                pa.table(
-                    {
-                        "table_name": pa.array(["device_event"] * bad.num_rows, pa.string()),
-                        "rule": pa.array([RULE_DEVICE_VALUE_TYPE] * bad.num_rows, pa.string()),
-                        "source": pa.array(["device"] * bad.num_rows, pa.string()),
-                        "record_id": bad.column("measurement_id"),
-                        "source_uri": bad.column("source_uri"),
-                        "source_offset": bad.column("source_offset"),
-                        "detail": pa.array(
-                            [f"{', '.join(wrong[row])} is not a number" for row in sorted(wrong)], pa.string()
-                        ),
-                        "run_id": pa.array([run_id] * bad.num_rows, pa.string()),
-                    },
-                    schema=QUARANTINE_SCHEMA,
-                )
-            )
-            table = table.filter(pa.array(~mistyped))
-            if table.num_rows == 0:
-                continue
-        result = gate.check(DEVICE_LAYER, type_name, table, "device", run_id)
-        outcomes.extend(result.outcomes)
-        bad = result.quarantined
-        names = pa.array(["device_event"] * bad.num_rows, pa.string())
-        quarantined.append(bad.set_column(0, "table_name", names))
-    failed = pa.concat_tables(quarantined) if quarantined else QUARANTINE_SCHEMA.empty_table()
-    keep = pc.invert(pc.is_in(events.column("measurement_id"), value_set=failed.column("record_id")))
-    return events.filter(keep), failed, outcomes
 
 
 def _cell_rejects(rejects: pa.Table, staged_tables: dict[str, pa.Table]) -> pa.Array:
@@ -977,12 +783,14 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         passed[name] = result.passed
         quarantine_parts.append(result.quarantined)
         report.expectations.extend(asdict(o) for o in result.outcomes)
-    passed["device_event"], by_type, outcomes = gate_device_types(
-        gate, load_templates(settings.sources.device_templates_dir), passed["device_event"], run_id
-    )
-    counts["device_event"].quarantined += by_type.num_rows
-    quarantine_parts.append(by_type)
-    report.expectations.extend(asdict(o) for o in outcomes)
+    for plugin in PLUGINS.values():  # a source's own gate after staging (device types)
+        gated = plugin.gate_staged(settings, gate, passed, run_id)
+        if gated is None:
+            continue
+        for item in pc.value_counts(gated.quarantined.column("table_name")).to_pylist():
+            counts[item["values"]].quarantined += item["counts"]
+        quarantine_parts.append(gated.quarantined)
+        report.expectations.extend(asdict(o) for o in gated.outcomes)
     clock.lap("validate")
 
     linked = link(passed, keys, run_id)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from patient_journey.azure import is_blob_url
-from patient_journey.lake import Lake
+from patient_journey.lake import Lake, extraction_rejects_table
 from patient_journey.linkage import LINKS
 from patient_journey.pipeline import (
     QUARANTINE,
@@ -21,7 +21,6 @@ from patient_journey.pipeline import (
     BuildReport,
     IngestReport,
     TableCounts,
-    extraction_rejects_table,
 )
 from patient_journey.quality import load_suite_files, rule_of
 from patient_journey.settings import JourneySettings

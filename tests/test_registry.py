@@ -29,8 +29,9 @@ from patient_journey.generate.model import build_cohort
 from patient_journey.generate.registry_db import insert_rows, registry_metadata, table_rows, write_registry_db
 from patient_journey.generate.writers import RegistryRows, registry_rows
 from patient_journey.lake import Lake, bronze
-from patient_journey.pipeline import _registry_rows_read, forget_inputs, ingest, ledger_table
+from patient_journey.pipeline import forget_inputs, ingest, ledger_table
 from patient_journey.settings import JourneySettings
+from patient_journey.sources.registry import rows_read
 from tests.conftest import settings_for
 
 PATIENTS, SEED = 30, 11  # every registry table has rows with this seed
@@ -364,7 +365,7 @@ def test_a_run_skips_only_rows_of_runs_its_windows_reach(
     registry.upsert("complication", (*original[:5], original[5] + 1, stamp))
     assert ingest(settings, "registry", "run-2").records == 1
 
-    gathered = _registry_rows_read(Lake(settings), _watermarks(settings), lookback)
+    gathered = rows_read(Lake(settings), _watermarks(settings), lookback)
     # run-1 read every complication before the window now starts: only run-2's version is left.
     assert {(t, key) for t, key, _ in gathered if t == "complication"} == {("complication", str(original[0]))}
     others = {t: sum(1 for g in gathered if g[0] == t) for t in TABLES if t != "complication"}

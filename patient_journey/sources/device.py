@@ -26,14 +26,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import fastavro
+import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from patient_journey.device_templates import DeviceTemplates, Envelope, Measurement
+from patient_journey.device_templates import DeviceTemplates, Envelope, Measurement, load_templates
+from patient_journey.quality import QUARANTINE_SCHEMA, ExpectationOutcome, QualityGate
+from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, InputSelection, content_hash, read_new_files
+from patient_journey.sources.source import ExtractJob, Gated, Source
 from patient_journey.storage import Storage
 
 SOURCE = "device"
 ENTITY = "device_measurement"
+DEVICE_LAYER = "device"  # expectations/device/<type name>.json: one suite per device type
 AVRO_MAGIC = b"Obj\x01"
 SUFFIXES = (".avro", ".json")
 
@@ -201,3 +208,134 @@ def extract(
         ENTITY,
     )
     return out
+
+
+# --------------------------------------------------------------------------- gating by device type
+
+RULE_DEVICE_VALUE_TYPE = "device_value_type"
+
+
+def _typed_column(values: list[object]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed kinds: compare as text
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def _number(value: object) -> float | None:
+    """A device value as a number, as JMESPath's to_number reads it (numbers, numeric text), or
+    None when it is not one (a boolean, a list, other text, NaN or infinity)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if np.isfinite(number) else None
+
+
+def device_type_table(
+    events: pa.Table, type_name: str, value_names: list[str], numeric: frozenset[str] = frozenset()
+) -> tuple[pa.Table, dict[int, list[str]]]:
+    """One device type's measurements with a column per value its templates name (the shape
+    its suite in expectations/device/<type>.json is written against), and the rows whose value
+    in a ``numeric`` column (one the suite compares with numbers) is not a number, with those
+    columns' names. Numeric columns are float64, so that a type error stays a row's fault."""
+    rows = events.filter(pc.equal(events.column("device_type"), type_name))
+    measured = [orjson.loads(text) for text in rows.column("measured_values").to_pylist()]
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {"measurement_id": rows.column("measurement_id")}
+    wrong: dict[int, list[str]] = {}
+    for name in value_names:
+        values = [values.get(name) for values in measured]
+        if name not in numeric:
+            columns[name] = _typed_column(values)
+            continue
+        numbers = [None if value is None else _number(value) for value in values]
+        for row, (value, number) in enumerate(zip(values, numbers, strict=True)):
+            if value is not None and number is None:
+                wrong.setdefault(row, []).append(name)
+        columns[name] = pa.array(numbers, pa.float64())
+    for name in ("_row", "source_uri", "source_offset"):
+        columns[name] = rows.column(name)
+    return pa.table(columns), wrong
+
+
+def gate_device_types(
+    gate: QualityGate, templates: DeviceTemplates, events: pa.Table, run_id: str
+) -> tuple[pa.Table, pa.Table, list[ExpectationOutcome]]:
+    """Check each device type's measurements against its own suite: (passed, quarantined, outcomes).
+    A value of the wrong type where the suite expects a number quarantines its row
+    (``device_value_type``, naming the value) before the suite runs."""
+    quarantined: list[pa.Table] = []
+    outcomes: list[ExpectationOutcome] = []
+    for type_name in templates.type_names():
+        numeric = gate.numeric_columns(DEVICE_LAYER, type_name)
+        table, wrong = device_type_table(events, type_name, templates.value_names(type_name), numeric)
+        if table.num_rows == 0:
+            continue
+        if wrong:
+            mistyped = np.zeros(table.num_rows, dtype=bool)
+            mistyped[sorted(wrong)] = True
+            bad = table.filter(pa.array(mistyped))
+            quarantined.append(
+                pa.table(
+                    {
+                        "table_name": pa.array(["device_event"] * bad.num_rows, pa.string()),
+                        "rule": pa.array([RULE_DEVICE_VALUE_TYPE] * bad.num_rows, pa.string()),
+                        "source": pa.array(["device"] * bad.num_rows, pa.string()),
+                        "record_id": bad.column("measurement_id"),
+                        "source_uri": bad.column("source_uri"),
+                        "source_offset": bad.column("source_offset"),
+                        "detail": pa.array(
+                            [f"{', '.join(wrong[row])} is not a number" for row in sorted(wrong)], pa.string()
+                        ),
+                        "run_id": pa.array([run_id] * bad.num_rows, pa.string()),
+                    },
+                    schema=QUARANTINE_SCHEMA,
+                )
+            )
+            table = table.filter(pa.array(~mistyped))
+            if table.num_rows == 0:
+                continue
+        result = gate.check(DEVICE_LAYER, type_name, table, "device", run_id)
+        outcomes.extend(result.outcomes)
+        bad = result.quarantined
+        names = pa.array(["device_event"] * bad.num_rows, pa.string())
+        quarantined.append(bad.set_column(0, "table_name", names))
+    failed = pa.concat_tables(quarantined) if quarantined else QUARANTINE_SCHEMA.empty_table()
+    keep = pc.invert(pc.is_in(events.column("measurement_id"), value_set=failed.column("record_id")))
+    return events.filter(keep), failed, outcomes
+
+
+class DeviceSource(Source):
+    """IoT Hub telemetry routed to storage; each device type's measurements have their own suite."""
+
+    name = SOURCE
+    bronze_table = "device_message"
+    suffixes = SUFFIXES
+
+    def prefix(self, settings: JourneySettings) -> str:
+        return settings.sources.device_prefix
+
+    def extract(self, job: ExtractJob) -> Extraction:
+        templates = load_templates(job.settings.sources.device_templates_dir)
+        return extract(job.landing, self.prefix(job.settings), job.seen, job.run_id, templates, job.out)
+
+    def require_suites(self, settings: JourneySettings, gate: QualityGate) -> None:
+        gate.require(DEVICE_LAYER, load_templates(settings.sources.device_templates_dir).type_names())
+
+    def gate_staged(
+        self, settings: JourneySettings, gate: QualityGate, passed: dict[str, pa.Table], run_id: str
+    ) -> Gated | None:
+        if "device_event" not in passed:
+            return None
+        templates = load_templates(settings.sources.device_templates_dir)
+        passed["device_event"], quarantined, outcomes = gate_device_types(
+            gate, templates, passed["device_event"], run_id
+        )
+        return Gated(quarantined, outcomes)

@@ -39,7 +39,9 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, InputSelection, read_new_files
+from patient_journey.sources.source import ExtractJob, Source
 from patient_journey.storage import FileInfo, Storage
 
 SOURCE = "fhir"
@@ -441,3 +443,17 @@ def _stream_file(out: Extraction, file: FileInfo, chunks: Iterator[bytes]) -> No
         stream_ndjson(out, file, chunks)
     else:
         _read_file(out, file, b"".join(chunks))
+
+
+class FhirSource(Source):
+    """FHIR R4 bulk exports (NDJSON, gzip) and Bundles."""
+
+    name = SOURCE
+    bronze_table = "fhir_resource"
+    suffixes = NDJSON_SUFFIXES + BUNDLE_SUFFIXES
+
+    def prefix(self, settings: JourneySettings) -> str:
+        return settings.sources.fhir_prefix
+
+    def extract(self, job: ExtractJob) -> Extraction:
+        return extract(job.landing, self.prefix(job.settings), job.seen, job.run_id, job.out)

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from patient_journey.errors import SourceError
+from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, InputSelection, read_new_files
 from patient_journey.sources.redcap_export import (
     DataDictionary,
@@ -43,6 +44,7 @@ from patient_journey.sources.redcap_export import (
     parse_events,
     parse_records,
 )
+from patient_journey.sources.source import ExtractJob, Source
 from patient_journey.storage import FileInfo, Storage
 
 SOURCE = "redcap"
@@ -210,3 +212,17 @@ def extract(
 
     read_new_files(out, landing, prefix, (RECORDS_SUFFIX,), seen, read_file, "redcap")
     return out
+
+
+class RedcapSource(Source):
+    """REDCap records exports, read through their data dictionaries."""
+
+    name = SOURCE
+    bronze_table = "redcap_record"
+    suffixes = (RECORDS_SUFFIX,)
+
+    def prefix(self, settings: JourneySettings) -> str:
+        return settings.sources.redcap_prefix
+
+    def extract(self, job: ExtractJob) -> Extraction:
+        return extract(job.landing, self.prefix(job.settings), job.seen, job.run_id, job.out)

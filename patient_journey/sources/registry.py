@@ -23,10 +23,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 
+from patient_journey.azure import is_blob_url
 from patient_journey.errors import ConfigurationError, SourceError
+from patient_journey.lake import Lake, bronze, ledger_table
+from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, content_hash
+from patient_journey.sources.source import ExtractJob, Source
+from patient_journey.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -226,3 +233,75 @@ def _connect_reason(exc: sa.exc.DBAPIError, password: str | None) -> str:
     if password:
         detail = detail.replace(password, "***")
     return f"{_reason(exc)}: {detail}" if detail else f"{_reason(exc)}."
+
+
+def registry_url(settings: JourneySettings) -> str | None:
+    if settings.sources.registry_url is not None:
+        return settings.sources.registry_url.get_secret_value()
+    if is_blob_url(settings.storage.landing_url):
+        return None
+    landing = Storage(settings.storage.landing_url)
+    if landing.exists("outcomes", "registry.sqlite"):
+        return f"sqlite:///{landing.url('outcomes', 'registry.sqlite')}"
+    return None
+
+
+def rows_read(lake: Lake, watermarks: dict[str, str], lookback_seconds: int) -> set[tuple[str, str, str]]:
+    """(table, primary key, content hash) of the registry rows in bronze that this run's queries
+    can select again, so that the adapter skips them.
+
+    A table is read from its watermark less the lookback. A row updated since then was read by
+    a run whose watermark for that table (the newest update it saw) is at least as late, so only
+    the bronze rows of those runs are kept (one set of every row ever read grew with each run).
+    All of a table's rows when it has no watermark (a first or forced read), and every row of a
+    run that has no ledger entry."""
+    rows = lake.read(bronze(BRONZE_TABLE), columns=["entity", "record_id", "content_hash", "run_id"])
+    if rows is None:
+        return set()
+    ledger = lake.read(ledger_table(SOURCE), columns=["uri", "run_id", "watermark"])
+    entries = ledger.filter(pc.is_valid(ledger.column("watermark"))).to_pylist() if ledger is not None else []
+    # (table, run, watermark) of every ledger entry; rows of a run with none (it crashed between
+    # its bronze and its ledger writes) are kept.
+    marks = [(table_of(e["uri"]), e["run_id"], instant(e["watermark"])) for e in entries]
+    keep = pc.invert(
+        pc.is_in(rows.column("run_id"), value_set=pa.array(sorted({run for _, run, _ in marks}), pa.string()))
+    )
+    for table in rows.column("entity").unique().to_pylist():
+        of_table = pc.equal(rows.column("entity"), table)
+        since = instant(watermarks.get(table))
+        if since is not None:
+            lower = since - timedelta(seconds=lookback_seconds)
+            # an unreadable watermark counts as reaching the window: its rows are kept
+            runs = sorted(
+                {run for name, run, mark in marks if name == table and (mark is None or mark >= lower)}
+            )
+            of_table = pc.and_(
+                of_table, pc.is_in(rows.column("run_id"), value_set=pa.array(runs, pa.string()))
+            )
+        keep = pc.or_(keep, of_table)
+    kept = rows.filter(keep)
+    columns = (kept.column(name).to_pylist() for name in ("entity", "record_id", "content_hash"))
+    return set(zip(*columns, strict=True))
+
+
+BRONZE_TABLE = "registry_row"
+
+
+class RegistrySource(Source):
+    """The outcomes registry, read with SQLAlchemy in one batch on a watermark per table."""
+
+    name = SOURCE
+    bronze_table = BRONZE_TABLE
+    reads_bronze = True  # rows already in bronze are skipped
+
+    def extract(self, job: ExtractJob) -> Extraction | str:
+        url = registry_url(job.settings)
+        if url is None:
+            return "no registry configured (JOURNEY_SOURCES__REGISTRY_URL)"
+        lookback = job.settings.sources.registry_lookback_seconds
+        return extract(
+            url, job.watermarks, job.run_id, lookback, rows_read(job.lake, job.watermarks, lookback)
+        )
+
+    def forget_bounds(self, settings: JourneySettings, landing: Storage, prefix: str) -> tuple[str, str]:
+        return "", f"#{prefix}" if prefix else ""  # a table's entries (URI ``<database>#<table>``), or all
