@@ -12,11 +12,11 @@ from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.client.orchestration import get_client
 from prefect.events.schemas.automations import AutomationCore
 
-from patient_journey.settings import PROJECT_ROOT, load_settings
+from patient_journey.settings import load_settings, shipped
 
 ALERTS_BLOCK = "patient-journey-alerts"
 PLACEHOLDER = "ALERTS_BLOCK_DOCUMENT_ID"
-AUTOMATIONS = PROJECT_ROOT / "infra" / "automations"
+AUTOMATIONS = shipped("infra", "automations")
 
 
 def automation_documents(block_id: str, folder: Path = AUTOMATIONS) -> list[dict[str, Any]]:

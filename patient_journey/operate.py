@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from patient_journey.errors import ConfigurationError
-from patient_journey.settings import PROJECT_ROOT
+from patient_journey.settings import PROJECT_ROOT, shipped
 
-PREFECT_FILE = PROJECT_ROOT / "infra" / "prefect.yaml"
+PREFECT_FILE = shipped("infra", "prefect.yaml")
 POOL = "patient-journey"
 STATE_FILE = "serve.json"
 

@@ -35,8 +35,9 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from patient_journey.errors import ConfigurationError, SourceError
+from patient_journey.settings import shipped
 
-DEFAULT_CATALOG_DIR = Path(__file__).resolve().parents[1] / "catalog" / "instruments"
+DEFAULT_CATALOG_DIR = shipped("catalog", "instruments")
 FORMAT_HELP = "The format is described in catalog/instruments/README.md."
 
 # Ids become column names and SQL literals, so they are kept to a safe alphabet.

@@ -19,6 +19,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = Path("journey-data")
 
 
+def shipped(*parts: str) -> Path:
+    """A file or folder the project ships (``expectations``, ``catalog``, ``infra``): the
+    checkout's own, else the installed wheel's copy (package data under ``patient_journey/data``)."""
+    in_checkout = PROJECT_ROOT.joinpath(*parts)
+    if in_checkout.exists():
+        return in_checkout
+    return Path(__file__).resolve().parent.joinpath("data", *parts)
+
+
 class StorageSettings(BaseModel):
     """Where each zone lives: local paths (the embedded default) or Azure Blob Storage URLs
     (``az://container/prefix`` or ``abfss://container@account.dfs.core.windows.net/prefix``).
@@ -120,7 +129,7 @@ class SourceSettings(BaseModel):
         ),
     )
     device_templates_dir: Path = Field(
-        default=PROJECT_ROOT / "catalog" / "devices",
+        default_factory=lambda: shipped("catalog", "devices"),
         description="Folder of device templates, one JSON file per device type.",
     )
     device_skew_tolerance_seconds: int = Field(
@@ -144,7 +153,7 @@ class QualitySettings(BaseModel):
     """The quality gate."""
 
     expectations_dir: Path = Field(
-        default=PROJECT_ROOT / "expectations",
+        default_factory=lambda: shipped("expectations"),
         description="Folder of Great Expectations suites, one JSON file per table.",
     )
     min_linkage_rate: float = Field(

@@ -16,9 +16,9 @@ from azure.storage.blob import AccountSasPermissions, BlobServiceClient, Resourc
 from typer.testing import CliRunner
 
 from flows.journey import patient_journey
+from journey_cli import app
 from patient_journey import pipeline
 from patient_journey.azurite import ACCOUNT, WELL_KNOWN_KEY, Azurite, port_is_open, upload_folder
-from patient_journey.cli import app
 from patient_journey.errors import ConfigurationError, StorageError
 from patient_journey.generate import GenerationResult
 from patient_journey.lake import Lake, TableRef, Zone, bronze, gold, silver

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from patient_journey.cli import app
+from journey_cli import app
 from patient_journey.contracts import CONTRACTS, ContractError, contract_of, render_markdown
 from patient_journey.lake import Lake, gold, silver
 from tests.conftest import settings_for

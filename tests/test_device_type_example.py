@@ -26,8 +26,8 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from journey_cli import app
 from patient_journey import pipeline
-from patient_journey.cli import app
 from patient_journey.device_templates import RULE_NO_TEMPLATE, RULE_REQUIRED_VALUE
 from patient_journey.errors import ConfigurationError, ExpectationSuiteError
 from patient_journey.generate import generate

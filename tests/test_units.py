@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from journey_cli import app
 from patient_journey import pipeline
-from patient_journey.cli import app
 from patient_journey.errors import ConfigurationError, ExpectationSuiteError, QualityGateError, SourceError
 from patient_journey.identity import KeyMaker
 from patient_journey.quality import QualityGate
@@ -278,7 +278,7 @@ def test_fhir_exports_at_the_landing_root_leave_the_other_sources_prefixes_alone
 def test_the_cli_creates_a_prefect_home_whose_parents_are_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from patient_journey.cli import _prefect_defaults
+    from journey_cli import _prefect_defaults
 
     home = tmp_path / "not" / "there" / "prefect"
     monkeypatch.setenv("PREFECT_HOME", str(home))
@@ -288,7 +288,7 @@ def test_the_cli_creates_a_prefect_home_whose_parents_are_missing(
 
 def test_the_cli_prints_a_summary_with_file_links_verbatim(capsys: pytest.CaptureFixture[str]) -> None:
     # A link to a local path starts with "[/", which Rich would take for a closing markup tag.
-    from patient_journey.cli import print_markdown
+    from journey_cli import print_markdown
 
     text = "- quarantine: [/tmp/x/quarantine/record](file:///tmp/x/quarantine/record) [bold]"
     print_markdown(text)
@@ -407,7 +407,7 @@ def test_the_last_build_is_the_one_with_the_newest_bronze_versions_whatever_the_
 
 
 def test_csv_output_writes_list_columns_as_json(capsys: pytest.CaptureFixture[str]) -> None:
-    from patient_journey.cli import OutputFormat, print_table
+    from journey_cli import OutputFormat, print_table
 
     print_table(pa.table({"n": [1, 2], "devices_used": [["0081", "0082"], None]}), OutputFormat.csv)
     lines = capsys.readouterr().out.splitlines()

@@ -1,4 +1,5 @@
-"""The ``journey`` command: a thin wrapper over the library (and, for runs, the Prefect flow)."""
+"""The ``journey`` command: a thin wrapper over the library (patient_journey) and, for runs, the
+Prefect flows (flows/); its own package, so that the library never imports the Prefect layer."""
 
 from __future__ import annotations
 
