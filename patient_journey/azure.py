@@ -273,8 +273,9 @@ def storage_failure(exc: BaseException, operation: str, url: str) -> StorageErro
     if is_blob_url(url):
         location = parse_blob_url(url)
         where = f"container '{location.container}'"
-        if location.prefix:
+        # a read is of a landed input, whose path can carry a patient's name: the container only
+        if location.prefix and operation != "read":
             where += f" (path '{location.prefix}')"
     else:
-        where = f"'{url}'"
+        where = "a landed input" if operation == "read" else f"'{url}'"
     return StorageError(f"Storage operation '{operation}' failed on {where}: {reason}.", transient)

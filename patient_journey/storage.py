@@ -32,6 +32,11 @@ class InputChangedError(StorageError):
     """A file changed between listing and reading: it is left for the next run."""
 
 
+class InputGoneError(InputChangedError, SourceError):
+    """A file or blob removed since it was listed: read as changed (left for a later run, which
+    will not list it), and as missing where a file is optional."""
+
+
 def normalise_url(location: str) -> str:
     """Local paths become absolute paths; URLs with a scheme are kept as they are."""
     if "://" in location:
@@ -153,7 +158,7 @@ class _LocalBackend:
             with open(url, "rb") as file:
                 data = file.read()
         except FileNotFoundError:
-            raise SourceError(f"Cannot read {url}: no such file.") from None
+            raise InputGoneError(f"Cannot read {url}: no such file.") from None
         if version is not None and self._version(os.stat(url)) != version:
             raise InputChangedError(f"{url} changed while it was being read; it is left for the next run.")
         return data
@@ -162,7 +167,7 @@ class _LocalBackend:
         try:
             file = open(url, "rb")  # noqa: SIM115 - closed in the finally of this generator
         except FileNotFoundError:
-            raise SourceError(f"Cannot read {url}: no such file.") from None
+            raise InputGoneError(f"Cannot read {url}: no such file.") from None
         try:
             if version is not None and self._version(os.fstat(file.fileno())) != version:
                 raise InputChangedError(f"{url} changed since it was listed; it is left for the next run.")
@@ -258,7 +263,7 @@ class _BlobBackend:
             ) from None
         except ResourceNotFoundError as exc:
             if getattr(exc, "error_code", None) == "BlobNotFound":
-                raise SourceError(f"Cannot read {url}: no such blob.") from None
+                raise InputGoneError(f"Cannot read {url}: no such blob.") from None
             raise storage_failure(exc, "read", url) from None
         except Exception as exc:
             raise storage_failure(exc, "read", url) from None
@@ -283,7 +288,7 @@ class _BlobBackend:
                 ) from None
             except ResourceNotFoundError as exc:
                 if getattr(exc, "error_code", None) == "BlobNotFound":
-                    raise SourceError(f"Cannot read {url}: no such blob.") from None
+                    raise InputGoneError(f"Cannot read {url}: no such blob.") from None
                 if (
                     getattr(exc, "error_code", None) == "InvalidRange"
                     or getattr(exc, "status_code", None) == 416

@@ -456,3 +456,23 @@ def test_the_summary_of_a_very_wide_redcap_project_stays_short() -> None:
         and "redcap_prom 35,000" in markdown
         and "unchecked boxes): 7." in markdown
     )
+
+
+def test_an_input_removed_after_listing_is_left_for_later_and_names_no_path(tmp_path: Path) -> None:
+    from patient_journey.azure import storage_failure
+    from patient_journey.sources import fhir
+
+    landing = tmp_path / "landing" / "ehr"
+    landing.mkdir(parents=True)
+    for name in ("Given1_Family2.ndjson", "Patient.000.ndjson"):
+        (landing / name).write_text('{"resourceType":"Patient","id":"p"}\n')
+    storage = Storage(str(tmp_path / "landing"))
+    listing = storage.list_table("ehr")
+    (landing / "Given1_Family2.ndjson").unlink()  # gone between the listing and the read
+    out = fhir.extract(storage, "ehr", InputSelection(listed=listing), "run")
+    assert (out.pending_inputs, out.input_count, out.record_count) == (1, 1, 1)
+    failure = storage_failure(OSError("boom"), "read", "az://landing/ehr/Given1_Family2.ndjson")
+    assert "Given1" not in str(failure) and "container 'landing'" in str(failure)
+    assert "Given1" not in str(
+        storage_failure(OSError("boom"), "read", str(landing / "Given1_Family2.ndjson"))
+    )
