@@ -14,7 +14,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _clean_env() -> dict[str, str]:
+    """This environment without our settings, Prefect's, or a PYTHONPATH that would show pip the
+    checkout (whose build leaves an egg-info there) as an installed patient-journey."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("JOURNEY_", "PREFECT_", "PYTHONPATH"))}
+
+
 def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> str:
+    env = env if env is not None else _clean_env()
     done = subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -42,9 +49,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_installed_wheel_runs_the_demo_outside_the_checkout(installed: Path, tmp_path: Path) -> None:
     python, journey = installed / "bin" / "python", installed / "bin" / "journey"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOURNEY_", "PREFECT_", "PYTHONPATH"))}
-    env |= {
-        "PATH": f"{installed / 'bin'}:{env.get('PATH', '')}",
+    env = _clean_env() | {
+        "PATH": f"{installed / 'bin'}:{os.environ.get('PATH', '')}",
         "COLUMNS": "200",
         "PREFECT_HOME": str(tmp_path / "prefect"),
     }
