@@ -20,12 +20,10 @@ DEFAULT_DATA_DIR = Path("journey-data")
 
 
 def shipped(*parts: str) -> Path:
-    """A file or folder the project ships (``expectations``, ``catalog``, ``infra``): the
-    checkout's own, else the installed wheel's copy (package data under ``patient_journey/data``)."""
-    in_checkout = PROJECT_ROOT.joinpath(*parts)
-    if in_checkout.exists():
-        return in_checkout
-    return Path(__file__).resolve().parent.joinpath("data", *parts)
+    """A file or folder the project ships (``expectations``, ``catalog``, ``infra``), as package
+    data under ``patient_journey/data``: in a checkout, links to the top-level folders; in an
+    installed wheel, their copies."""
+    return Path(__file__).resolve().parent.joinpath("data", *parts).resolve()
 
 
 class StorageSettings(BaseModel):
