@@ -39,6 +39,7 @@ from tasks.journey import (
     plan_ingest,
     preflight,
     publish_summary,
+    require_input,
 )
 from tasks.journey import (
     ingest as ingest_batch,
@@ -169,6 +170,7 @@ def ingest(sources: list[Source] = ALL_SOURCES) -> RunSummary:
     started, summary = time.perf_counter(), RunSummary(run_id=_run_id(), flow="ingest")
     preflight()
     summary.ingests = _ingest(summary.run_id, sources)
+    require_input(summary.ingests)
     return _finish(summary, started)
 
 
@@ -214,5 +216,6 @@ def patient_journey(sources: list[Source] | None = None, rebuild: bool = False) 
     started, summary = time.perf_counter(), RunSummary(run_id=_run_id())
     preflight()
     summary.ingests = _ingest(summary.run_id, sources or ALL_SOURCES)
+    require_input(summary.ingests)
     _build(summary, rebuild)
     return _finish(summary, started)

@@ -158,12 +158,17 @@ class StepClock:
 
 def preflight(settings: JourneySettings) -> int:
     """Fail before any load: a missing key, a missing or broken suite, a storage zone that cannot
-    be listed (landing) or written (the others). Returns the number of expectations."""
+    be listed (landing: it must exist) or written (the others), a source that cannot be read (a
+    file source with nothing under its prefix, a registry that does not answer). Returns the
+    number of expectations."""
     settings.patient_hmac_key()
     gate = QualityGate(settings.quality.expectations_dir)
     for plugin in PLUGINS.values():  # a source's own configuration and suites (device templates)
         plugin.require_suites(settings, gate)
     check_zones(settings)
+    landing = Lake(settings).storage(settings.storage.landing_url)
+    for plugin in PLUGINS.values():  # each source can be read: its prefix, its database
+        plugin.check(settings, landing)
     gate.require("staged", [t.name for t in STAGED_TABLES])
     gate.require("gold", list(GOLD_TABLES))
     # Building the suites in GX costs its import (about 3 s), the biggest part of a run with
@@ -602,6 +607,22 @@ def find_input(settings: JourneySettings, key: str) -> list[tuple[str, str]]:
                 uris.update(pc.unique(table.column(column)).drop_null().to_pylist())
         found.update((source, uri) for uri in uris if keys.input_key(uri).startswith(key))
     return sorted(found)
+
+
+def require_input(settings: JourneySettings, reports: list[IngestReport]) -> None:
+    """Fail a first run that found no input at all (nothing in bronze, nothing read, nothing
+    waiting): it used to succeed with an empty warehouse, and a mistyped landing path looked like
+    a quiet night. JOURNEY_SOURCES__ALLOW_EMPTY lets it succeed."""
+    if settings.sources.allow_empty or any(r.new_inputs or r.records or r.pending_inputs for r in reports):
+        return
+    if _bronze_versions(Lake(settings)):
+        return  # not a first run: a night with nothing new is normal
+    landing = Lake(settings).storage(settings.storage.landing_url)
+    raise ConfigurationError(
+        f"No input found under {landing.root} for any source on this first run: nothing was loaded. "
+        "Check JOURNEY_STORAGE__LANDING_URL and the source prefixes, or set JOURNEY_SOURCES__ALLOW_EMPTY=true "
+        "if an empty start is expected."
+    )
 
 
 def _bronze_versions(lake: Lake) -> dict[str, int]:

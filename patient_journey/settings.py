@@ -138,6 +138,17 @@ class SourceSettings(BaseModel):
             "procedure's start and end widened by this many seconds (device clocks drift)."
         ),
     )
+    optional: list[str] = Field(
+        default_factory=list,
+        description=(
+            'Sources whose landing prefix may be absent (JSON list, e.g. ["redcap"]): preflight '
+            "fails for any other file source with nothing under its prefix."
+        ),
+    )
+    allow_empty: bool = Field(
+        default=False,
+        description="Let a first run that finds no input at all succeed (it fails by default, saying so).",
+    )
     registry_url: SecretStr | None = Field(
         default=None,
         description=(

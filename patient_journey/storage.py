@@ -392,7 +392,14 @@ class Storage:
         self._backend.delete(path)
 
     def check(self, writable: bool) -> None:
-        """Fail fast, naming the container and operation, if this location cannot be used."""
+        """Fail fast, naming the container and operation, if this location cannot be used; a
+        local location to read from must exist (listing a missing folder finds nothing, which
+        looked like an empty landing zone)."""
+        if not writable and not self.is_blob and not Path(self.root).is_dir():
+            raise ConfigurationError(
+                f"{self.root} does not exist or is not a folder (JOURNEY_STORAGE__LANDING_URL): point it at "
+                "where the sources land."
+            )
         self.list_dirs()
         if writable:
             name = f"{PROBE_NAME}-{os.getpid()}"

@@ -179,6 +179,12 @@ def _emit_for_run(event: str, summary: RunSummary, payload: dict[str, Any]) -> N
     )
 
 
+@task(name="require-input", cache_policy=NO_CACHE)
+def require_input(reports: list[IngestReport]) -> None:
+    """Fail a first run that found no input at all (JOURNEY_SOURCES__ALLOW_EMPTY to allow it)."""
+    pipeline.require_input(journey_settings(), reports)
+
+
 @task(name="check-linkage-floor", cache_policy=NO_CACHE)
 def check_linkage_floor(summary: RunSummary) -> None:
     """Fail (after everything was loaded and published) when a table linked fewer of its rows

@@ -93,6 +93,7 @@ def _project(root: Path, *, template: bool = True, suite: bool = True) -> Journe
     settings = settings_for(root, landing=landing)
     settings.sources.device_templates_dir = root / "catalog" / "devices"
     settings.quality.expectations_dir = root / "expectations"
+    settings.sources.optional = ["fhir", "device", "redcap"]  # its landing zone starts empty
     return settings
 
 

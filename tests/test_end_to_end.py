@@ -235,6 +235,7 @@ def test_a_run_whose_records_mostly_wait_for_their_patients_ends_failed_after_lo
     shutil.copytree(generated.out / "landing" / "device", landing / "device")  # no EHR: no case links
     settings = settings_for(tmp_path, landing=landing)
     use_settings_env(monkeypatch, settings)
+    monkeypatch.setenv("JOURNEY_SOURCES__OPTIONAL", '["fhir", "redcap"]')
     state = patient_journey(return_state=True)
     assert state.is_failed()
     message = str(state.message)

@@ -476,3 +476,52 @@ def test_an_input_removed_after_listing_is_left_for_later_and_names_no_path(tmp_
     assert "Given1" not in str(
         storage_failure(OSError("boom"), "read", str(landing / "Given1_Family2.ndjson"))
     )
+
+
+def test_preflight_names_a_landing_zone_or_prefix_that_is_not_there(tmp_path: Path) -> None:
+    missing = settings_for(tmp_path, landing=tmp_path / "no-such-landing")
+    with pytest.raises(ConfigurationError, match="no-such-landing does not exist"):
+        pipeline.preflight(missing)
+    result = CliRunner().invoke(
+        app, ["check"], env={"JOURNEY_STORAGE__LANDING_URL": str(tmp_path / "nope"), "COLUMNS": "200"}
+    )
+    assert result.exit_code == 2 and "does not exist" in result.output
+    landing = tmp_path / "landing"
+    (landing / "ehr").mkdir(parents=True)
+    (landing / "ehr" / "Patient.000.ndjson").write_text('{"resourceType":"Patient","id":"p"}\n')
+    settings = settings_for(tmp_path, landing=landing)
+    with pytest.raises(ConfigurationError, match=r"for the device source \(JOURNEY_SOURCES__DEVICE_PREFIX\)"):
+        pipeline.preflight(settings)
+    settings.sources.optional = ["device", "redcap"]
+    assert pipeline.preflight(settings) > 0
+
+
+def test_preflight_refuses_a_registry_that_does_not_answer_and_creates_no_file(tmp_path: Path) -> None:
+    from pydantic import SecretStr
+
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    settings = settings_for(tmp_path, landing=landing)
+    settings.sources.optional = ["fhir", "device", "redcap"]
+    typo = tmp_path / "outcomes" / "registy.sqlite"
+    settings.sources.registry_url = SecretStr(f"sqlite:///{typo}")
+    with pytest.raises(ConfigurationError, match="no such SQLite file") as refused:
+        pipeline.preflight(settings)
+    assert not typo.exists() and "\n" not in str(refused.value)
+    settings.sources.registry_url = SecretStr("postgresql+psycopg://journey:s3cret-pw@127.0.0.1:1/none")
+    with pytest.raises(ConfigurationError, match="Cannot connect to the registry") as refused:
+        pipeline.preflight(settings)
+    assert "s3cret-pw" not in str(refused.value)
+
+
+def test_a_first_run_that_finds_no_input_fails_saying_so_unless_empty_is_fine(tmp_path: Path) -> None:
+    from patient_journey.pipeline import IngestReport
+
+    settings = settings_for(tmp_path)
+    nothing = [IngestReport(source) for source in pipeline.SOURCES]
+    with pytest.raises(ConfigurationError, match=r"No input found .* first run"):
+        pipeline.require_input(settings, nothing)
+    settings.sources.allow_empty = True
+    pipeline.require_input(settings, nothing)
+    settings.sources.allow_empty = False
+    pipeline.require_input(settings, [IngestReport("fhir", new_inputs=1)])  # something was read

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import orjson
 import pyarrow as pa
@@ -65,6 +66,41 @@ def redacted(url: str) -> str:
             f"{URL_SETTING} is not a SQLAlchemy database URL (e.g. sqlite:///path/registry.sqlite "
             "or postgresql+psycopg://user@host:5432/db)."
         ) from None
+
+
+def check(url: str) -> None:
+    """Fail with a clear, masked message unless the registry answers: a URL that does not parse,
+    a driver that is missing, a SQLite file that does not exist (it is not created), a server
+    that refuses the connection."""
+    safe_url = redacted(url)
+    parsed = sa.make_url(url)
+    database = parsed.database
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and database
+        and database != ":memory:"
+        and not Path(database).is_file()
+    ):
+        raise ConfigurationError(
+            f"The registry at {safe_url} does not exist: no such SQLite file ({URL_SETTING})."
+        )
+    try:
+        engine = sa.create_engine(url)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise ConfigurationError(
+            f"Cannot open the registry at {safe_url} ({URL_SETTING}): {type(exc).__name__}; "
+            "check the dialect and that its driver is installed."
+        ) from None
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.DBAPIError as exc:
+        reason = _connect_reason(exc, str(parsed.password) if parsed.password else None)
+        raise ConfigurationError(
+            f"Cannot connect to the registry at {safe_url} ({URL_SETTING}): {reason}"
+        ) from None
+    finally:
+        engine.dispose()
 
 
 def extract(
@@ -302,6 +338,12 @@ class RegistrySource(Source):
         return extract(
             url, job.watermarks, job.run_id, lookback, rows_read(job.lake, job.watermarks, lookback)
         )
+
+    def check(self, settings: JourneySettings, landing: Storage) -> None:
+        """A configured registry must answer; without one (and no SQLite file landed), it is skipped."""
+        url = registry_url(settings)
+        if url is not None:
+            check(url)
 
     def forget_bounds(self, settings: JourneySettings, landing: Storage, prefix: str) -> tuple[str, str]:
         return "", f"#{prefix}" if prefix else ""  # a table's entries (URI ``<database>#<table>``), or all

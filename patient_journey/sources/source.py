@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from patient_journey.errors import ConfigurationError
 from patient_journey.lake import Lake
 from patient_journey.quality import ExpectationOutcome, QualityGate
 from patient_journey.settings import JourneySettings
@@ -62,6 +63,19 @@ class Source:
     def extract(self, job: ExtractJob) -> Extraction | str:
         """Read one batch into an Extraction, or say why the source is skipped (not configured)."""
         raise NotImplementedError
+
+    def check(self, settings: JourneySettings, landing: Storage) -> None:
+        """Fail in preflight, before anything is read, if the source cannot be read: a file
+        source whose prefix holds nothing (unless listed in JOURNEY_SOURCES__OPTIONAL)."""
+        if not self.lists_files or self.name in settings.sources.optional:
+            return
+        prefix = self.prefix(settings)
+        if not landing.exists(prefix):
+            raise ConfigurationError(
+                f"Nothing under {landing.url(prefix)} for the {self.name} source "
+                f"(JOURNEY_SOURCES__{self.name.upper()}_PREFIX): land its inputs there, set the prefix, or "
+                f"list the source as optional (JOURNEY_SOURCES__OPTIONAL='[\"{self.name}\"]')."
+            )
 
     def require_suites(self, settings: JourneySettings, gate: QualityGate) -> None:
         """Fail in preflight if a suite this source's own gate needs is missing."""
