@@ -49,6 +49,7 @@ class OutputFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
+    parquet = "parquet"
 
 
 def _prefect_defaults() -> None:
@@ -217,16 +218,44 @@ def stop(
 
 @app.command()
 def query(
-    sql: Annotated[str, typer.Argument(help="DuckDB SQL; tables are visible by name.")],
+    sql: Annotated[str | None, typer.Argument(help="DuckDB SQL; tables are visible by name.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the SQL from this file.")] = None,
     output: Annotated[OutputFormat, typer.Option("--output", "-o")] = OutputFormat.table,
+    to: Annotated[Path | None, typer.Option(help="With --output parquet: the file to write.")] = None,
 ) -> None:
-    """Run SQL over the warehouse (silver and gold Delta tables)."""
-    from patient_journey.query import run_query
+    """Run read-only SQL over the warehouse (silver and gold Delta tables); every statement's
+    result is shown. `journey tables` lists the tables and their columns."""
+    from patient_journey.query import run_queries
 
+    if (sql is None) == (file is None):
+        console.print("[red]error:[/red] give the SQL as an argument or with --file, not both.")
+        raise typer.Exit(code=2)
+    if output is OutputFormat.parquet and to is None:
+        console.print("[red]error:[/red] --output parquet writes a file: give it with --to FILE.parquet.")
+        raise typer.Exit(code=2)
     try:
-        print_table(run_query(load_settings(), sql), output)
+        text = file.read_text(encoding="utf-8") if file is not None else str(sql)
+        results = run_queries(load_settings(), text)
+    except OSError as exc:
+        console.print(f"[red]error:[/red] cannot read {file}: {exc.strerror}")
+        raise typer.Exit(code=2) from None
     except JourneyError as exc:
         _fail(exc)
+    for number, result in enumerate(results, start=1):
+        if output is OutputFormat.parquet:
+            import pyarrow.parquet as pq
+
+            assert to is not None
+            target = to if len(results) == 1 else to.with_name(f"{to.stem}-{number}{to.suffix}")
+            pq.write_table(result, target)
+            console.print(f"{result.num_rows} row(s) written to {target.resolve()}")
+            continue
+        title = (
+            f"statement {number} of {len(results)}"
+            if len(results) > 1 and output is OutputFormat.table
+            else None
+        )
+        print_table(result, output, title=title)
 
 
 @app.command()

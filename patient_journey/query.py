@@ -129,13 +129,15 @@ def read_only_statements(sql: str) -> list[str]:
 
 def run_query(settings: JourneySettings, sql: str) -> pa.Table:
     """The result of the last statement of ``sql`` (each must be a read-only query)."""
+    return run_queries(settings, sql)[-1]
+
+
+def run_queries(settings: JourneySettings, sql: str) -> list[pa.Table]:
+    """The result of every statement of ``sql``, in order (each must be a read-only query)."""
     statements = read_only_statements(sql)
     connection = open_warehouse(settings)
     try:
-        result = pa.table({})
-        for statement in statements:
-            result = connection.sql(statement).to_arrow_table()
-        return result
+        return [connection.sql(statement).to_arrow_table() for statement in statements]
     except duckdb.Error as exc:
         raise JourneyError(f"Query failed: {exc}") from exc
     finally:

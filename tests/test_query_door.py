@@ -7,13 +7,16 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from deltalake import write_deltalake
+from typer.testing import CliRunner
 
+from journey_cli import app
 from patient_journey.errors import JourneyError
 from patient_journey.query import open_warehouse, run_query
 from patient_journey.settings import JourneySettings
-from tests.conftest import settings_for
+from tests.conftest import settings_for, use_settings_env
 
 CANARY = "CANARY-Given-Family-555-12-3456"
 
@@ -114,3 +117,22 @@ def test_read_only_statements_of_every_kind_run(zones: tuple[JourneySettings, li
         "explain select * from surgical_episode",
     ):
         assert run_query(settings, sql).num_rows >= 1, sql
+
+
+def test_journey_query_shows_every_statement_reads_a_file_and_writes_parquet(
+    zones: tuple[JourneySettings, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, _ = zones
+    use_settings_env(monkeypatch, settings)
+    runner = CliRunner()
+    both = runner.invoke(app, ["query", "select 11 as first_one; select 22 as second_one", "-o", "csv"])
+    assert both.exit_code == 0 and both.output.splitlines() == ['"first_one"', "11", '"second_one"', "22"]
+    script = tmp_path / "q.sql"
+    script.write_text("select count(*) as n from surgical_episode;\n")
+    target = tmp_path / "out.parquet"
+    written = runner.invoke(app, ["query", "--file", str(script), "-o", "parquet", "--to", str(target)])
+    assert written.exit_code == 0, written.output
+    assert pq.read_table(target).column("n").to_pylist() == [2]
+    assert runner.invoke(app, ["query"]).exit_code == 2  # neither SQL nor a file
+    refused = runner.invoke(app, ["query", "drop view surgical_episode"])
+    assert refused.exit_code == 2 and "Query refused" in refused.output and "Traceback" not in refused.output
