@@ -401,42 +401,69 @@ def demo(
         DemoStorage,
         typer.Option(help="local: folders under --data-dir; azurite: blob containers in a local Azurite."),
     ] = DemoStorage.local,
+    fresh: Annotated[bool, typer.Option(help="Start over: new sources, warehouse and key.")] = False,
 ) -> None:
-    """Generate patients, run the flow on the embedded default, and show a few queries."""
+    """Generate patients, run the flow on the embedded default, and show a few queries.
+
+    A second demo keeps the key and the warehouse (so patient keys stay the same) and reads
+    nothing twice; `--fresh` starts over with a new key. The Prefect home of `journey serve`
+    (<data-dir>/prefect) is never touched."""
     from patient_journey.generate import generate as run_generate
 
-    if data_dir.exists():
-        if not (data_dir / DEMO_MARKER).exists():
-            console.print(
-                f"[red]error:[/red] {data_dir} exists and was not made by `journey demo`; choose --data-dir."
-            )
-            raise typer.Exit(code=2)
-        shutil.rmtree(data_dir)
-    data_dir.mkdir(parents=True)
-    (data_dir / DEMO_MARKER).write_text("made by journey demo; removed by the next demo\n")
-    os.environ["JOURNEY_STORAGE__LANDING_URL"] = str(data_dir / "landing")
-    os.environ["JOURNEY_STORAGE__WAREHOUSE_URL"] = str(data_dir / "warehouse")
-    os.environ["JOURNEY_STORAGE__RESTRICTED_URL"] = str(data_dir / "restricted")
+    marker = data_dir / DEMO_MARKER
+    # the folder may already hold `journey serve`'s Prefect home (DEFAULT_PREFECT_HOME), nothing else
+    foreign = [p.name for p in data_dir.iterdir() if p.name != "prefect"] if data_dir.is_dir() else []
+    if foreign and not marker.exists():
+        console.print(
+            f"[red]error:[/red] {data_dir.resolve()} exists and was not made by `journey demo`; choose --data-dir."
+        )
+        raise typer.Exit(code=2)
+    made = f"patients={patients} seed={seed} storage={storage.value}"
+    if marker.exists() and not fresh and marker.read_text().strip().splitlines()[-1:] != [made]:
+        console.print(
+            f"[red]error:[/red] {data_dir.resolve()} holds a demo made with other options "
+            f"({marker.read_text().strip().splitlines()[-1]}); run `journey demo --fresh` to start over."
+        )
+        raise typer.Exit(code=2)
+    if fresh:  # the demo's own folders and key; never the served stack's Prefect home
+        for name in ("landing", "ground_truth", "warehouse", "restricted", "azurite", "demo-patient-key"):
+            target = data_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"made by journey demo; `journey demo --fresh` starts over\n{made}\n")
+    os.environ["JOURNEY_STORAGE__LANDING_URL"] = str((data_dir / "landing").resolve())
+    os.environ["JOURNEY_STORAGE__WAREHOUSE_URL"] = str((data_dir / "warehouse").resolve())
+    os.environ["JOURNEY_STORAGE__RESTRICTED_URL"] = str((data_dir / "restricted").resolve())
     os.environ["JOURNEY_SOURCES__SETTLE_SECONDS"] = "0"  # the generator has just finished writing
+    key_file = (data_dir / "demo-patient-key").resolve()
+    configured_file = os.environ.get("JOURNEY_IDENTITY__PATIENT_KEY_FILE")
     if not (
         os.environ.get("JOURNEY_IDENTITY__PATIENT_KEY")
-        or os.environ.get("JOURNEY_IDENTITY__PATIENT_KEY_FILE")
+        or (configured_file and configured_file != str(key_file))
     ):
-        key_file = data_dir / "demo-patient-key"
-        key_file.write_text(secrets.token_hex(32))
-        key_file.chmod(0o600)
+        if not key_file.exists():
+            key_file.write_text(secrets.token_hex(32))
+            key_file.chmod(0o600)
+            console.print(
+                f"[yellow]Created a local demo patient key at {key_file}.[/yellow] It is for the demo only: "
+                "real runs refuse to start without a configured key (JOURNEY_IDENTITY__PATIENT_KEY)."
+            )
         os.environ["JOURNEY_IDENTITY__PATIENT_KEY_FILE"] = str(key_file)
+    if (data_dir / "landing").exists():
         console.print(
-            f"[yellow]Created a local demo patient key at {key_file}.[/yellow] It is for this demo only: "
-            "real runs refuse to start without a configured key (JOURNEY_IDENTITY__PATIENT_KEY)."
+            f"[1/3] Using the generated sources in {(data_dir / 'landing').resolve()} (same options)."
         )
-    with console.status(f"Generating {patients} synthetic surgical journeys..."):
-        result = run_generate(data_dir, patients=patients, seed=seed)
-    console.print(
-        f"[1/3] Generated {result.episodes} episodes: {sum(result.resources.values())} FHIR resources, "
-        f"{result.device_messages} device messages, registry and REDCap outcomes, "
-        f"{sum(result.planted.values())} planted bad records."
-    )
+    else:
+        with console.status(f"Generating {patients} synthetic surgical journeys..."):
+            result = run_generate(data_dir, patients=patients, seed=seed)
+        console.print(
+            f"[1/3] Generated {result.episodes} episodes: {sum(result.resources.values())} FHIR resources, "
+            f"{result.device_messages} device messages, registry and REDCap outcomes, "
+            f"{sum(result.planted.values())} planted bad records."
+        )
     emulator = None
     if storage is DemoStorage.azurite:
         from patient_journey.azurite import Azurite, upload_folder
