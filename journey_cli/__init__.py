@@ -82,9 +82,10 @@ def print_table(table: pa.Table, output: OutputFormat = OutputFormat.table, titl
 
         sys.stdout.write(orjson.dumps(table.to_pylist(), default=str).decode() + "\n")
         return
+    # Wrapped, never cut: at 80 columns a suggested query showed `pat…` and dates as `2023-06-…`.
     view = Table(title=title)
     for name in table.column_names:
-        view.add_column(name)
+        view.add_column(name, overflow="fold")
     for row in table.to_pylist():
         view.add_row(*["" if v is None else str(v) for v in row.values()])
     console.print(view)

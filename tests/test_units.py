@@ -525,3 +525,33 @@ def test_a_first_run_that_finds_no_input_fails_saying_so_unless_empty_is_fine(tm
     pipeline.require_input(settings, nothing)
     settings.sources.allow_empty = False
     pipeline.require_input(settings, [IngestReport("fhir", new_inputs=1)])  # something was read
+
+
+def test_tables_printed_at_80_columns_wrap_and_cut_nothing() -> None:
+    from rich.console import Console
+
+    import journey_cli
+
+    table = pa.table(
+        {
+            "patient_key": ["0e5e7751e1b1d8d0ae167267b670fde86b2bb7db68c9706bfe16da9e121b5f9b"],
+            "event_time": ["2023-06-14 09:31"],
+            "phase": ["intra"],
+        }
+    )
+    narrow = Console(width=80, record=True, force_terminal=False)
+    original = journey_cli.console
+    journey_cli.console = narrow
+    try:
+        journey_cli.print_table(table)
+    finally:
+        journey_cli.console = original
+    text = narrow.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    rows = [line.split("│")[1:-1] for line in text.splitlines() if line.startswith("│")]
+    cells = ["".join(row[i].strip() for row in rows) for i in range(3)]  # cells folded over lines
+    assert cells == [
+        "0e5e7751e1b1d8d0ae167267b670fde86b2bb7db68c9706bfe16da9e121b5f9b",
+        "2023-06-14 09:31",
+        "intra",
+    ]
