@@ -100,7 +100,8 @@ class RunSummary:
             for e in report.expectations if report is not None else []:
                 outcome = "passed" if e["success"] else ("failed" if e["severity"] == "error" else "warned")
                 rows.append({**{k: e.get(k) for k in EXPECTATION_COLUMNS}, "outcome": outcome})
-        return rows
+        order = {"failed": 0, "warned": 1, "passed": 2}  # what needs reading first
+        return sorted(rows, key=lambda row: order[str(row["outcome"])])
 
     def versions(self) -> dict[str, int]:
         reports = [r for r in (self.silver, self.gold) if r is not None]

@@ -162,9 +162,21 @@ def check_quarantine_share(summary: RunSummary) -> float | None:
                 "threshold": threshold,
                 "tables": {t.table: t.quarantined for t in summary.tables if t.quarantined},
                 "rejected_at_read": {i.source: i.rejects for i in summary.ingests if i.rejects},
+                # the same, for people: the alert's text reads these
+                "share_text": f"{100 * share:.1f}%",
+                "threshold_text": f"{100 * threshold:.1f}%",
+                "tables_text": _counts_text(
+                    {t.table: t.quarantined for t in summary.tables if t.quarantined}
+                ),
+                "rejected_text": _counts_text({i.source: i.rejects for i in summary.ingests if i.rejects}),
             },
         )
     return share
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    """``{"encounter": 12, "observation": 4}`` as ``encounter 12, observation 4`` (``none`` if empty)."""
+    return ", ".join(f"{name} {count:,}" for name, count in sorted(counts.items())) or "none"
 
 
 def _emit_for_run(event: str, summary: RunSummary, payload: dict[str, Any]) -> None:

@@ -555,3 +555,51 @@ def test_tables_printed_at_80_columns_wrap_and_cut_nothing() -> None:
         "2023-06-14 09:31",
         "intra",
     ]
+
+
+def test_the_expectations_list_failures_first() -> None:
+    from patient_journey.pipeline import BuildReport
+
+    def outcome(rule: str, success: bool, severity: str) -> dict[str, object]:
+        return {
+            "table": "staged.x",
+            "rule": rule,
+            "expectation": "e",
+            "column": None,
+            "severity": severity,
+            "success": success,
+            "element_count": 1,
+            "unexpected_count": 0,
+            "observed": None,
+            "evaluated": True,
+        }
+
+    silver = BuildReport(
+        built=True,
+        expectations=[outcome("a", True, "error"), outcome("b", False, "warn"), outcome("c", False, "error")],
+    )
+    rows = RunSummary(run_id="r", silver=silver).expectation_rows()
+    assert [(r["rule"], r["outcome"]) for r in rows] == [("c", "failed"), ("b", "warned"), ("a", "passed")]
+
+
+def test_the_quarantine_alert_reads_as_text() -> None:
+    import jinja2
+    import yaml
+
+    from tasks.journey import _counts_text
+
+    document = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "infra" / "automations" / "quarantine-alert.yaml").read_text()
+    )
+    payload = {
+        "flow": "patient-journey",
+        "share_text": "12.5%",
+        "threshold_text": "5.0%",
+        "tables_text": _counts_text({"observation": 1200, "encounter": 3}),
+        "rejected_text": _counts_text({}),
+    }
+    body = jinja2.Template(document["actions"][0]["body"]).render(
+        event={"resource": {"id": "patient-journey.run.r1"}, "payload": payload}
+    )
+    assert "quarantined 12.5% of the rows it read (threshold 5.0%)" in " ".join(body.split())
+    assert "encounter 3, observation 1,200" in body and "by source: none" in body and "{" not in body
