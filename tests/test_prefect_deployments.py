@@ -50,6 +50,8 @@ def test_the_deployments_carry_schedules_triggers_and_typed_parameters(
     assert by_name["backfill"].parameter_openapi_schema["properties"]["reread"]["description"]
     automations = served_client.read_automations_by_name("patient-journey quarantine share exceeded")
     assert len(automations) == 1
+    build = served_client.read_automations_by_name("patient-journey build after ingestion")
+    assert len(build) == 1 and build[0].description.startswith("Runs journey-build")  # named, not automation_1
 
 
 def test_every_ingestion_run_completes_with_its_artifacts(
