@@ -183,8 +183,17 @@ def serve(
     infra/prefect.yaml; runs until Ctrl-C or `journey stop`, then stops what it started."""
     import time
 
+    from patient_journey import pipeline
     from patient_journey.operate import LocalPrefect
 
+    try:  # deployments that would fail at their first step are not started
+        pipeline.preflight(load_settings())
+    except JourneyError as exc:
+        console.print(
+            f"[red]error:[/red] every deployment would fail its preflight: {escape(str(exc))}\n"
+            "Export the settings the worker needs (README, Configuration) before `journey serve`."
+        )
+        raise typer.Exit(code=2) from None
     stack = LocalPrefect(home=home.resolve(), port=port)
     try:
         with console.status("Starting the Prefect server, work pool, deployments and worker..."):

@@ -51,7 +51,9 @@ def test_the_deployments_carry_schedules_triggers_and_typed_parameters(
     automations = served_client.read_automations_by_name("patient-journey quarantine share exceeded")
     assert len(automations) == 1
     build = served_client.read_automations_by_name("patient-journey build after ingestion")
-    assert len(build) == 1 and build[0].description.startswith("Runs journey-build")  # named, not automation_1
+    assert len(build) == 1 and build[0].description.startswith(
+        "Runs journey-build"
+    )  # named, not automation_1
 
 
 def test_every_ingestion_run_completes_with_its_artifacts(
