@@ -189,9 +189,15 @@ def serve(
     try:  # deployments that would fail at their first step are not started
         pipeline.preflight(load_settings())
     except JourneyError as exc:
+        demo_key = (DEFAULT_DATA_DIR / "demo-patient-key").resolve()
+        hint = (
+            f" To serve the demo's warehouse: export JOURNEY_IDENTITY__PATIENT_KEY_FILE={demo_key}"
+            if demo_key.exists()
+            else ""
+        )
         console.print(
             f"[red]error:[/red] every deployment would fail its preflight: {escape(str(exc))}\n"
-            "Export the settings the worker needs (README, Configuration) before `journey serve`."
+            f"Export the settings the worker needs (README, Configuration) before `journey serve`.{hint}"
         )
         raise typer.Exit(code=2) from None
     stack = LocalPrefect(home=home.resolve(), port=port)
