@@ -68,6 +68,16 @@ def redacted(url: str) -> str:
         ) from None
 
 
+def _engine(url: str, safe_url: str) -> sa.Engine:
+    try:
+        return sa.create_engine(url)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise ConfigurationError(
+            f"Cannot open the registry at {safe_url} ({URL_SETTING}): {type(exc).__name__}; "
+            "check the dialect and that its driver is installed."
+        ) from None
+
+
 def check(url: str) -> None:
     """Fail with a clear, masked message unless the registry answers: a URL that does not parse,
     a driver that is missing, a SQLite file that does not exist (it is not created), a server
@@ -84,13 +94,7 @@ def check(url: str) -> None:
         raise ConfigurationError(
             f"The registry at {safe_url} does not exist: no such SQLite file ({URL_SETTING})."
         )
-    try:
-        engine = sa.create_engine(url)
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-        raise ConfigurationError(
-            f"Cannot open the registry at {safe_url} ({URL_SETTING}): {type(exc).__name__}; "
-            "check the dialect and that its driver is installed."
-        ) from None
+    engine = _engine(url, safe_url)
     try:
         with engine.connect():
             pass
@@ -115,13 +119,7 @@ def extract(
     out = Extraction(SOURCE, run_id)
     safe_url = redacted(url)
     password = sa.make_url(url).password
-    try:
-        engine = sa.create_engine(url)
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-        raise ConfigurationError(
-            f"Cannot open the registry at {safe_url} ({URL_SETTING}): {type(exc).__name__}; "
-            "check the dialect and that its driver is installed."
-        ) from None
+    engine = _engine(url, safe_url)
     try:
         try:
             connection = engine.connect()
