@@ -246,61 +246,41 @@ class _BlobBackend:
         except Exception as exc:
             raise self._fail(exc, "list", path) from None
 
-    def read(self, url: str, version: str | None) -> bytes:
+    def _download(
+        self, url: str, version: str | None, offset: int | None = None, length: int | None = None
+    ) -> bytes | None:
+        """A blob (or a range of it), only while it is the listed version; None for a range past its end."""
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
-        name = parse_blob_url(url).prefix
+        etag = None if version is None else f'"{version}"'
+        condition = None if version is None else MatchConditions.IfNotModified
         try:
-            if version is None:
-                return self.client.download_blob(name).readall()
             return self.client.download_blob(
-                name, etag=f'"{version}"', match_condition=MatchConditions.IfNotModified
+                parse_blob_url(url).prefix, offset=offset, length=length, etag=etag, match_condition=condition
             ).readall()
         except ResourceModifiedError:
             raise InputChangedError(
                 f"{url} changed while it was being read; it is left for the next run."
             ) from None
-        except ResourceNotFoundError as exc:
-            if getattr(exc, "error_code", None) == "BlobNotFound":
-                raise InputGoneError(f"Cannot read {url}: no such blob.") from None
-            raise storage_failure(exc, "read", url) from None
         except Exception as exc:
+            if isinstance(exc, ResourceNotFoundError) and getattr(exc, "error_code", None) == "BlobNotFound":
+                raise InputGoneError(f"Cannot read {url}: no such blob.") from None
+            if offset is not None and (
+                getattr(exc, "error_code", None) == "InvalidRange" or getattr(exc, "status_code", None) == 416
+            ):
+                return None  # past the end (a blob whose size is a multiple of the chunk)
             raise storage_failure(exc, "read", url) from None
+
+    def read(self, url: str, version: str | None) -> bytes:
+        data = self._download(url, version)
+        assert data is not None  # only a range can fall past the end
+        return data
 
     def read_chunks(self, url: str, version: str | None, chunk_bytes: int) -> Iterator[bytes]:
         """Ranged reads of at most ``chunk_bytes``, each conditional on the listed etag."""
-        from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
-
-        name = parse_blob_url(url).prefix
-        etag = None if version is None else f'"{version}"'
-        condition = None if version is None else MatchConditions.IfNotModified
         offset = 0
-        while True:
-            try:
-                chunk = self.client.download_blob(
-                    name, offset=offset, length=chunk_bytes, etag=etag, match_condition=condition
-                ).readall()
-            except ResourceModifiedError:
-                raise InputChangedError(
-                    f"{url} changed while it was being read; it is left for the next run."
-                ) from None
-            except ResourceNotFoundError as exc:
-                if getattr(exc, "error_code", None) == "BlobNotFound":
-                    raise InputGoneError(f"Cannot read {url}: no such blob.") from None
-                if (
-                    getattr(exc, "error_code", None) == "InvalidRange"
-                    or getattr(exc, "status_code", None) == 416
-                ):
-                    return  # past the end (a blob whose size is a multiple of the chunk)
-                raise storage_failure(exc, "read", url) from None
-            except Exception as exc:
-                if getattr(exc, "status_code", None) == 416:
-                    return
-                raise storage_failure(exc, "read", url) from None
-            if not chunk:
-                return
+        while chunk := self._download(url, version, offset, chunk_bytes):
             yield chunk
             offset += len(chunk)
             if len(chunk) < chunk_bytes:
