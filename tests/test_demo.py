@@ -3,6 +3,8 @@ read twice, the served stack's Prefect home untouched; other options need `--fre
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,18 @@ from patient_journey.lake import Lake, gold
 from patient_journey.settings import load_settings
 
 pytestmark = pytest.mark.prefect
+
+
+@pytest.fixture
+def own_environment() -> Iterator[None]:
+    """`journey demo` sets its settings in os.environ for its own run (a CLI process ends with
+    them); in-process, they must not reach the tests after this one."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _patient_keys(data: Path) -> set[str]:
@@ -30,7 +44,7 @@ def _patient_keys(data: Path) -> set[str]:
 
 
 def test_a_second_demo_keeps_its_key_and_warehouse_and_the_served_home(
-    harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    harness: None, own_environment: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in ("JOURNEY_IDENTITY__PATIENT_KEY", "JOURNEY_IDENTITY__PATIENT_KEY_FILE"):
         monkeypatch.delenv(name, raising=False)
