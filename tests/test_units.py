@@ -605,7 +605,12 @@ def test_the_quarantine_alert_reads_as_text() -> None:
     assert "encounter 3, observation 1,200" in body and "by source: none" in body and "{" not in body
 
 
-def test_serve_refuses_to_start_deployments_that_would_fail_and_names_the_setting(tmp_path: Path) -> None:
+def test_serve_refuses_to_start_deployments_that_would_fail_and_names_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("JOURNEY_IDENTITY__PATIENT_KEY", "JOURNEY_IDENTITY__PATIENT_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no demo key in ./journey-data either
     result = CliRunner().invoke(app, ["serve", "--home", str(tmp_path / "home")], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert "would fail its preflight" in result.output and "JOURNEY_IDENTITY__PATIENT_KEY" in result.output
