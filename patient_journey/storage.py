@@ -253,11 +253,16 @@ class _BlobBackend:
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
-        etag = None if version is None else f'"{version}"'
-        condition = None if version is None else MatchConditions.IfNotModified
+        name = parse_blob_url(url).prefix
         try:
+            if version is None:  # the SDK refuses an etag or match condition of None
+                return self.client.download_blob(name, offset=offset, length=length).readall()
             return self.client.download_blob(
-                parse_blob_url(url).prefix, offset=offset, length=length, etag=etag, match_condition=condition
+                name,
+                offset=offset,
+                length=length,
+                etag=f'"{version}"',
+                match_condition=MatchConditions.IfNotModified,
             ).readall()
         except ResourceModifiedError:
             raise InputChangedError(
