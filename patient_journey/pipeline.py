@@ -35,7 +35,7 @@ from patient_journey.lake import (
 )
 from patient_journey.linkage import LINKS, link
 from patient_journey.prom import redcap_forms_not_loaded
-from patient_journey.quality import QUARANTINE_SCHEMA, QualityGate
+from patient_journey.quality import QUARANTINE_SCHEMA, QualityGate, quarantine_rows
 from patient_journey.settings import JourneySettings
 from patient_journey.sources import registry
 from patient_journey.sources.plugins import PLUGINS, source_named
@@ -731,19 +731,8 @@ def field_type_rejects(table: pa.Table, name: str, source: str, run_id: str) -> 
     table = table.drop_columns([FIELD_ERROR])
     if not pc.any(wrong).as_py():
         return table, QUARANTINE_SCHEMA.empty_table()
-    bad = table.filter(wrong)
-    quarantined = pa.table(
-        {
-            "table_name": pa.array([name] * bad.num_rows, pa.string()),
-            "rule": pa.array([f"{source}_field_type"] * bad.num_rows, pa.string()),
-            "source": pa.array([source] * bad.num_rows, pa.string()),
-            "record_id": pc.cast(bad.column(0), pa.string()),
-            "source_uri": bad.column("source_uri"),
-            "source_offset": bad.column("source_offset"),
-            "detail": error.filter(wrong),
-            "run_id": pa.array([run_id] * bad.num_rows, pa.string()),
-        },
-        schema=QUARANTINE_SCHEMA,
+    quarantined = quarantine_rows(
+        table.filter(wrong), name, source, f"{source}_field_type", error.filter(wrong), run_id
     )
     return table.filter(pc.invert(wrong)), quarantined
 

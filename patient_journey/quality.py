@@ -185,6 +185,39 @@ def _lineage(table: pa.Table, name: str, kind: pa.DataType) -> pa.Array | pa.Chu
     return pa.nulls(table.num_rows, kind)
 
 
+def quarantine_rows(
+    bad: pa.Table,
+    table_name: str,
+    source: str,
+    rules: str | list[str],
+    details: str | list[str] | pa.Array | pa.ChunkedArray,
+    run_id: str,
+) -> pa.Table:
+    """Quarantine rows (QUARANTINE_SCHEMA) for the rows of ``bad``: its first column is the
+    record id, its lineage columns (or nulls) the place; ``rules`` and ``details`` are one for
+    all rows or one per row, and a detail names the rule and field, never a value."""
+    count = bad.num_rows
+
+    def each(value: str | list[str] | pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+        if isinstance(value, str):
+            return pa.array([value] * count, pa.string())
+        return value if isinstance(value, pa.Array | pa.ChunkedArray) else pa.array(value, pa.string())
+
+    return pa.table(
+        {
+            "table_name": each(table_name),
+            "rule": each(rules),
+            "source": each(source),
+            "record_id": pc.cast(bad.column(0), pa.string()),
+            "source_uri": _lineage(bad, "source_uri", pa.string()),
+            "source_offset": _lineage(bad, "source_offset", pa.int64()),
+            "detail": each(details),
+            "run_id": each(run_id),
+        },
+        schema=QUARANTINE_SCHEMA,
+    )
+
+
 class QualityGate:
     """Validates tables against their suites; all suites are checked when the gate is made."""
 
@@ -292,18 +325,13 @@ class QualityGate:
         flags[failed] = True
         mask = pa.array(flags)
         bad = data.filter(mask)
-        quarantined = pa.table(
-            {
-                "table_name": pa.array([table] * bad.num_rows, pa.string()),
-                "rule": pa.array(["; ".join(failed_rows[row]) for row in failed], pa.string()),
-                "source": pa.array([source] * bad.num_rows, pa.string()),
-                "record_id": pc.cast(bad.column(0), pa.string()),
-                "source_uri": _lineage(bad, "source_uri", pa.string()),
-                "source_offset": _lineage(bad, "source_offset", pa.int64()),
-                "detail": pa.array(["error-severity row expectation failed"] * bad.num_rows, pa.string()),
-                "run_id": pa.array([run_id] * bad.num_rows, pa.string()),
-            },
-            schema=QUARANTINE_SCHEMA,
+        quarantined = quarantine_rows(
+            bad,
+            table,
+            source,
+            ["; ".join(failed_rows[row]) for row in failed],
+            "error-severity row expectation failed",
+            run_id,
         )
         passed = data.filter(pc.invert(mask))
         return GateResult(name, passed, quarantined, tuple(outcomes))

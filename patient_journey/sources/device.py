@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from patient_journey.device_templates import DeviceTemplates, Envelope, Measurement, load_templates
-from patient_journey.quality import QUARANTINE_SCHEMA, ExpectationOutcome, QualityGate
+from patient_journey.quality import QUARANTINE_SCHEMA, ExpectationOutcome, QualityGate, quarantine_rows
 from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, InputSelection, content_hash, read_new_files
 from patient_journey.sources.source import ExtractJob, Gated, Source
@@ -282,22 +282,9 @@ def gate_device_types(
             mistyped = np.zeros(table.num_rows, dtype=bool)
             mistyped[sorted(wrong)] = True
             bad = table.filter(pa.array(mistyped))
+            details = [f"{', '.join(wrong[row])} is not a number" for row in sorted(wrong)]
             quarantined.append(
-                pa.table(
-                    {
-                        "table_name": pa.array(["device_event"] * bad.num_rows, pa.string()),
-                        "rule": pa.array([RULE_DEVICE_VALUE_TYPE] * bad.num_rows, pa.string()),
-                        "source": pa.array(["device"] * bad.num_rows, pa.string()),
-                        "record_id": bad.column("measurement_id"),
-                        "source_uri": bad.column("source_uri"),
-                        "source_offset": bad.column("source_offset"),
-                        "detail": pa.array(
-                            [f"{', '.join(wrong[row])} is not a number" for row in sorted(wrong)], pa.string()
-                        ),
-                        "run_id": pa.array([run_id] * bad.num_rows, pa.string()),
-                    },
-                    schema=QUARANTINE_SCHEMA,
-                )
+                quarantine_rows(bad, "device_event", SOURCE, RULE_DEVICE_VALUE_TYPE, details, run_id)
             )
             table = table.filter(pa.array(~mistyped))
             if table.num_rows == 0:
