@@ -165,7 +165,13 @@ def run(
     except JourneyError as exc:
         _fail(exc)
     print_markdown(render_markdown(summary))
-    if not summary.balanced:
+    quality = load_settings().quality
+    below = summary.below_linkage_floor(quality.min_linkage_rate, quality.min_linkage_rows)
+    if below:
+        from patient_journey.report import linkage_warning
+
+        console.print(f"[yellow]warning:[/yellow] {escape(linkage_warning(below, quality.min_linkage_rate))}")
+    if not summary.balanced or below:
         raise typer.Exit(code=1)
 
 

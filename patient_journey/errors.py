@@ -28,7 +28,3 @@ class StorageError(JourneyError):
     def __init__(self, message: str, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
-
-
-class LinkageFloorError(JourneyError):
-    """A run loaded, but a table linked fewer of its records than the configured floor."""

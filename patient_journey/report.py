@@ -115,6 +115,19 @@ def quarantine_locations(settings: JourneySettings) -> dict[str, str]:
     return {f"quarantine: {t.label}": lake.uri(t) for t in tables}
 
 
+def linkage_warning(below: list[tuple[str, int, int]], floor: float) -> str:
+    """The one line a run below the linkage floor ends with (tables as ``RunSummary.below_linkage_floor``)."""
+    described = "; ".join(
+        f"{table} {100 * loaded / (loaded + held):.1f}% ({loaded:,} of {loaded + held:,})"
+        for table, loaded, held in below
+    )
+    return (
+        f"Linkage below the floor of {100 * floor:.0f}% (JOURNEY_QUALITY__MIN_LINKAGE_RATE): {described}. "
+        "Everything read was loaded or held; held records are retried on later runs. Check that their "
+        "patients arrive (references, MRNs, case ids)."
+    )
+
+
 def _rate(loaded: int, held: int) -> str:
     return "-" if loaded + held == 0 else f"{100 * loaded / (loaded + held):.1f}%"
 

@@ -171,7 +171,7 @@ class QualitySettings(BaseModel):
         le=1.0,
         description=(
             "A run in which a staged table with at least min_linkage_rows linked or held rows links "
-            "fewer than this share of them (loaded / (loaded + held)) ends Failed after loading, and "
+            'fewer than this share of them (loaded / (loaded + held)) ends "Completed with warnings" after loading, and '
             "emits patient-journey.linkage.below-floor: e.g. references that resolve to no patient."
         ),
     )

@@ -18,12 +18,13 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.events import emit_event
 
 from patient_journey import pipeline
-from patient_journey.errors import LinkageFloorError, StorageError
+from patient_journey.errors import StorageError
 from patient_journey.pipeline import BuildReport, IngestBatch, IngestPlan, IngestReport, Window
 from patient_journey.report import (
     LINKAGE_EVENT,
     QUARANTINE_EVENT,
     RunSummary,
+    linkage_warning,
     quarantine_locations,
     render_markdown,
     write_data_docs,
@@ -198,14 +199,15 @@ def require_input(reports: list[IngestReport]) -> None:
 
 
 @task(name="check-linkage-floor", cache_policy=NO_CACHE)
-def check_linkage_floor(summary: RunSummary) -> None:
-    """Fail (after everything was loaded and published) when a table linked fewer of its rows
-    than JOURNEY_QUALITY__MIN_LINKAGE_RATE, emitting ``patient-journey.linkage.below-floor``:
-    a run whose records mostly wait for a patient must not look like a plain Completed."""
+def check_linkage_floor(summary: RunSummary) -> str | None:
+    """When a table linked fewer of its rows than JOURNEY_QUALITY__MIN_LINKAGE_RATE: emit
+    ``patient-journey.linkage.below-floor`` and return the one-line warning the run ends with
+    (its state "Completed with warnings"): a run whose records mostly wait for a patient must not
+    look like a plain Completed. Everything it read is loaded or held all the same."""
     quality = journey_settings().quality
     below = summary.below_linkage_floor(quality.min_linkage_rate, quality.min_linkage_rows)
     if not below:
-        return
+        return None
     _emit_for_run(
         LINKAGE_EVENT,
         summary,
@@ -214,12 +216,4 @@ def check_linkage_floor(summary: RunSummary) -> None:
             "tables": {table: {"loaded": loaded, "held": held} for table, loaded, held in below},
         },
     )
-    described = "; ".join(
-        f"{table} {100 * loaded / (loaded + held):.1f}% ({loaded:,} of {loaded + held:,})"
-        for table, loaded, held in below
-    )
-    raise LinkageFloorError(
-        f"Linkage below the floor of {100 * quality.min_linkage_rate:.0f}% (JOURNEY_QUALITY__MIN_LINKAGE_RATE): "
-        f"{described}. Everything read was loaded or held; held records are retried on later runs. Check "
-        "that their patients arrive (references, MRNs, case ids)."
-    )
+    return linkage_warning(below, quality.min_linkage_rate)

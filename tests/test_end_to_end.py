@@ -226,7 +226,7 @@ def test_a_failed_preflight_fails_the_flow_and_nothing_reaches_bronze(
     assert not (tmp_path / "restricted" / SPILL_PREFIX).exists()
 
 
-def test_a_run_whose_records_mostly_wait_for_their_patients_ends_failed_after_loading(
+def test_a_run_whose_records_mostly_wait_for_their_patients_ends_with_a_warning_after_loading(
     harness: None, generated: GenerationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import shutil
@@ -237,7 +237,7 @@ def test_a_run_whose_records_mostly_wait_for_their_patients_ends_failed_after_lo
     use_settings_env(monkeypatch, settings)
     monkeypatch.setenv("JOURNEY_SOURCES__OPTIONAL", '["fhir", "redcap"]')
     state = patient_journey(return_state=True)
-    assert state.is_failed()
+    assert state.is_completed() and state.name == "Completed with warnings"  # not a plain Completed
     message = str(state.message)
     assert "device_event 0.0%" in message and "JOURNEY_QUALITY__MIN_LINKAGE_RATE" in message
     held = Lake(settings).read(HELD)
