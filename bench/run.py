@@ -181,6 +181,27 @@ def comparison_input(folder: Path) -> tuple[Path, int, int]:
     return target, resources, size
 
 
+def fhir_only_landing(folder: Path) -> Path:
+    """A landing zone holding only the main export's files of the compared types (hard links,
+    mtimes kept), for our flow on the FHIR source alone: the same input as Cumulus ETL and the
+    floor."""
+    landing = folder / "fhir-only-landing"
+    if landing.exists():
+        shutil.rmtree(landing)
+    export = main_export(folder / "landing")
+    target = landing / "ehr" / export.name
+    target.mkdir(parents=True)
+    for path in sorted(export.glob("*.ndjson")):
+        if path.name.split(".")[0] in CUMULUS_TASKS:
+            os.link(path, target / path.name)
+    return landing
+
+
+# Our flow on the FHIR source alone: the other sources are optional and absent (the registry is
+# skipped: no URL is set and the landing zone has no outcomes/registry.sqlite).
+FHIR_ONLY_ENV = {"JOURNEY_SOURCES__OPTIONAL": '["device", "redcap"]'}
+
+
 def fhir_input_counts(landing: Path) -> tuple[int, int]:
     """FHIR bytes in the landing zone (all exports and Bundles)."""
     return dir_bytes(landing / "ehr"), sum(1 for _ in (landing / "ehr").rglob("*") if _.is_file())
@@ -354,7 +375,14 @@ class Bench:
         path.mkdir(parents=True)
         return path
 
-    def flow(self, landing: Path, out: Path, label: str, profile_to: Path | None = None) -> Measured:
+    def flow(
+        self,
+        landing: Path,
+        out: Path,
+        label: str,
+        profile_to: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> Measured:
         command = [PYTHON, "-m", "bench.child", "flow" if self.server is not None else "pipeline", label]
         if profile_to is not None:
             spy = self.work / "tools-venv" / "bin" / "py-spy"
@@ -372,7 +400,8 @@ class Bench:
                 "--",
                 *command,
             ]
-        measured = measure(command, journey_env(self.env, landing, out), out / f"{label}.log")
+        env = {**journey_env(self.env, landing, out), **(extra_env or {})}
+        measured = measure(command, env, out / f"{label}.log")
         measured.result["bytes_out"] = {
             "restricted": dir_bytes(out / "restricted"),
             "warehouse": dir_bytes(out / "warehouse"),
@@ -449,6 +478,16 @@ class Bench:
         shutil.rmtree(out / "parquet", ignore_errors=True)
         return measured
 
+    def device_floor_run(self, device: Path, label: str) -> Measured:
+        out = self.fresh("device-floor", label)
+        measured = measure(
+            [PYTHON, "-m", "bench.child", "device-floor", str(device), str(out / "parquet")],
+            self.env,
+            out / "device-floor.log",
+        )
+        shutil.rmtree(out / "parquet", ignore_errors=True)
+        return measured
+
     def demo(self) -> dict[str, Any]:
         """`journey demo` as a user runs it after install: its own Prefect home, an ephemeral server."""
         out = self.fresh("demo")
@@ -517,6 +556,15 @@ class Bench:
                 break
         result["ours"] = summarise_ours(ours, landing)
 
+        fhir_landing = fhir_only_landing(folder)
+        fhir_only: list[Measured] = []
+        for run in range(runs):
+            log(f"{name}: our flow on the FHIR source alone, run {run + 1}/{runs}")
+            out = self.fresh(name, f"fhir-only-{run}")
+            fhir_only.append(self.flow(fhir_landing, out, "flow", extra_env=FHIR_ONLY_ENV))
+        result["fhir_only"] = summarise_ours(fhir_only, fhir_landing)
+        shutil.rmtree(fhir_landing, ignore_errors=True)
+
         log(f"{name}: rerun with no new input")
         again = self.flow(landing, self.work / "runs" / name / "ours-0", "rerun")
         result["rerun_no_input"] = {
@@ -541,6 +589,11 @@ class Bench:
                 log(f"{name}: Cumulus ETL, run {run + 1}/{runs}")
                 cumulus.append(self.cumulus_run(export, name))
         result["floor"] = summarise_floor(floors, compared)
+        device_floors = []
+        for run in range(runs):
+            log(f"{name}: device floor, run {run + 1}/{runs}")
+            device_floors.append(self.device_floor_run(landing / "device", name))
+        result["device_floor"] = summarise_device_floor(device_floors)
         if cumulus:
             result["cumulus"] = {
                 "seconds": median(m.seconds for m in cumulus),
@@ -652,10 +705,28 @@ def summarise_floor(runs: list[Measured], resources: int) -> dict[str, Any]:
     return out
 
 
-def ratios(scale: dict[str, Any], startup: dict[str, Any]) -> dict[str, Any]:
+def summarise_device_floor(runs: list[Measured]) -> dict[str, Any]:
+    first = runs[0].result
+    return {
+        "seconds": median(m.result["seconds"] for m in runs),
+        "all_seconds": [m.result["seconds"] for m in runs],
+        "import_seconds": median(m.result["import_seconds"] for m in runs),
+        "peak_rss_mib": median(m.peak_rss_mib for m in runs),
+        "engine": first["engine"],
+        "blobs": first["blobs"],
+        "blobs_failed": first["blobs_failed"],
+        "messages": first["messages"],
+        "bytes_out": first["bytes_out"],
+    }
+
+
+def ratios(scale: dict[str, Any], startup: dict[str, Any], which: str = "ours") -> dict[str, Any]:
     """Throughput on the FHIR input (resources per second), ours against Cumulus ETL and the floor,
-    with fixed start-up costs included and excluded."""
-    ours = scale["ours"]
+    with fixed start-up costs included and excluded. ``which``: the whole flow (``ours``, which
+    also reads the device and outcome sources in that time) or the flow on the FHIR source alone
+    (``fhir_only``, the same export as Cumulus ETL and the floor). For the whole flow, also its
+    extract step against the FHIR floor plus the device floor (the same inputs' floors)."""
+    ours = scale[which]
     ours_total = ours["total_seconds"]
     ours_work = ours_total - ours["startup_seconds"]
     resources = ours["fhir_resources"]
@@ -670,7 +741,15 @@ def ratios(scale: dict[str, Any], startup: dict[str, Any]) -> dict[str, Any]:
         "cumulus_excluding_startup": compared / cumulus_work,
         "floor": compared / floor["seconds"],
     }
+    out: dict[str, Any] = {}
+    device_floor = scale.get("device_floor")
+    extract = ours["steps"].get("extract", {}).get("seconds")
+    if which == "ours" and device_floor and extract:
+        floors = floor["seconds"] + device_floor["seconds"]
+        out["extract_over_floors"] = round(extract / floors, 2)
+        out["floors_seconds"] = round(floors, 3)
     return {
+        **out,
         "fhir_resources_per_second": {k: round(v) for k, v in rates.items()},
         "vs_cumulus_total": round(rates["ours_total"] / rates["cumulus_total"], 2),
         "vs_cumulus_excluding_startup": round(
@@ -723,14 +802,32 @@ def machine() -> dict[str, Any]:
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 6's targets against this run's figures (met: True/False, or None when not measured)."""
+    """The issues' targets against this run's figures (met: True/False, or None when not measured):
+    issue 16's like-for-like ratios first, then issue 6's."""
     out: list[dict[str, Any]] = []
     scales = result["scales"]
+    for name in ("M", "L"):
+        figure = scales.get(name, {}).get("fhir_only", {}).get("ratios", {}).get("vs_cumulus_total")
+        out.append(
+            {
+                "target": f"issue 16: the flow on FHIR alone >= 8x Cumulus ETL at {name} (total wall, server running)",
+                "figure": figure,
+                "met": None if figure is None else figure >= 8.0,
+            }
+        )
+        figure = scales.get(name, {}).get("ratios", {}).get("extract_over_floors")
+        out.append(
+            {
+                "target": f"issue 16: the whole flow's extract within 3x of the FHIR floor + the device floor at {name}",
+                "figure": figure,
+                "met": None if figure is None else figure <= 3.0,
+            }
+        )
     for name, goal in (("L", 25.0), ("M", 15.0)):
         figure = scales.get(name, {}).get("ratios", {}).get("vs_cumulus_total")
         out.append(
             {
-                "target": f"throughput >= {goal:g}x Cumulus ETL at {name} (total wall)",
+                "target": f"issue 6: whole flow >= {goal:g}x Cumulus ETL at {name} (total wall)",
                 "figure": figure,
                 "met": None if figure is None else figure >= goal,
             }
@@ -870,6 +967,7 @@ def main(argv: list[str] | None = None) -> int:
             scale = bench.scale(name)
             if not args.no_cumulus:
                 scale["ratios"] = ratios(scale, startup)
+                scale["fhir_only"]["ratios"] = ratios(scale, startup, "fhir_only")
             result["scales"][name] = scale
     finally:
         if server is not None:
@@ -1026,8 +1124,46 @@ def render(result: dict[str, Any]) -> str:
             f"Cumulus ETL {_fmt(cumulus.get('seconds'), ' s')} (peak RSS {_fmt(cumulus.get('peak_rss_mib'), ' MiB')}).",
             "",
         ]
+        device_floor = scale.get("device_floor")
+        if device_floor:
+            lines += [
+                f"Device floor ({device_floor['engine']}, the same {device_floor['blobs']:,} blobs, "
+                f"{device_floor['messages']:,} messages, into one Parquet file): {_fmt(device_floor['seconds'], ' s')}.",
+                "",
+            ]
         r = scale.get("ratios")
+        if r and "extract_over_floors" in r:
+            lines += [
+                f"Our extract step ({_fmt(ours['steps']['extract']['seconds'], ' s')}, every source) against the FHIR "
+                f"floor plus the device floor ({_fmt(r['floors_seconds'], ' s')}): **{r['extract_over_floors']}x**.",
+                "",
+            ]
+        fhir_only = scale.get("fhir_only")
+        if fhir_only:
+            lines += [
+                f"Our flow on the FHIR source alone (the same export as Cumulus ETL and the floor, "
+                f"{fhir_only['fhir_resources']:,} resources): {_fmt(fhir_only['total_seconds'], ' s')} total "
+                f"(start-up {_fmt(fhir_only['startup_seconds'], ' s')}; steps "
+                + " / ".join(
+                    f"{step} {_fmt(fhir_only['steps'].get(step, {}).get('seconds'))}"
+                    for step in ("preflight", "extract", "stage", "validate", "link", "load", "gold")
+                )
+                + f" s), peak RSS {_fmt(fhir_only['peak_rss_mib'], ' MiB')}.",
+                "",
+            ]
+            fr = fhir_only.get("ratios")
+            if fr:
+                rates = fr["fhir_resources_per_second"]
+                lines += [
+                    "| FHIR alone, resources/s | total | start-up excluded |",
+                    "|---|---:|---:|",
+                    f"| ours, FHIR source alone | {_fmt(rates['ours_total'])} | {_fmt(rates['ours_excluding_startup'])} |",
+                    f"| **ours / Cumulus** | **{fr['vs_cumulus_total']}x** | **{fr['vs_cumulus_excluding_startup']}x** |",
+                    f"| **floor / ours** | {fr['floor_over_ours_total']}x | **{fr['floor_over_ours_excluding_startup']}x** |",
+                    "",
+                ]
         if r:
+            lines += ["The whole flow (every source) on the FHIR resources it reads:", ""]
             rates = r["fhir_resources_per_second"]
             lines += [
                 "| FHIR resources/s | total | start-up excluded |",
@@ -1044,7 +1180,7 @@ def render(result: dict[str, Any]) -> str:
             f"`journey demo` (300 patients, ephemeral Prefect server, start-up included): {result['demo']['seconds']} s.",
             "",
         ]
-    lines += ["## Targets (issue 6)", "", "| target | figure | met |", "|---|---|---|"]
+    lines += ["## Targets", "", "| target | figure | met |", "|---|---|---|"]
     for t in result["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         lines.append(f"| {t['target']} | {_fmt(t['figure'])} | {met} |")

@@ -22,12 +22,17 @@ STEPS = ("preflight", "extract", "stage", "validate", "link", "load", "gold")
 def test_harness_writes_every_step_and_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_measure = bench_run.measure
     ours: list[bench_run.Measured] = []
+    fhir_only: list[bench_run.Measured] = []
 
     def measure(command: list[str], env: dict[str, str], log_file: Path, **kwargs: Any) -> bench_run.Measured:
         if "cumulus-etl" in command[0]:
             return bench_run.Measured(10.0, 200.0, {"bytes_out": 1000}, 0)
-        if "floor" in command:
+        if "floor" in command or "device-floor" in command:
             return real_measure(command, env, log_file, **kwargs)
+        if "JOURNEY_SOURCES__OPTIONAL" in env:  # the flow on the FHIR source alone, measured once
+            if not fhir_only:
+                fhir_only.append(real_measure(command, env, log_file, **kwargs))
+            return fhir_only[0]
         if not ours:
             ours.append(real_measure(command, env, log_file, **kwargs))
         return ours[0]
@@ -40,6 +45,7 @@ def test_harness_writes_every_step_and_ratio(tmp_path: Path, monkeypatch: pytest
     bench = bench_run.Bench(tmp_path / "work", runs=1, server=None, profile=None, results=tmp_path)
     scale = bench.scale("XS")
     scale["ratios"] = bench_run.ratios(scale, {"cumulus_seconds": 5.0})
+    scale["fhir_only"]["ratios"] = bench_run.ratios(scale, {"cumulus_seconds": 5.0}, "fhir_only")
     result = {
         "command": "test",
         "started_at": "now",
@@ -75,6 +81,18 @@ def test_harness_writes_every_step_and_ratio(tmp_path: Path, monkeypatch: pytest
     assert scale["floor"]["duckdb"]["rows"] == scale["input"]["compared_export"]["resources"]
     assert scale["rerun_one_percent"]["held_lines"] > 0 and scale["rerun_one_percent"]["held_files"] > 0
     assert {"cpu", "cores", "memory_gib", "python", "packages"} <= set(result["machine"])
-    assert "## Targets (issue 6)" in markdown
+    assert "## Targets" in markdown
+    # Like with like (issue 16): our flow on the compared export alone, and the device floor.
+    alone = scale["fhir_only"]
+    assert alone["fhir_resources"] == scale["input"]["compared_export"]["resources"]
+    assert {source for source, read in alone["ingests"].items() if read["records"]} == {"fhir"}
+    assert set(alone["ratios"]) >= {"vs_cumulus_total", "floor_over_ours_excluding_startup"}
+    assert "extract_over_floors" not in alone["ratios"]
+    assert scale["ratios"]["extract_over_floors"] > 0
+    device_floor = scale["device_floor"]
+    generated = scale["generator"]["counts"]
+    assert device_floor["seconds"] > 0 and device_floor["blobs"] == generated["device_blobs"]
+    assert device_floor["messages"] >= generated["device_messages"]
+    assert "Device floor" in markdown and "FHIR source alone" in markdown
     # Counts, sizes and timings only: no patient identifiers or values in the results.
     assert "MRN" not in text and "mrn-" not in text.lower()
