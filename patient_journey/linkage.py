@@ -1,6 +1,8 @@
 """Identity linkage: every staged record to one pseudonymous patient key, or held for later.
 
-Links, in the order they are derived:
+Each source declares how its staged tables link (``Source.links``, ``LinkSpec``) and the identity
+relations it adds (``Source.identity``, ``IdentityRelation``); the plug-ins' declarations are
+gathered in ``patient_journey.sources.plugins``. Links, in the order they are derived:
 
 * FHIR Patient -> patient key = HMAC("mrn:" + MRN);
 * EHR records -> their Patient reference;
@@ -19,6 +21,7 @@ The crosswalk (source identifier -> patient key) is written to the restricted zo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import duckdb
@@ -65,152 +68,15 @@ class LinkSpec:
     optional_link: str | None = None  # rows matching this predicate load without a patient
 
 
-LINKS: tuple[LinkSpec, ...] = (
-    LinkSpec(
-        "patient",
-        "patient",
-        "fhir",
-        "patient_id",
-        "s LEFT JOIN ehr_patient k USING (patient_id)",
-        "mrn_present",
-        "k.patient_key, year(s.birth_date) AS birth_year, s.gender",
-    ),
-    LinkSpec(
-        "encounter",
-        "encounter",
-        "fhir",
-        "encounter_id",
-        "s LEFT JOIN ehr_patient k USING (patient_id)",
-        "subject_links_to_patient",
-        "s.encounter_id, k.patient_key, s.class_code, s.purpose, s.period_start, s.period_end",
-    ),
-    LinkSpec(
-        "procedure",
-        "procedure",
-        "fhir",
-        "procedure_id",
-        "s LEFT JOIN ehr_patient k USING (patient_id)",
-        "subject_links_to_patient",
-        "s.procedure_id, k.patient_key, pseudonym('or-case', s.case_id) AS episode_key, s.encounter_id, "
-        "s.code, s.display, s.status, s.performed_start, s.performed_end",
-    ),
-    LinkSpec(
-        "condition",
-        "condition",
-        "fhir",
-        "condition_id",
-        "s LEFT JOIN ehr_patient k USING (patient_id)",
-        "subject_links_to_patient",
-        "s.condition_id, k.patient_key, s.code, s.display, s.onset_time",
-    ),
-    LinkSpec(
-        "observation",
-        "observation",
-        "fhir",
-        "observation_id",
-        "s LEFT JOIN ehr_patient k USING (patient_id)",
-        "subject_links_to_patient",
-        "s.observation_id, k.patient_key, s.encounter_id, s.code, s.display, s.effective_time, s.value, s.unit",
-    ),
-    LinkSpec(
-        "device",
-        "device",
-        "fhir",
-        "device_id",
-        "s LEFT JOIN ehr_patient k USING (patient_id)",
-        "patient_links_to_patient",
-        "s.device_id, k.patient_key, s.udi_di, s.device_name, s.device_type",
-        optional_link="s.patient_id IS NULL",
-    ),
-    LinkSpec(
-        "device_event",
-        "device_event",
-        "device",
-        "measurement_id",
-        "s LEFT JOIN case_link k USING (case_id)",
-        "case_id_links_to_procedure",
-        "s.measurement_id, k.episode_key, k.patient_key, s.device_type, "
-        "pseudonym('device-serial', s.device_id) AS device_key, s.udi_di, s.firmware, "
-        "s.event_type, s.event_time, s.value, s.unit, s.enqueued_time, s.measured_values",
-    ),
-    LinkSpec(
-        "registry_patient",
-        None,
-        "registry",
-        "registry_id",
-        "s LEFT JOIN registry_link k USING (registry_id)",
-        "mrn_and_birth_date_link_to_patient",
-        "k.patient_key",
-    ),
-    LinkSpec(
-        "prom_response",
-        "prom_score",
-        "registry",
-        "response_id",
-        "s LEFT JOIN registry_link k USING (registry_id)",
-        "registry_id_links_to_patient",
-        "k.patient_key, s.instrument, s.timepoint, s.score, s.collected_on, 'registry' AS prom_source",
-    ),
-    LinkSpec(
-        "complication",
-        "complication",
-        "registry",
-        "complication_id",
-        "s LEFT JOIN registry_link k USING (registry_id)",
-        "registry_id_links_to_patient",
-        "k.patient_key, s.occurred_on, s.code, s.grade",  # the description is free text: restricted
-    ),
-    LinkSpec(
-        "readmission",
-        "readmission",
-        "registry",
-        "readmission_id",
-        "s LEFT JOIN registry_link k USING (registry_id)",
-        "registry_id_links_to_patient",
-        "k.patient_key, s.admitted_on, s.discharged_on",  # the reason is free text: restricted
-    ),
-    LinkSpec(
-        "redcap_prom",
-        "prom_score",
-        "redcap",
-        "redcap_row_id",
-        "s LEFT JOIN redcap_link k USING (redcap_record_id)",
-        "mrn_links_to_patient",
-        "k.patient_key, s.instrument, s.timepoint, s.score, s.collected_on, 'redcap' AS prom_source",
-    ),
-    LinkSpec(
-        "fhir_prom",
-        "prom_score",
-        "fhir",
-        "questionnaire_response_id",
-        "s LEFT JOIN ehr_patient k USING (patient_id)",
-        "subject_links_to_patient",
-        "k.patient_key, s.instrument, s.timepoint, s.score, s.collected_on, 'fhir' AS prom_source",
-    ),
-)
+@dataclass(frozen=True)
+class IdentityRelation:
+    """One relation from a source's identifiers to patient keys: a temporary table ``name`` made
+    by ``sql`` (over ``staged_<table>`` and the relations declared before it) before any table
+    links, and its rows of the crosswalk (``identifier_type, identifier, patient_key``)."""
 
-IDENTITY_SQL = """
-CREATE TEMP TABLE ehr_patient AS
-    SELECT patient_id, mrn, birth_date, pseudonym('mrn', mrn) AS patient_key FROM staged_patient;
-CREATE TEMP TABLE case_link AS
-    SELECT DISTINCT p.case_id, k.patient_key, pseudonym('or-case', p.case_id) AS episode_key
-    FROM staged_procedure p JOIN ehr_patient k USING (patient_id) WHERE p.case_id IS NOT NULL;
-CREATE TEMP TABLE registry_link AS
-    SELECT DISTINCT r.registry_id, k.patient_key
-    FROM staged_registry_patient r JOIN ehr_patient k ON k.mrn = r.mrn AND k.birth_date = r.birth_date;
-CREATE TEMP TABLE redcap_link AS
-    SELECT DISTINCT r.redcap_record_id, k.patient_key
-    FROM staged_redcap_prom r JOIN ehr_patient k ON k.mrn = r.mrn;
-"""
-
-CROSSWALK_SQL = """
-SELECT 'fhir-patient' AS identifier_type, patient_id AS identifier, patient_key FROM ehr_patient
-UNION SELECT 'mrn', mrn, patient_key FROM ehr_patient
-UNION SELECT 'or-case', case_id, patient_key FROM case_link
-UNION SELECT 'registry-patient', registry_id, patient_key FROM registry_link
-UNION SELECT 'redcap-record', redcap_record_id, patient_key FROM redcap_link
-ORDER BY identifier_type, identifier
-"""
+    name: str
+    sql: str
+    crosswalk: str
 
 
 @dataclass(frozen=True)
@@ -240,18 +106,26 @@ def _register_pseudonym(connection: duckdb.DuckDBPyConnection, keys: KeyMaker) -
     )
 
 
-def link(staged: dict[str, pa.Table], keys: KeyMaker, run_id: str) -> LinkResult:
-    """Link validated staged tables; returns silver tables, the crosswalk and held records."""
+def link(
+    staged: dict[str, pa.Table],
+    keys: KeyMaker,
+    run_id: str,
+    links: Sequence[LinkSpec],
+    identity: Sequence[IdentityRelation],
+) -> LinkResult:
+    """Link validated staged tables by the sources' declarations (``links``, after building the
+    ``identity`` relations in order); returns silver tables, the crosswalk and held records."""
     connection = connect()
     _register_pseudonym(connection, keys)
     for name, table in staged.items():
         connection.register(f"staged_{name}", table)
-    connection.execute(IDENTITY_SQL)
+    for relation in identity:
+        connection.execute(f"CREATE TEMP TABLE {relation.name} AS {relation.sql}")
     silver_parts: dict[str, list[pa.Table]] = {}
     held_parts: list[pa.Table] = []
     loaded: dict[str, int] = {}
     held_counts: dict[str, int] = {}
-    for spec in LINKS:
+    for spec in links:
         source = f"staged_{spec.staged}"
         linked_filter = "k.patient_key IS NOT NULL"
         if spec.optional_link:
@@ -274,7 +148,9 @@ def link(staged: dict[str, pa.Table], keys: KeyMaker, run_id: str) -> LinkResult
         held_parts.append(held)
         if spec.silver is not None:
             silver_parts.setdefault(spec.silver, []).append(linked)
-    crosswalk = connection.sql(CROSSWALK_SQL).to_arrow_table()
+    crosswalk = connection.sql(
+        " UNION ".join(relation.crosswalk for relation in identity) + " ORDER BY identifier_type, identifier"
+    ).to_arrow_table()
     connection.close()
     silver = {name: pa.concat_tables(parts) for name, parts in silver_parts.items()}
     return LinkResult(silver, crosswalk, pa.concat_tables(held_parts), loaded, held_counts)

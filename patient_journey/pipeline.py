@@ -33,12 +33,12 @@ from patient_journey.lake import (
     silver,
     staged,
 )
-from patient_journey.linkage import LINKS, link
+from patient_journey.linkage import link
 from patient_journey.prom import redcap_forms_not_loaded
 from patient_journey.quality import QUARANTINE_SCHEMA, QualityGate, quarantine_rows
 from patient_journey.settings import JourneySettings
 from patient_journey.sources import registry
-from patient_journey.sources.plugins import PLUGINS, source_named
+from patient_journey.sources.plugins import IDENTITY, LINKS, PLUGINS, STAGED_TABLES, source_named
 from patient_journey.sources.records import (
     BRONZE_SCHEMA,
     FORGOTTEN,
@@ -50,7 +50,7 @@ from patient_journey.sources.records import (
     candidate_files,
 )
 from patient_journey.sources.source import ExtractJob
-from patient_journey.staging import FIELD_ERROR, STAGED_TABLES, SUPERSEDED, stage
+from patient_journey.staging import FIELD_ERROR, SUPERSEDED, stage
 from patient_journey.storage import FileInfo, Storage, check_zones, listed_files
 
 SOURCES = tuple(PLUGINS)
@@ -762,7 +762,7 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         if item["values"] not in modelled
     }
     bronze_only.update(redcap_forms_not_loaded(bronze_tables["redcap_record"]))
-    staged_tables = stage(bronze_tables, release=True)
+    staged_tables = stage(bronze_tables, STAGED_TABLES, release=True)
     del bronze_tables  # staged from here on: bronze is not held through the gate and linkage
     rejected_at_read = _rejects_as_quarantine(lake, reads)
     names = list(staged_tables)
@@ -803,7 +803,7 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         report.expectations.extend(asdict(o) for o in gated.outcomes)
     clock.lap("validate")
 
-    linked = link(passed, keys, run_id)
+    linked = link(passed, keys, run_id, LINKS, IDENTITY)
     for name in names:
         counts[name].loaded = linked.loaded[name]
         counts[name].held = linked.held_counts[name]

@@ -1,6 +1,6 @@
 """Patient-reported outcomes in staging: item answers -> catalog scores (no Prefect here).
 
-Staging (``staging.STAGED_TABLES``) flattens each PROM source into one row per questionnaire with
+Staging (the sources' ``staged`` tables) flattens each PROM source into one row per questionnaire with
 ``instrument`` (a catalog id), ``items`` (a JSON object: item id -> answer code, as text) and
 placeholders for what this module fills in from ``catalog/instruments`` via
 :func:`patient_journey.scoring.score_responses`:

@@ -14,7 +14,6 @@ from typing import Any
 
 from patient_journey.azure import is_blob_url
 from patient_journey.lake import Lake, extraction_rejects_table
-from patient_journey.linkage import LINKS
 from patient_journey.pipeline import (
     QUARANTINE,
     SOURCES,
@@ -24,6 +23,7 @@ from patient_journey.pipeline import (
 )
 from patient_journey.quality import load_suite_files, rule_of
 from patient_journey.settings import JourneySettings
+from patient_journey.sources.plugins import LINKS
 
 QUARANTINE_EVENT = "patient-journey.quarantine.threshold-exceeded"
 LINKAGE_EVENT = "patient-journey.linkage.below-floor"

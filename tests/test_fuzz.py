@@ -48,8 +48,8 @@ from patient_journey.generate.writers import AVRO_SCHEMA
 from patient_journey.lake import Lake, silver
 from patient_journey.settings import JourneySettings
 from patient_journey.sources import device, fhir
+from patient_journey.sources.plugins import STAGED_BY_NAME
 from patient_journey.sources.records import Extraction
-from patient_journey.staging import STAGED_BY_NAME
 from patient_journey.storage import FileInfo
 from tests.conftest import settings_for
 

@@ -19,6 +19,7 @@ import pytest
 from patient_journey import pipeline
 from patient_journey.generate import GenerationResult
 from patient_journey.sources import fhir
+from patient_journey.sources.plugins import STAGED_TABLES
 from patient_journey.sources.records import Extraction, InputSelection
 from patient_journey.staging import stage
 from patient_journey.storage import Storage
@@ -143,7 +144,7 @@ def test_resources_without_an_id_are_never_taken_for_one_another(tmp_path: Path)
         tmp_path, "Patient.008.ndjson", line * 2 + b'{"resourceType":"Patient","gender":"male"}\n'
     )
     assert again.records().column("record_id").to_pylist() == ids  # stable for the same input
-    staged = stage({"fhir_resource": out.records()})["patient"]
+    staged = stage({"fhir_resource": out.records()}, STAGED_TABLES)["patient"]
     assert staged.num_rows == 3 and not any(staged.column("_superseded").to_pylist())
 
 
@@ -195,7 +196,7 @@ def _synthea_bundle() -> bytes:
 def test_urn_uuid_references_of_a_transaction_bundle_resolve_to_the_entries_they_name(tmp_path: Path) -> None:
     out = _extract(tmp_path, "Given1_Family2_b0a5b4b8.json", _synthea_bundle())
     assert out.reject_count == 0
-    staged = stage({"fhir_resource": out.records()})
+    staged = stage({"fhir_resource": out.records()}, STAGED_TABLES)
     patient = "b0a5b4b8-7bd4-4b4c-9e1f-1d1d5b8f0c11"
     assert staged["encounter"].column("patient_id").to_pylist() == [patient]
     procedure = staged["procedure"].to_pylist()[0]
@@ -220,7 +221,9 @@ def test_staging_reads_relative_and_absolute_references_alike(
 ) -> None:
     line = orjson.dumps({"resourceType": "Encounter", "id": "e1", "subject": {"reference": reference}})
     out = _extract(tmp_path, "Encounter.009.ndjson", line + b"\n")
-    assert stage({"fhir_resource": out.records()})["encounter"].column("patient_id").to_pylist() == [expected]
+    assert stage({"fhir_resource": out.records()}, STAGED_TABLES)["encounter"].column(
+        "patient_id"
+    ).to_pylist() == [expected]
 
 
 def test_no_hostile_input_stops_a_load_and_a_rerun_moves_on(
@@ -346,7 +349,7 @@ def test_two_contents_of_one_id_and_time_are_settled_by_arrival_not_by_file_name
         raw = orjson.dumps({**resource, "gender": gender})
         out.add_record("Patient", "p1", raw.decode(), uri, 1, raw)
     bronze = pa.concat_tables([second.records(), first.records()])
-    patient = stage({"fhir_resource": bronze})["patient"]
+    patient = stage({"fhir_resource": bronze}, STAGED_TABLES)["patient"]
     kept = [r for r in patient.to_pylist() if r["_first_of_id"] and not r["_superseded"]]
     assert [r["gender"] for r in kept] == ["female"]  # the first to arrive, though its file sorts last
 

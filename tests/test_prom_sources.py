@@ -29,6 +29,7 @@ from patient_journey.linkage import link
 from patient_journey.quality import QualityGate
 from patient_journey.scoring import load_catalog, score_responses
 from patient_journey.sources import fhir, redcap
+from patient_journey.sources.plugins import IDENTITY, LINKS, STAGED_TABLES
 from patient_journey.sources.records import BRONZE_SCHEMA, Extraction, InputSelection
 from patient_journey.sources.redcap_export import (
     RULE_CHOICE_VALID,
@@ -142,7 +143,7 @@ def generated_bronze(generated: GenerationResult) -> dict[str, pa.Table]:
 
 @pytest.fixture(scope="module")
 def staged_proms(generated_bronze: dict[str, pa.Table]) -> dict[str, pa.Table]:
-    return stage(generated_bronze)
+    return stage(generated_bronze, STAGED_TABLES)
 
 
 @pytest.fixture(scope="module")
@@ -440,7 +441,7 @@ def test_questionnaire_response_mapping(tmp_path: Path, gate: QualityGate) -> No
     path.parent.mkdir()
     path.write_bytes(b"\n".join(lines) + b"\n")
     bronze = fhir.extract(Storage(str(tmp_path)), "ehr", InputSelection(), "t").records()
-    staged = stage({"fhir_resource": bronze})["fhir_prom"]
+    staged = stage({"fhir_resource": bronze}, STAGED_TABLES)["fhir_prom"]
     rows = {r["questionnaire_response_id"]: r for r in staged.to_pylist()}
     status = {rid: (r["instrument"], r["scoring_status"], r["score"]) for rid, r in rows.items()}
     assert status == {
@@ -477,9 +478,9 @@ def test_prom_tables_link_to_silver_prom_score(
     }
     staged = {  # current records only, as the pipeline passes them on
         name: table.filter(pc.invert(table[SUPERSEDED])).drop_columns([SUPERSEDED])
-        for name, table in stage(bronze).items()
+        for name, table in stage(bronze, STAGED_TABLES).items()
     }
-    linked = link(staged, KeyMaker(TEST_KEY.encode()), "test-run")
+    linked = link(staged, KeyMaker(TEST_KEY.encode()), "test-run", LINKS, IDENTITY)
     silver = linked.silver["prom_score"]
     for column in ("patient_key", "instrument", "timepoint", "score", "collected_on", "prom_source"):
         assert column in silver.column_names

@@ -21,6 +21,7 @@ from patient_journey.identity import KeyMaker
 from patient_journey.journey import build_journey
 from patient_journey.lake import Lake, bronze
 from patient_journey.linkage import link
+from patient_journey.sources.plugins import IDENTITY, LINKS, STAGED_TABLES
 from patient_journey.sources.records import BRONZE_SCHEMA
 from patient_journey.staging import stage
 from tests.conftest import TEST_KEY, settings_for
@@ -68,8 +69,8 @@ def transformed(
     golden_bronze: tuple[dict[str, pa.Table], Path],
 ) -> tuple[dict[str, pa.Table], Path, dict[str, str]]:
     bronze_tables, landing = golden_bronze
-    staged = stage(bronze_tables)
-    linked = link(staged, KeyMaker(TEST_KEY.encode()), "golden-run")
+    staged = stage(bronze_tables, STAGED_TABLES)
+    linked = link(staged, KeyMaker(TEST_KEY.encode()), "golden-run", LINKS, IDENTITY)
     gold = build_journey(linked.silver)
     tables = {f"staged.{k}": v for k, v in staged.items()}
     tables |= {f"silver.{k}": v for k, v in linked.silver.items()}
@@ -81,9 +82,9 @@ def test_staging_that_releases_bronze_as_it_goes_stages_the_same_tables(
     golden_bronze: tuple[dict[str, pa.Table], Path],
 ) -> None:
     bronze_tables, _ = golden_bronze
-    kept = stage(bronze_tables)
+    kept = stage(bronze_tables, STAGED_TABLES)
     given = dict(bronze_tables)
-    released = stage(given, release=True)
+    released = stage(given, STAGED_TABLES, release=True)
     assert given == {}  # each bronze table was taken out once its staged tables were built
     assert list(released) == list(kept)  # in STAGED_TABLES order
     assert all(released[name].equals(kept[name]) for name in kept)

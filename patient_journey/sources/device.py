@@ -32,10 +32,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from patient_journey.device_templates import DeviceTemplates, Envelope, Measurement, load_templates
+from patient_journey.linkage import LinkSpec
 from patient_journey.quality import QUARANTINE_SCHEMA, ExpectationOutcome, QualityGate, quarantine_rows
 from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, InputSelection, content_hash, read_new_files
 from patient_journey.sources.source import ExtractJob, Gated, Source
+from patient_journey.staging import StagedTable, declared, json_fields, timestamp
 from patient_journey.storage import Storage
 
 SOURCE = "device"
@@ -299,9 +301,56 @@ def gate_device_types(
     return events.filter(keep), failed, outcomes
 
 
+# --------------------------------------------------------------------------- staged tables and links
+
+STAGED: tuple[StagedTable, ...] = (
+    declared(
+        lambda at: StagedTable(
+            "device_event",
+            "device_message",
+            "device_measurement",
+            f"""record_id AS measurement_id, {at("$.iotDeviceId")} AS iot_device_id,
+            {at("$.typeName")} AS device_type, {at("$.deviceId")} AS device_id,
+            {at("$.caseId")} AS case_id, {at("$.template")} AS template,
+            coalesce({at("$.values.event")}, {at("$.typeName")}) AS event_type,
+            {timestamp(at, "measuredAt")} AS event_time, {timestamp(at, "enqueuedTime")} AS enqueued_time,
+            {at("$.values.udiDi")} AS udi_di, {at("$.values.firmware")} AS firmware,
+            try_cast({at("$.values.value")} AS DOUBLE) AS value, {at("$.values.unit")} AS unit,
+            CAST(json_extract(payload, '$.values') AS VARCHAR) AS measured_values""",
+            # What the templates mapped, of the kinds staging reads; a case id or serial may be a
+            # number. A value a suite compares with numbers is checked by its device type's gate.
+            fields=json_fields(
+                "caseId:scalar",
+                "deviceId:scalar",
+                "values.event:string",
+                "values.udiDi:string",
+                "values.firmware:scalar",
+                "values.unit:string",
+            ),
+        )
+    ),
+)
+
+LINKS: tuple[LinkSpec, ...] = (
+    LinkSpec(
+        "device_event",
+        "device_event",
+        "device",
+        "measurement_id",
+        "s LEFT JOIN case_link k USING (case_id)",
+        "case_id_links_to_procedure",
+        "s.measurement_id, k.episode_key, k.patient_key, s.device_type, "
+        "pseudonym('device-serial', s.device_id) AS device_key, s.udi_di, s.firmware, "
+        "s.event_type, s.event_time, s.value, s.unit, s.enqueued_time, s.measured_values",
+    ),
+)
+
+
 class DeviceSource(Source):
     """IoT Hub telemetry routed to storage; each device type's measurements have their own suite."""
 
+    staged = STAGED
+    links = LINKS
     name = SOURCE
     bronze_table = "device_message"
     suffixes = SUFFIXES

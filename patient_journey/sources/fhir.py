@@ -39,9 +39,19 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from patient_journey.linkage import IdentityRelation, LinkSpec
 from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, InputSelection, read_new_files
 from patient_journey.sources.source import ExtractJob, Source
+from patient_journey.staging import (
+    PROM_SCORE_COLUMNS,
+    JsonText,
+    StagedTable,
+    Versions,
+    declared,
+    json_fields,
+    timestamp,
+)
 from patient_journey.storage import FileInfo, Storage
 
 SOURCE = "fhir"
@@ -445,9 +455,300 @@ def _stream_file(out: Extraction, file: FileInfo, chunks: Iterator[bytes]) -> No
         _read_file(out, file, b"".join(chunks))
 
 
+# --------------------------------------------------------------------------- staged tables and links
+
+MRN_SYSTEM = "http://hospital.example.org/fhir/mrn"
+OR_CASE_SYSTEM = "http://hospital.example.org/fhir/or-case"
+
+
+def _identifier(where: str) -> str:
+    """The value of the first ``identifier[]`` element for which ``where`` (over ``i``) holds."""
+    return f"list_filter(json_extract(payload, '$.identifier[*]'), lambda i: {where})[1]->>'$.value'"
+
+
+# The MRN: the identifier with the hospital's MRN system, else the one typed MR (as Synthea writes it).
+_MRN_BY_SYSTEM = _identifier(f"i->>'$.system' = '{MRN_SYSTEM}'")
+_MRN_BY_TYPE = _identifier("i->>'$.type.coding[0].code' = 'MR'")
+MRN = f"coalesce({_MRN_BY_SYSTEM}, {_MRN_BY_TYPE})"
+OR_CASE_ID = _identifier(f"i->>'$.system' = '{OR_CASE_SYSTEM}'")
+
+
+def _ref_id(at: JsonText, path: str) -> str:
+    """The id of a reference: the last segment of ``Type/id`` or of an absolute URL, its
+    ``_history/<version>`` dropped (references a Bundle resolves are relative by now)."""
+    return f"nullif(regexp_extract({at('$.' + path)}, '([^/]+)(/_history/[^/]*)?$', 1), '')"
+
+
+def fhir_versions(at: JsonText) -> Versions:
+    """meta.lastUpdated orders versions; the reader writes a deletion (bulk export ``deleted``
+    entries, DELETE entries of a Bundle) as a record marked ``_deleted``."""
+    return {"version": timestamp(at, "meta.lastUpdated"), "deleted": f"{at('$._deleted')} = 'true'"}
+
+
+# A QuestionnaireResponse's answers as a JSON object linkId -> first answer (top-level items and
+# items one group deep); an answer of another type than integer or coding is kept as its JSON.
+_QR_ITEM_LIST = "list_concat(json_extract(payload, '$.item[*]'), json_extract(payload, '$.item[*].item[*]'))"
+_QR_ANSWER = (
+    "coalesce(i->>'$.answer[0].valueInteger', i->>'$.answer[0].valueCoding.code', "
+    "CAST(i->'$.answer[0]' AS VARCHAR))"
+)
+QR_ITEMS = (
+    f"'{{' || array_to_string(list_transform(list_filter({_QR_ITEM_LIST}, "
+    f"lambda i: (i->>'$.linkId') IS NOT NULL AND (i->'$.answer[0]') IS NOT NULL), "
+    f"lambda i: to_json(i->>'$.linkId') || ':' || to_json({_QR_ANSWER})), ',') || '}}'"
+)
+
+STAGED: tuple[StagedTable, ...] = (
+    declared(
+        lambda at: StagedTable(
+            "patient",
+            "fhir_resource",
+            "Patient",
+            f"""record_id AS patient_id, {MRN} AS mrn,
+            try_cast({at("$.birthDate")} AS DATE) AS birth_date, {at("$.gender")} AS gender""",
+            **fhir_versions(at),
+            fields=json_fields("identifier:array", "birthDate:string", "gender:string"),
+        )
+    ),
+    declared(
+        lambda at: StagedTable(
+            "encounter",
+            "fhir_resource",
+            "Encounter",
+            f"""record_id AS encounter_id, {_ref_id(at, "subject.reference")} AS patient_id,
+            {at("$.class.code")} AS class_code, {at("$.type[0].coding[0].code")} AS purpose,
+            {timestamp(at, "period.start")} AS period_start, {timestamp(at, "period.end")} AS period_end""",
+            **fhir_versions(at),
+            fields=json_fields(
+                "subject:object",
+                "subject.reference:string",
+                "class:object",
+                "class.code:string",
+                "type:array",
+                "period:object",
+                "period.start:string",
+                "period.end:string",
+            ),
+        )
+    ),
+    declared(
+        lambda at: StagedTable(
+            "procedure",
+            "fhir_resource",
+            "Procedure",
+            f"""record_id AS procedure_id, {_ref_id(at, "subject.reference")} AS patient_id,
+            {_ref_id(at, "encounter.reference")} AS encounter_id, {OR_CASE_ID} AS case_id,
+            {at("$.code.coding[0].code")} AS code, {at("$.code.coding[0].display")} AS display,
+            {at("$.status")} AS status,
+            {timestamp(at, "performedPeriod.start")} AS performed_start, {timestamp(at, "performedPeriod.end")} AS performed_end""",
+            **fhir_versions(at),
+            fields=json_fields(
+                "subject:object",
+                "subject.reference:string",
+                "encounter:object",
+                "encounter.reference:string",
+                "identifier:array",
+                "code:object",
+                "code.coding:array",
+                "code.coding[0]:object",
+                "code.coding[0].code:string",
+                "code.coding[0].display:string",
+                "status:string",
+                "performedPeriod:object",
+                "performedPeriod.start:string",
+                "performedPeriod.end:string",
+            ),
+        )
+    ),
+    declared(
+        lambda at: StagedTable(
+            "condition",
+            "fhir_resource",
+            "Condition",
+            f"""record_id AS condition_id, {_ref_id(at, "subject.reference")} AS patient_id,
+            {at("$.code.coding[0].code")} AS code, {at("$.code.coding[0].display")} AS display,
+            coalesce({timestamp(at, "onsetDateTime")}, {timestamp(at, "recordedDate")}) AS onset_time""",
+            **fhir_versions(at),
+            fields=json_fields(
+                "subject:object",
+                "subject.reference:string",
+                "code:object",
+                "code.coding:array",
+                "code.coding[0]:object",
+                "code.coding[0].code:string",
+                "code.coding[0].display:string",
+                "onsetDateTime:string",
+                "recordedDate:string",
+            ),
+        )
+    ),
+    declared(
+        lambda at: StagedTable(
+            "observation",
+            "fhir_resource",
+            "Observation",
+            f"""record_id AS observation_id, {_ref_id(at, "subject.reference")} AS patient_id,
+            {_ref_id(at, "encounter.reference")} AS encounter_id,
+            {at("$.code.coding[0].code")} AS code, {at("$.code.coding[0].display")} AS display,
+            {timestamp(at, "effectiveDateTime")} AS effective_time,
+            try_cast({at("$.valueQuantity.value")} AS DOUBLE) AS value,
+            {at("$.valueQuantity.unit")} AS unit""",
+            **fhir_versions(at),
+            fields=json_fields(
+                "subject:object",
+                "subject.reference:string",
+                "encounter:object",
+                "encounter.reference:string",
+                "code:object",
+                "code.coding:array",
+                "code.coding[0]:object",
+                "code.coding[0].code:string",
+                "code.coding[0].display:string",
+                "effectiveDateTime:string",
+                "valueQuantity:object",
+                "valueQuantity.value:number",
+                "valueQuantity.unit:string",
+            ),
+        )
+    ),
+    declared(
+        lambda at: StagedTable(
+            "device",
+            "fhir_resource",
+            "Device",
+            f"""record_id AS device_id, {at("$.udiCarrier[0].deviceIdentifier")} AS udi_di,
+            {at("$.serialNumber")} AS serial_number, {at("$.deviceName[0].name")} AS device_name,
+            {at("$.type.coding[0].code")} AS device_type, {_ref_id(at, "patient.reference")} AS patient_id""",
+            **fhir_versions(at),
+            fields=json_fields(
+                "udiCarrier:array",
+                "udiCarrier[0].deviceIdentifier:string",
+                "serialNumber:string",
+                "deviceName:array",
+                "deviceName[0].name:string",
+                "type:object",
+                "type.coding:array",
+                "patient:object",
+                "patient.reference:string",
+            ),
+        )
+    ),
+    declared(
+        lambda at: StagedTable(
+            "fhir_prom",
+            "fhir_resource",
+            "QuestionnaireResponse",
+            # One row per QuestionnaireResponse, scored by patient_journey.prom: the instrument is the
+            # questionnaire canonical's last segment (catalog id), items are linkId -> answer[0].
+            f"""record_id AS questionnaire_response_id, {_ref_id(at, "subject.reference")} AS patient_id,
+            nullif(regexp_extract({at("$.questionnaire")}, '([^/|]*)(\\|.*)?$', 1), '') AS instrument,
+            CAST(NULL AS VARCHAR) AS timepoint,
+            try_cast(left({at("$.authored")}, 10) AS DATE) AS collected_on,
+            {at("$.status")} AS response_status,
+            {PROM_SCORE_COLUMNS}, {QR_ITEMS} AS items""",
+            **fhir_versions(at),
+            fields=json_fields(
+                "subject:object",
+                "subject.reference:string",
+                "questionnaire:string",
+                "authored:string",
+                "status:string",
+                "item:array",
+            ),
+        )
+    ),
+)
+
+LINKS: tuple[LinkSpec, ...] = (
+    LinkSpec(
+        "patient",
+        "patient",
+        "fhir",
+        "patient_id",
+        "s LEFT JOIN ehr_patient k USING (patient_id)",
+        "mrn_present",
+        "k.patient_key, year(s.birth_date) AS birth_year, s.gender",
+    ),
+    LinkSpec(
+        "encounter",
+        "encounter",
+        "fhir",
+        "encounter_id",
+        "s LEFT JOIN ehr_patient k USING (patient_id)",
+        "subject_links_to_patient",
+        "s.encounter_id, k.patient_key, s.class_code, s.purpose, s.period_start, s.period_end",
+    ),
+    LinkSpec(
+        "procedure",
+        "procedure",
+        "fhir",
+        "procedure_id",
+        "s LEFT JOIN ehr_patient k USING (patient_id)",
+        "subject_links_to_patient",
+        "s.procedure_id, k.patient_key, pseudonym('or-case', s.case_id) AS episode_key, s.encounter_id, "
+        "s.code, s.display, s.status, s.performed_start, s.performed_end",
+    ),
+    LinkSpec(
+        "condition",
+        "condition",
+        "fhir",
+        "condition_id",
+        "s LEFT JOIN ehr_patient k USING (patient_id)",
+        "subject_links_to_patient",
+        "s.condition_id, k.patient_key, s.code, s.display, s.onset_time",
+    ),
+    LinkSpec(
+        "observation",
+        "observation",
+        "fhir",
+        "observation_id",
+        "s LEFT JOIN ehr_patient k USING (patient_id)",
+        "subject_links_to_patient",
+        "s.observation_id, k.patient_key, s.encounter_id, s.code, s.display, s.effective_time, s.value, s.unit",
+    ),
+    LinkSpec(
+        "device",
+        "device",
+        "fhir",
+        "device_id",
+        "s LEFT JOIN ehr_patient k USING (patient_id)",
+        "patient_links_to_patient",
+        "s.device_id, k.patient_key, s.udi_di, s.device_name, s.device_type",
+        optional_link="s.patient_id IS NULL",
+    ),
+    LinkSpec(
+        "fhir_prom",
+        "prom_score",
+        "fhir",
+        "questionnaire_response_id",
+        "s LEFT JOIN ehr_patient k USING (patient_id)",
+        "subject_links_to_patient",
+        "k.patient_key, s.instrument, s.timepoint, s.score, s.collected_on, 'fhir' AS prom_source",
+    ),
+)
+
+IDENTITY = (
+    IdentityRelation(
+        "ehr_patient",
+        "SELECT patient_id, mrn, birth_date, pseudonym('mrn', mrn) AS patient_key FROM staged_patient",
+        "SELECT 'fhir-patient' AS identifier_type, patient_id AS identifier, patient_key FROM ehr_patient "
+        "UNION SELECT 'mrn', mrn, patient_key FROM ehr_patient",
+    ),
+    IdentityRelation(
+        "case_link",
+        """SELECT DISTINCT p.case_id, k.patient_key, pseudonym('or-case', p.case_id) AS episode_key
+        FROM staged_procedure p JOIN ehr_patient k USING (patient_id) WHERE p.case_id IS NOT NULL""",
+        "SELECT 'or-case', case_id, patient_key FROM case_link",
+    ),
+)
+
+
 class FhirSource(Source):
     """FHIR R4 bulk exports (NDJSON, gzip) and Bundles."""
 
+    staged = STAGED
+    links = LINKS
+    identity = IDENTITY
     name = SOURCE
     bronze_table = "fhir_resource"
     suffixes = NDJSON_SUFFIXES + BUNDLE_SUFFIXES

@@ -1,21 +1,32 @@
 """The sources, registered in one place: name -> plug-in (patient_journey.sources.source).
 
-Adding a source kind is a module with its ``Source`` subclass, one line here, its staged tables
-(patient_journey.staging) and their suites.
+Adding a source kind is a module with its ``Source`` subclass (which declares its staged tables,
+links and identity relations), one line here, and its staged tables' suites.
 """
 
 from __future__ import annotations
 
 from patient_journey.errors import ConfigurationError
+from patient_journey.linkage import IdentityRelation, LinkSpec
 from patient_journey.sources.device import DeviceSource
 from patient_journey.sources.fhir import FhirSource
 from patient_journey.sources.redcap import RedcapSource
 from patient_journey.sources.registry import RegistrySource
 from patient_journey.sources.source import Source
+from patient_journey.staging import StagedTable
 
 PLUGINS: dict[str, Source] = {
     source.name: source for source in (FhirSource(), DeviceSource(), RegistrySource(), RedcapSource())
 }
+# What the plug-ins declare, in plug-in order.
+STAGED_TABLES: tuple[StagedTable, ...] = tuple(
+    table for source in PLUGINS.values() for table in source.staged
+)
+STAGED_BY_NAME: dict[str, StagedTable] = {table.name: table for table in STAGED_TABLES}
+LINKS: tuple[LinkSpec, ...] = tuple(spec for source in PLUGINS.values() for spec in source.links)
+IDENTITY: tuple[IdentityRelation, ...] = tuple(
+    relation for source in PLUGINS.values() for relation in source.identity
+)
 
 
 def source_named(name: str) -> Source:

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from patient_journey.errors import SourceError
+from patient_journey.linkage import IdentityRelation, LinkSpec
 from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, InputSelection, read_new_files
 from patient_journey.sources.redcap_export import (
@@ -45,6 +46,7 @@ from patient_journey.sources.redcap_export import (
     parse_records,
 )
 from patient_journey.sources.source import ExtractJob, Source
+from patient_journey.staging import PROM_SCORE_COLUMNS, StagedTable, declared
 from patient_journey.storage import FileInfo, Storage
 
 SOURCE = "redcap"
@@ -214,9 +216,60 @@ def extract(
     return out
 
 
+# --------------------------------------------------------------------------- staged tables and links
+
+STAGED: tuple[StagedTable, ...] = (
+    declared(
+        lambda at: StagedTable(
+            "redcap_prom",
+            "redcap_record",
+            "redcap:prom",
+            # One row per form instance of the REDCap project "prom"; patient_journey.prom keeps the
+            # PROM forms (form name = catalog instrument id) and scores them. The MRN is on the
+            # record's enrolment form; the timepoint is the event (baseline/week_6/month_6/month_12).
+            f"""record_id AS redcap_row_id, {at("$.record_id")} AS redcap_record_id,
+           max({at("$.values.mrn")}) OVER (PARTITION BY {at("$.record_id")}) AS mrn,
+           {at("$.event")} AS event_name, try_cast({at("$.arm")} AS INTEGER) AS arm,
+           try_cast({at("$.repeat_instance")} AS INTEGER) AS repeat_instance,
+           {at("$.form")} AS instrument,
+           CASE regexp_replace({at("$.event")}, '_arm_[0-9]+$', '') WHEN 'baseline' THEN 'baseline'
+                WHEN 'week_6' THEN '6w' WHEN 'month_6' THEN '6m' WHEN 'month_12' THEN '12m' END AS timepoint,
+           try_cast(json_extract_string(payload, '$.values.' || ({at("$.form")}) || '_date') AS DATE)
+               AS collected_on,
+           try_cast({at("$.form_status")} AS INTEGER) AS form_status,
+           {PROM_SCORE_COLUMNS}, CAST(payload->'$.values' AS VARCHAR) AS items""",
+        )
+    ),
+)
+
+LINKS: tuple[LinkSpec, ...] = (
+    LinkSpec(
+        "redcap_prom",
+        "prom_score",
+        "redcap",
+        "redcap_row_id",
+        "s LEFT JOIN redcap_link k USING (redcap_record_id)",
+        "mrn_links_to_patient",
+        "k.patient_key, s.instrument, s.timepoint, s.score, s.collected_on, 'redcap' AS prom_source",
+    ),
+)
+
+IDENTITY = (
+    IdentityRelation(
+        "redcap_link",
+        """SELECT DISTINCT r.redcap_record_id, k.patient_key
+        FROM staged_redcap_prom r JOIN ehr_patient k ON k.mrn = r.mrn""",
+        "SELECT 'redcap-record', redcap_record_id, patient_key FROM redcap_link",
+    ),
+)
+
+
 class RedcapSource(Source):
     """REDCap records exports, read through their data dictionaries."""
 
+    staged = STAGED
+    links = LINKS
+    identity = IDENTITY
     name = SOURCE
     bronze_table = "redcap_record"
     suffixes = (RECORDS_SUFFIX,)

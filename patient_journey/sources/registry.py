@@ -31,9 +31,11 @@ import sqlalchemy as sa
 from patient_journey.azure import is_blob_url
 from patient_journey.errors import ConfigurationError, SourceError
 from patient_journey.lake import Lake, bronze, ledger_table
+from patient_journey.linkage import IdentityRelation, LinkSpec
 from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, content_hash
 from patient_journey.sources.source import ExtractJob, Source
+from patient_journey.staging import JsonText, StagedTable, Versions, declared, json_fields, timestamp
 from patient_journey.storage import Storage
 
 
@@ -321,9 +323,137 @@ def rows_read(lake: Lake, watermarks: dict[str, str], lookback_seconds: int) -> 
 BRONZE_TABLE = "registry_row"
 
 
+# --------------------------------------------------------------------------- staged tables and links
+
+
+def registry_versions(at: JsonText) -> Versions:
+    """A registry row's version is its updated_at."""
+    return {"version": timestamp(at, "updated_at")}
+
+
+STAGED: tuple[StagedTable, ...] = (
+    declared(
+        lambda at: StagedTable(
+            "registry_patient",
+            "registry_row",
+            "registry_patient",
+            f"""record_id AS registry_id, {at("$.mrn")} AS mrn,
+           try_cast({at("$.birth_date")} AS DATE) AS birth_date, {at("$.site")} AS site,
+           try_cast({at("$.updated_at")} AS TIMESTAMPTZ) AS updated_at""",
+            **registry_versions(at),
+            fields=json_fields("mrn:scalar", "birth_date:string", "site:scalar", "updated_at:string"),
+        )
+    ),
+    declared(
+        lambda at: StagedTable(
+            "prom_response",
+            "registry_row",
+            "prom_response",
+            f"""record_id AS response_id, {at("$.registry_id")} AS registry_id,
+           lower(replace(trim({at("$.instrument")}), ' ', '_')) AS instrument,
+           {at("$.timepoint")} AS timepoint,
+           try_cast({at("$.score")} AS DOUBLE) AS score,
+           try_cast({at("$.collected_on")} AS DATE) AS collected_on""",
+            **registry_versions(at),
+            fields=json_fields(
+                "registry_id:scalar",
+                "instrument:string",
+                "timepoint:string",
+                "score:number",
+                "collected_on:string",
+                "updated_at:string",
+            ),
+        )
+    ),
+    declared(
+        lambda at: StagedTable(
+            "complication",
+            "registry_row",
+            "complication",
+            f"""record_id AS complication_id, {at("$.registry_id")} AS registry_id,
+           try_cast({at("$.occurred_on")} AS DATE) AS occurred_on, {at("$.description")} AS description,
+           {at("$.code")} AS code, try_cast({at("$.clavien_dindo_grade")} AS INTEGER) AS grade""",
+            **registry_versions(at),
+            fields=json_fields(
+                "registry_id:scalar",
+                "occurred_on:string",
+                "code:scalar",
+                "clavien_dindo_grade:number",
+                "updated_at:string",
+            ),
+        )
+    ),
+    declared(
+        lambda at: StagedTable(
+            "readmission",
+            "registry_row",
+            "readmission",
+            f"""record_id AS readmission_id, {at("$.registry_id")} AS registry_id,
+           try_cast({at("$.admitted_on")} AS DATE) AS admitted_on,
+           try_cast({at("$.discharged_on")} AS DATE) AS discharged_on, {at("$.reason")} AS reason""",
+            **registry_versions(at),
+            fields=json_fields(
+                "registry_id:scalar", "admitted_on:string", "discharged_on:string", "updated_at:string"
+            ),
+        )
+    ),
+)
+
+LINKS: tuple[LinkSpec, ...] = (
+    LinkSpec(
+        "registry_patient",
+        None,
+        "registry",
+        "registry_id",
+        "s LEFT JOIN registry_link k USING (registry_id)",
+        "mrn_and_birth_date_link_to_patient",
+        "k.patient_key",
+    ),
+    LinkSpec(
+        "prom_response",
+        "prom_score",
+        "registry",
+        "response_id",
+        "s LEFT JOIN registry_link k USING (registry_id)",
+        "registry_id_links_to_patient",
+        "k.patient_key, s.instrument, s.timepoint, s.score, s.collected_on, 'registry' AS prom_source",
+    ),
+    LinkSpec(
+        "complication",
+        "complication",
+        "registry",
+        "complication_id",
+        "s LEFT JOIN registry_link k USING (registry_id)",
+        "registry_id_links_to_patient",
+        "k.patient_key, s.occurred_on, s.code, s.grade",  # the description is free text: restricted
+    ),
+    LinkSpec(
+        "readmission",
+        "readmission",
+        "registry",
+        "readmission_id",
+        "s LEFT JOIN registry_link k USING (registry_id)",
+        "registry_id_links_to_patient",
+        "k.patient_key, s.admitted_on, s.discharged_on",  # the reason is free text: restricted
+    ),
+)
+
+IDENTITY = (
+    IdentityRelation(
+        "registry_link",
+        """SELECT DISTINCT r.registry_id, k.patient_key
+        FROM staged_registry_patient r JOIN ehr_patient k ON k.mrn = r.mrn AND k.birth_date = r.birth_date""",
+        "SELECT 'registry-patient', registry_id, patient_key FROM registry_link",
+    ),
+)
+
+
 class RegistrySource(Source):
     """The outcomes registry, read with SQLAlchemy in one batch on a watermark per table."""
 
+    staged = STAGED
+    links = LINKS
+    identity = IDENTITY
     name = SOURCE
     bronze_table = BRONZE_TABLE
     reads_bronze = True  # rows already in bronze are skipped

@@ -3,8 +3,8 @@
 The pipeline knows only generic steps (plan, extract, commit, build); everything particular to a
 source lives in its ``Source``: the bronze table it lands in, the files it lists (or none: a
 database read in one batch on its watermarks), how one batch is read into an ``Extraction``, the
-suites it requires and the gating it adds after staging (device types), and what ``journey
-reprocess`` forgets of it. Sources are registered in ``patient_journey.sources.plugins``.
+staged tables it feeds and how they link to a patient, the suites it requires and the gating it
+adds after staging (device types), and what ``journey reprocess`` forgets of it. Sources are registered in ``patient_journey.sources.plugins``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import pyarrow as pa
 
 from patient_journey.errors import ConfigurationError
 from patient_journey.lake import Lake
+from patient_journey.linkage import IdentityRelation, LinkSpec
 from patient_journey.quality import ExpectationOutcome, QualityGate
 from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, InputSelection
+from patient_journey.staging import StagedTable
 from patient_journey.storage import Storage
 
 
@@ -51,6 +53,12 @@ class Source:
     # Whether reading compares rows with bronze (a database source skips rows it already has), so
     # that rows a crashed commit left must be removed before it reads.
     reads_bronze: bool = False
+    # The staged tables it feeds (each with its suite, expectations/staged/<name>.json), how each
+    # links to a patient, and the identity relations it adds (built in plug-in order, so a
+    # relation may use those of sources registered before it).
+    staged: tuple[StagedTable, ...] = ()
+    links: tuple[LinkSpec, ...] = ()
+    identity: tuple[IdentityRelation, ...] = ()
 
     @property
     def lists_files(self) -> bool:
