@@ -48,14 +48,9 @@ from tasks.journey import (
 from tasks.limits import WAREHOUSE_LIMIT, holding, ingest_limit
 from tasks.runners import batch_runner, task_runner_for
 
-
-class Source(StrEnum):
-    """A source system."""
-
-    fhir = "fhir"
-    device = "device"
-    registry = "registry"
-    redcap = "redcap"
+# A source system: one member per registered plug-in (patient_journey.sources.plugins), so the
+# deployments' parameter forms offer every source without a list to keep in step here.
+Source = StrEnum("Source", {name: name for name in SOURCES})  # type: ignore[misc]
 
 
 ALL_SOURCES = [Source(s) for s in SOURCES]

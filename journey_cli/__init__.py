@@ -364,7 +364,7 @@ def lineage(
 
 @app.command()
 def reprocess(
-    source: Annotated[str, typer.Argument(help="fhir, device, redcap or registry.")],
+    source: Annotated[str, typer.Argument(help="fhir, device, redcap, registry or hl7v2.")],
     prefix: Annotated[
         str, typer.Option(help="Only inputs under this landing prefix (registry: a table name).")
     ] = "",
@@ -483,7 +483,7 @@ def demo(
             result = run_generate(data_dir, patients=patients, seed=seed)
         console.print(
             f"[1/3] Generated {result.episodes} episodes: {sum(result.resources.values())} FHIR resources, "
-            f"{result.device_messages} device messages, registry and REDCap outcomes, "
+            f"{result.device_messages} device messages, registry and REDCap outcomes, an HL7 v2 ADT feed, "
             f"{sum(result.planted.values())} planted bad records."
         )
     emulator = None

@@ -139,10 +139,10 @@ length_of_stay_days int64  discharge date - admission date (UTC calendar days)
 complication_30d bool  a complication 0-30 days after the surgery date (registry, or an EHR Condition in catalog/complications.csv)
 complication_90d bool  a complication 0-90 days after the surgery date
 max_complication_grade_90d int32  highest Clavien-Dindo grade within 90 days (registry only; null if none)
-readmission_30d bool  an inpatient encounter other than the index admission, or a registry readmission, admitted 0-30 days after discharge
+readmission_30d bool  an inpatient encounter other than the index admission, an ADT inpatient admission, or a registry readmission, admitted 0-30 days after discharge
 readmission_90d bool  the same, 0-90 days after discharge
 complications_90d int64  complications 0-90 days after surgery; one reported by the registry and the EHR (same code, same day) counts once
-readmissions_90d int64  readmissions 0-90 days after discharge; one reported by the EHR and the registry (same admission date) counts once
+readmissions_90d int64  readmissions 0-90 days after discharge; one reported by more than one of the EHR, the ADT feed and the registry (same admission date) counts once
 prom_instrument string  KOOS JR / HOOS JR
 prom_source string  registry, redcap or fhir
 prom_baseline double  interval score (0-100) at baseline, null when missing
@@ -163,15 +163,16 @@ device_events int64  device measurements of the case within the procedure, widen
         "gold",
         "journey_event",
         "one row per event per patient: encounters, procedures, conditions, observations, device events, PROM "
-        "scores, registry complications and readmissions",
+        "scores, registry complications and readmissions, ADT transfers and discharges, and ADT admissions the "
+        "EHR export does not hold (one it holds is its encounter event: counted once)",
         (),
         """
 patient_key string  the patient
 episode_key string  the patient's index episode (null if none)
 event_time timestamp  when it happened (UTC; date-only sources at midnight)
 phase string  pre (before surgery_start), intra (to surgery_end), post; null without an index procedure
-source string  fhir, device, registry, redcap
-event_type string  encounter, procedure, condition, observation, device:<eventType>, prom, complication, readmission
+source string  fhir, device, registry, redcap, hl7v2
+event_type string  encounter, procedure, condition, observation, device:<eventType>, prom, complication, readmission, admission, transfer, discharge
 code string  the event's code (SNOMED CT, LOINC, UDI-DI, instrument, ...)
 detail string  a second descriptor (class, display, device type, timepoint)
 value double  a measured value if any
@@ -323,6 +324,21 @@ grade int32  Clavien-Dindo grade
 patient_key string  the patient
 admitted_on date  admission date
 discharged_on date  discharge date
+""",
+    ),
+    _silver(
+        "adt_event",
+        "one row per HL7 v2 ADT message of the hospital's feed (admit, transfer, discharge, register, update, "
+        "and the cancellations of an admission or a discharge)",
+        (),
+        """
+patient_key string  the patient
+trigger_event string  the ADT trigger: A01 admit, A02 transfer, A03 discharge, A04 register, A08 update, A11 cancel admit, A13 cancel discharge
+event_time timestamp  EVN-2, else MSH-7 (UTC)
+patient_class string  PV1-2: I inpatient, O outpatient, E emergency, ...
+visit_key string  pseudonymous key of the visit (HMAC of the visit number, PV1-19)
+admit_time timestamp  PV1-44
+discharge_time timestamp  PV1-45
 """,
     ),
 )

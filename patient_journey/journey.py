@@ -4,8 +4,8 @@
   arthroplasty), with the admission, the OR time the devices recorded, the devices used, length
   of stay, complications and readmissions within 30 and 90 days, and PROM scores. Complications
   come from the registry and from EHR Conditions whose code is in catalog/complications.csv;
-  readmissions from the registry and from EHR inpatient encounters; an event both report (same
-  code / same admission day) counts once.
+  readmissions from the registry, from EHR inpatient encounters and from the ADT feed's inpatient
+  admissions; an event more than one reports (same code / same admission day) counts once.
 * ``journey_event``: one row per event per patient, with its phase relative to the index
   procedure (pre / intra / post; null for a patient with no index procedure).
 * ``device_clock``: one row per device, the skew of its clock seen against IoT Hub's enqueued
@@ -63,6 +63,24 @@ def instrument_mcid(catalog: Catalog) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+# The ADT feed's admissions, transfers and discharges that stand (journey_event adds the
+# discharges and transfers, and the admissions the EHR export does not hold): an admission (A01) or
+# registration (A04) cancelled by a later A11 of the same visit is gone, and so is a discharge
+# (A03) cancelled by a later A13 (a discharge sent too early is cancelled, then sent again).
+ADT_VISIT_EVENT_SQL = """
+SELECT a.patient_key, a.event_time, a.patient_class, a.visit_key, a.admit_time, a.input_key, a.source_offset,
+       CASE a.trigger_event WHEN 'A01' THEN 'admission' WHEN 'A04' THEN 'admission'
+            WHEN 'A02' THEN 'transfer' WHEN 'A03' THEN 'discharge' END AS event_type,
+       a.trigger_event
+FROM adt_event a
+WHERE a.trigger_event IN ('A01', 'A02', 'A03', 'A04')
+  AND NOT EXISTS (
+      SELECT 1 FROM adt_event c
+      WHERE c.visit_key = a.visit_key AND c.patient_key = a.patient_key AND c.event_time >= a.event_time
+        AND ((a.trigger_event IN ('A01', 'A04') AND c.trigger_event = 'A11')
+             OR (a.trigger_event = 'A03' AND c.trigger_event = 'A13')))
+"""
+
 EPISODE_SQL = f"""
 WITH idx AS (
     SELECT * FROM procedure WHERE code IN {INDEX_PROCEDURE_CODES}
@@ -86,8 +104,11 @@ WITH idx AS (
     FROM encounter e WHERE e.class_code = 'IMP'
     UNION ALL
     SELECT patient_key, admitted_on, NULL FROM readmission
+    UNION ALL
+    SELECT patient_key, CAST(event_time AS DATE), NULL FROM adt_visit_event
+    WHERE event_type = 'admission' AND patient_class = 'I'
 ), readmit_days AS (
-    -- DISTINCT: an admission both the EHR and the registry report (same day) counts once
+    -- DISTINCT: an admission the EHR, the ADT feed and the registry report (same day) counts once
     SELECT DISTINCT idx.episode_key, r.admitted_on,
            date_diff('day', CAST(adm.period_end AS DATE), r.admitted_on) AS days
     FROM idx JOIN adm USING (episode_key) JOIN readmit r ON r.patient_key = idx.patient_key
@@ -189,6 +210,12 @@ WITH events AS (
            'clavien-dindo', grade, 'grade', input_key, source_offset FROM complication
     UNION ALL SELECT patient_key, CAST(admitted_on AS TIMESTAMPTZ), 'registry', 'readmission', NULL, NULL,
            NULL, NULL, input_key, source_offset FROM readmission
+    -- an admission the EHR export holds too (same patient and admission time) is its encounter
+    -- event already: counted once
+    UNION ALL SELECT a.patient_key, a.event_time, 'hl7v2', a.event_type, a.trigger_event, a.patient_class,
+           NULL, NULL, a.input_key, a.source_offset FROM adt_visit_event a
+    WHERE a.event_type <> 'admission' OR NOT EXISTS (
+        SELECT 1 FROM encounter e WHERE e.patient_key = a.patient_key AND e.period_start = a.admit_time)
 )
 SELECT ev.patient_key, ep.episode_key, ev.event_time,
        CASE WHEN ep.episode_key IS NULL THEN NULL
@@ -223,6 +250,7 @@ def build_journey(
         connection.register(name, table)
     connection.register("instrument_mcid", instrument_mcid(catalog or load_catalog()))
     connection.register("complication_code", load_complication_codes())
+    connection.execute(f"CREATE TEMP VIEW adt_visit_event AS {ADT_VISIT_EVENT_SQL}")
     tolerance = {"tolerance": skew_tolerance_seconds}
     episode = connection.execute(EPISODE_SQL, tolerance).to_arrow_table()
     connection.register("surgical_episode", episode)

@@ -110,6 +110,9 @@ class SourceSettings(BaseModel):
     fhir_prefix: str = Field(default="ehr", description="FHIR bulk exports and bundles.")
     device_prefix: str = Field(default="device", description="IoT Hub routed telemetry blobs.")
     redcap_prefix: str = Field(default="outcomes/redcap", description="REDCap exports.")
+    hl7v2_prefix: str = Field(
+        default="adt", description="HL7 v2 ADT feed files (optional: absent, nothing is read)."
+    )
     settle_seconds: int = Field(
         default=60,
         ge=0,

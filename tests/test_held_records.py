@@ -44,5 +44,5 @@ def test_held_records_link_on_the_next_run_after_their_patient_arrives(
 def test_an_unknown_source_is_refused_with_the_valid_names(source: str, tmp_path: Path) -> None:
     from patient_journey.errors import ConfigurationError
 
-    with pytest.raises(ConfigurationError, match="fhir, device, registry, redcap"):
+    with pytest.raises(ConfigurationError, match="fhir, device, registry, redcap, hl7v2"):
         pipeline.ingest(settings_for(tmp_path), source, "run-1")

@@ -26,6 +26,7 @@ from patient_journey.generate.model import Cohort, build_cohort
 from patient_journey.generate.proms import REDCAP_DIR
 from patient_journey.identity import KeyMaker
 from patient_journey.linkage import link
+from patient_journey.pipeline import BRONZE_TABLES
 from patient_journey.quality import QualityGate
 from patient_journey.scoring import load_catalog, score_responses
 from patient_journey.sources import fhir, redcap
@@ -470,11 +471,9 @@ def test_questionnaire_response_mapping(tmp_path: Path, gate: QualityGate) -> No
 def test_prom_tables_link_to_silver_prom_score(
     generated_bronze: dict[str, pa.Table], staged_proms: dict[str, pa.Table]
 ) -> None:
-    bronze = {
+    bronze = {name: BRONZE_SCHEMA.empty_table() for name in BRONZE_TABLES.values()} | {
         "fhir_resource": generated_bronze["fhir_resource"],
         "redcap_record": generated_bronze["redcap_record"],
-        "registry_row": BRONZE_SCHEMA.empty_table(),
-        "device_message": BRONZE_SCHEMA.empty_table(),
     }
     staged = {  # current records only, as the pipeline passes them on
         name: table.filter(pc.invert(table[SUPERSEDED])).drop_columns([SUPERSEDED])

@@ -18,6 +18,7 @@ from patient_journey.generate.bad_records import (
     plant_registry,
 )
 from patient_journey.generate.fhir_layouts import fhir_variants, write_fhir_variants
+from patient_journey.generate.hl7v2 import adt_messages, write_adt
 from patient_journey.generate.model import build_cohort
 from patient_journey.generate.proms import redcap_project, write_redcap
 from patient_journey.generate.synthea import write_synthea
@@ -101,6 +102,8 @@ def generate(
     write_registry(landing, rows)
     redcap_rows = write_redcap(landing, redcap)
     planted += planted_redcap
+    adt = adt_messages(cohort)
+    adt_files = write_adt(landing, adt)
 
     planted_counts = {kind: sum(1 for p in planted if p.kind == kind) for kind in KINDS}
     device_messages = len(events)
@@ -118,6 +121,8 @@ def generate(
             "or_devices": len(cohort.devices),
             "registry": rows.counts(),
             "redcap_records": redcap_rows,
+            "adt_messages": len(adt),
+            "adt_files": adt_files,
             "planted_instances_per_kind": n_bad,
             "planted": planted_counts,
         },

@@ -10,13 +10,15 @@ from patient_journey.errors import ConfigurationError
 from patient_journey.linkage import IdentityRelation, LinkSpec
 from patient_journey.sources.device import DeviceSource
 from patient_journey.sources.fhir import FhirSource
+from patient_journey.sources.hl7v2 import Hl7v2Source
 from patient_journey.sources.redcap import RedcapSource
 from patient_journey.sources.registry import RegistrySource
 from patient_journey.sources.source import Source
 from patient_journey.staging import StagedTable
 
 PLUGINS: dict[str, Source] = {
-    source.name: source for source in (FhirSource(), DeviceSource(), RegistrySource(), RedcapSource())
+    source.name: source
+    for source in (FhirSource(), DeviceSource(), RegistrySource(), RedcapSource(), Hl7v2Source())
 }
 # What the plug-ins declare, in plug-in order.
 STAGED_TABLES: tuple[StagedTable, ...] = tuple(

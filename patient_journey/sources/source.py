@@ -53,6 +53,9 @@ class Source:
     # Whether reading compares rows with bronze (a database source skips rows it already has), so
     # that rows a crashed commit left must be removed before it reads.
     reads_bronze: bool = False
+    # Whether its inputs may be absent without being listed in JOURNEY_SOURCES__OPTIONAL: a feed
+    # many deployments do not have (HL7 v2 ADT), so adding the source breaks none of them.
+    optional: bool = False
     # The staged tables it feeds (each with its suite, expectations/staged/<name>.json), how each
     # links to a patient, and the identity relations it adds (built in plug-in order, so a
     # relation may use those of sources registered before it).
@@ -75,7 +78,7 @@ class Source:
     def check(self, settings: JourneySettings, landing: Storage) -> None:
         """Fail in preflight, before anything is read, if the source cannot be read: a file
         source whose prefix holds nothing (unless listed in JOURNEY_SOURCES__OPTIONAL)."""
-        if not self.lists_files or self.name in settings.sources.optional:
+        if not self.lists_files or self.optional or self.name in settings.sources.optional:
             return
         prefix = self.prefix(settings)
         if not landing.exists(prefix):
