@@ -85,7 +85,7 @@ def test_bad_messages_are_rejected_by_rule_and_number_and_their_neighbours_load(
             _message("A01", "C1").encode(),
             b"PID|1||MRN-2^^^HOSP^MR||" + NAME.encode(),  # no MSH
             _message("A01", "C3").replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01").encode(),
-            _message("A05", "C4").encode(),
+            _message("A05", "C4").replace("ADT^A05", f"ADT^{NAME}").encode(),  # a name where the trigger goes
             _message("A03", "").encode(),  # no control id
             bytes(range(128, 256)),  # not text (0x0B and 0x1C, which frame messages, left out)
             _message("A03", "C7").encode(),

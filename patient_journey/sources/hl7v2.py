@@ -19,6 +19,7 @@ feed under its prefix it reads nothing and preflight does not fail.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -41,6 +42,7 @@ MLLP_START, MLLP_END = b"\x0b", b"\x1c"
 RULE_PARSABLE = "hl7_message_parsable"
 RULE_TRIGGER = "hl7_adt_trigger_supported"
 RULE_CONTROL_ID = "hl7_control_id_present"
+_CODE = re.compile(r"[A-Z0-9]{1,4}\^[A-Z0-9]{1,4}")
 
 
 class _Unreadable(Exception):
@@ -86,7 +88,7 @@ def _time(message: hl7.Message, segment: str, field: int) -> str | None:
         return None
     try:
         moment: datetime | None = hl7.parse_datetime(raw)
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
     if moment is None:
         return None
@@ -115,9 +117,11 @@ def read_message(raw: bytes) -> tuple[str, dict[str, str | None]]:
         raise _Unreadable(RULE_PARSABLE, f"python-hl7 cannot parse it ({type(exc).__name__})") from None
     kind, trigger = _text(message, "MSH", 9, 0, 1), _text(message, "MSH", 9, 0, 2)
     if kind != "ADT" or trigger not in TRIGGERS:
-        raise _Unreadable(
-            RULE_TRIGGER, f"message type {kind}^{trigger}; this feed reads ADT^{'/'.join(TRIGGERS)}"
+        # named only when it is a code: a sender can write anything in MSH-9
+        found = (
+            f"{kind}^{trigger}" if _CODE.fullmatch(f"{kind}^{trigger}") else "not an HL7 message type code"
         )
+        raise _Unreadable(RULE_TRIGGER, f"message type {found}; this feed reads ADT^{'/'.join(TRIGGERS)}")
     control_id = _text(message, "MSH", 10)
     if control_id is None:
         raise _Unreadable(RULE_CONTROL_ID, "MSH-10 (message control id) is empty")
