@@ -121,6 +121,65 @@ def test_no_bytes_stop_the_reader(garbage: bytes, where: int) -> None:
     }
 
 
+def _both(raw: bytes) -> tuple[object, object]:
+    """What the split and python-hl7 make of a message: fields, or the rule of the reject."""
+    results = []
+    for split in (True, False):
+        try:
+            results.append(hl7v2.read_message(raw, split=split))
+        except hl7v2._Unreadable as exc:
+            results.append(exc.rule)
+    return results[0], results[1]
+
+
+def test_the_split_reads_every_generated_message_as_python_hl7_does() -> None:
+    for message in adt_messages(build_cohort(25, seed=8)):
+        fast, reference = _both(message.text.encode())
+        assert fast == reference
+
+
+_VALUE = st.text(alphabet="AZaz09 -.:+^~&\\|", max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    trigger=st.sampled_from(["A01", "A03", "A05", "", "A0"]),
+    control=_VALUE,
+    identifiers=st.lists(st.tuples(_VALUE, st.sampled_from(["MR", "PI", "", "mr"])), max_size=3),
+    visit=_VALUE,
+    patient_class=_VALUE,
+    times=st.lists(
+        st.sampled_from(["20230601", "202306011230", "20230601123045.12+0130", "2023", "x", ""]),
+        min_size=3,
+        max_size=3,
+    ),
+    segments=st.permutations(["EVN", "PID", "PV1"]),
+)
+def test_the_split_agrees_with_python_hl7_on_any_field_values(
+    trigger: str,
+    control: str,
+    identifiers: list[tuple[str, str]],
+    visit: str,
+    patient_class: str,
+    times: list[str],
+    segments: list[str],
+) -> None:
+    """Delimiters, escapes, repetitions, absent fields and any segment order: where the split
+    reads a message, it reads what python-hl7 reads (it leaves the rest to python-hl7)."""
+    pid3 = "~".join(f"{value}^^^H^{kind}" for value, kind in identifiers)
+    pv1 = ["PV1", "1", patient_class] + [""] * 16 + [visit] + [""] * 24 + [times[1], times[2]]
+    body = {
+        "EVN": f"EVN|{trigger}|{times[0]}",
+        "PID": f"PID|1||{pid3}||{NAME}",
+        "PV1": "|".join(pv1),
+    }
+    text = "\r".join(
+        [f"MSH|^~\\&|A|B|C|D|{times[0]}||ADT^{trigger}|{control}|P|2.5", *(body[s] for s in segments)]
+    )
+    fast, reference = _both(text.encode())
+    assert fast == reference
+
+
 def test_the_generated_feed_is_the_cohorts_encounters() -> None:
     cohort = build_cohort(30, seed=4)
     messages = adt_messages(cohort)
@@ -231,3 +290,11 @@ def test_mrn_unknown_to_the_ehr_is_held(tmp_path: Path) -> None:
     assert held is not None
     rows = held.filter(pc.equal(held.column("table_name"), "adt_event")).to_pylist()
     assert [(r["record_id"], r["rule"]) for r in rows] == [("S1", "mrn_links_to_patient")]
+
+
+def test_python_hl7_logs_no_value_it_cannot_unescape(caplog: pytest.LogCaptureFixture) -> None:
+    """python-hl7 logs a value it cannot unescape; the reader keeps it out of the logs."""
+    caplog.set_level("DEBUG")
+    message = _message("A01", "C1", mrn="MRN\\Z-Canary\\").encode()
+    hl7v2.read_message(message)
+    assert "Canary" not in caplog.text
