@@ -42,6 +42,7 @@ def test_the_deployments_carry_schedules_triggers_and_typed_parameters(
     assert getattr(device, "interval", None) is not None and device.interval.total_seconds() == 900
     assert getattr(by_name["ingest-ehr"].schedules[0].schedule, "cron", None) == "0 2 * * *"
     assert by_name["ingest-device"].parameters == {"sources": ["device"]}
+    assert by_name["ingest-ehr"].parameters == {"sources": ["fhir", "hl7v2"]}  # the ADT feed, nightly
     window = by_name["backfill"].parameter_openapi_schema["properties"]["window"]
     assert "allOf" in window or "$ref" in window
     definitions = by_name["backfill"].parameter_openapi_schema["definitions"]
