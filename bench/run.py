@@ -468,22 +468,13 @@ class Bench:
         shutil.rmtree(out / "output", ignore_errors=True)
         return measured
 
-    def floor_run(self, export: Path, label: str) -> Measured:
-        out = self.fresh("floor", label)
+    def floor_run(self, source: Path, label: str, mode: str = "floor") -> Measured:
+        """A floor (``bench.child`` mode ``floor`` for FHIR, ``device-floor``) reading ``source``."""
+        out = self.fresh(mode, label)
         measured = measure(
-            [PYTHON, "-m", "bench.child", "floor", str(export), str(out / "parquet")],
+            [PYTHON, "-m", "bench.child", mode, str(source), str(out / "parquet")],
             self.env,
-            out / "floor.log",
-        )
-        shutil.rmtree(out / "parquet", ignore_errors=True)
-        return measured
-
-    def device_floor_run(self, device: Path, label: str) -> Measured:
-        out = self.fresh("device-floor", label)
-        measured = measure(
-            [PYTHON, "-m", "bench.child", "device-floor", str(device), str(out / "parquet")],
-            self.env,
-            out / "device-floor.log",
+            out / f"{mode}.log",
         )
         shutil.rmtree(out / "parquet", ignore_errors=True)
         return measured
@@ -592,7 +583,7 @@ class Bench:
         device_floors = []
         for run in range(runs):
             log(f"{name}: device floor, run {run + 1}/{runs}")
-            device_floors.append(self.device_floor_run(landing / "device", name))
+            device_floors.append(self.floor_run(landing / "device", name, "device-floor"))
         result["device_floor"] = summarise_device_floor(device_floors)
         if cumulus:
             result["cumulus"] = {
