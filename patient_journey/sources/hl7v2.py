@@ -64,7 +64,9 @@ def split_messages(data: bytes) -> Iterator[bytes]:
             yield frame.split(MLLP_END, 1)[0]
         return
     message: list[bytes] = []
-    for segment in data.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r"):
+    for segment in _segments(data):
+        if segment.startswith(_BATCH_SEGMENTS):
+            continue  # the HL7 batch protocol's file and batch headers and trailers frame messages
         if segment.startswith(b"MSH") and message:
             yield b"\r".join(message)
             message = []
@@ -72,6 +74,15 @@ def split_messages(data: bytes) -> Iterator[bytes]:
             message.append(segment)
     if message:
         yield b"\r".join(message)
+
+
+# The batch protocol's headers and trailers (FHS/BHS ... BTS/FTS) around the messages of a file.
+_BATCH_SEGMENTS = (b"FHS", b"BHS", b"BTS", b"FTS")
+
+
+def _segments(data: bytes) -> list[bytes]:
+    """Segments end in a carriage return; many senders write CR LF or LF: all three are read."""
+    return data.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r")
 
 
 def _text(
@@ -92,11 +103,12 @@ def _time(raw: str | None) -> str | None:
         return None
     try:
         moment: datetime | None = hl7.parse_datetime(raw)
+        if moment is None:
+            return None
+        # an offset python-hl7 reads but datetime refuses (beyond a day) raises only here
+        return (moment if moment.tzinfo is None else moment.astimezone(UTC)).replace(tzinfo=None).isoformat()
     except (ValueError, OverflowError):
         return None
-    if moment is None:
-        return None
-    return (moment if moment.tzinfo is None else moment.astimezone(UTC)).replace(tzinfo=None).isoformat()
 
 
 def _mrn(message: _Split | _Parsed) -> str | None:
@@ -179,7 +191,7 @@ def _quiet_python_hl7() -> None:
 def read_message(raw: bytes, *, split: bool = True) -> tuple[str, dict[str, str | None]]:
     """(control id, the fields staging reads) of one message, or ``_Unreadable``. ``split=False``
     parses every message with python-hl7 (the reference the split is tested against)."""
-    text = raw.decode("utf-8", errors="replace").strip()
+    text = b"\r".join(_segments(raw)).decode("utf-8", errors="replace").strip().removeprefix("\ufeff")
     if not text.startswith("MSH"):
         raise _Unreadable(RULE_PARSABLE, "no MSH segment at the start of the message")
     plain = _Split.of(text) if split else None
