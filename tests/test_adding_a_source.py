@@ -38,7 +38,7 @@ def test_the_pages_message_becomes_the_bronze_record_it_shows() -> None:
 def test_the_files_the_page_names_are_the_sources_files() -> None:
     page = _page()
     table = page[page.index("## 3.") : page.index("## 4.")]
-    files = re.findall(r"`([\w/.]+\.(?:py|json|toml))`", table)
+    files = re.findall(r"`([\w/.]+\.(?:py|json|toml|yaml))`", table)
     for name in files:
         text = (REPO / name).read_text(encoding="utf-8").lower()
         assert "hl7" in text or "adt" in text, f"{name} holds nothing of the HL7 v2 source"
