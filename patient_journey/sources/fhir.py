@@ -731,8 +731,14 @@ IDENTITY = (
     IdentityRelation(
         "ehr_patient",
         "SELECT patient_id, mrn, birth_date, pseudonym('mrn', mrn) AS patient_key FROM staged_patient",
-        "SELECT 'fhir-patient' AS identifier_type, patient_id AS identifier, patient_key FROM ehr_patient "
-        "UNION SELECT 'mrn', mrn, patient_key FROM ehr_patient",
+        "SELECT 'fhir-patient' AS identifier_type, patient_id AS identifier, patient_key FROM ehr_patient",
+    ),
+    # One row per MRN: what a source that carries the MRN (REDCap, the ADT feed) joins to
+    # (ehr_patient may hold two Patient resources of one MRN).
+    IdentityRelation(
+        "mrn_link",
+        "SELECT DISTINCT mrn, patient_key FROM ehr_patient",
+        "SELECT 'mrn', mrn, patient_key FROM mrn_link",
     ),
     IdentityRelation(
         "case_link",

@@ -5,12 +5,13 @@ MLLP-framed (``0x0B`` message ``0x1C 0x0D``, as a listener writes what it receiv
 after another, segments ending in carriage returns (or newlines), messages starting at ``MSH``.
 A message with the standard delimiters and no escape sequence in the fields read is split with
 str.split (about 30 us a message in all); any other is parsed by python-hl7 (about 330 us), whose
-results the split is tested against, on every generated message and on random field values. Each ADT message of a supported trigger becomes one bronze
-record (entity ``adt``, record id its control id MSH-10, offset its number in the file) holding
-only what staging reads: the trigger, the event and message times, the MRN (PID-3, the
-identifier typed MR, else the first), the visit number (PV1-19), the patient class (PV1-2) and
-the admit and discharge times (PV1-44, PV1-45). Names, addresses and phone numbers in PID are
-never copied out of the landing zone.
+results the split is tested against, on every generated message and on random field values.
+
+Each ADT message of a supported trigger becomes one bronze record (entity ``adt``, record id its
+control id MSH-10, offset its number in the file) holding only what staging reads: the trigger,
+the event and message times, the MRN (PID-3, the identifier typed MR, else the first), the visit
+number (PV1-19), the patient class (PV1-2) and the admit and discharge times (PV1-44, PV1-45).
+Names, addresses and phone numbers in PID are never copied out of the landing zone.
 
 Triggers: A01 admit, A02 transfer, A03 discharge, A04 register, A08 update, A11 cancel admit,
 A13 cancel discharge. Rules: ``hl7_message_parsable`` (no MSH segment, or python-hl7 cannot
@@ -31,7 +32,7 @@ from pathlib import Path
 import hl7
 import orjson
 
-from patient_journey.linkage import IdentityRelation, LinkSpec
+from patient_journey.linkage import LinkSpec
 from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, InputSelection, read_new_files
 from patient_journey.sources.source import ExtractJob, Source
@@ -58,10 +59,11 @@ class _Unreadable(Exception):
 
 
 def split_messages(data: bytes) -> Iterator[bytes]:
-    """The messages of a file: MLLP frames, or else segments from one ``MSH`` to the next."""
+    """The messages of a file (MLLP frames, or else segments from one ``MSH`` to the next), each
+    with its segments ending in carriage returns whatever line ends the sender wrote."""
     if MLLP_START in data:
         for frame in data.split(MLLP_START)[1:]:
-            yield frame.split(MLLP_END, 1)[0]
+            yield b"\r".join(_segments(frame.split(MLLP_END, 1)[0]))
         return
     message: list[bytes] = []
     for segment in _segments(data):
@@ -120,9 +122,9 @@ def _mrn(message: _Split | _Parsed) -> str | None:
 class _Split:
     """A message with the standard delimiters (``|^~\\&``), carriage returns between segments and no
     escape sequence in a field this source reads, split with str.split: what python-hl7 gives for
-    such a message (tests compare both), at about a hundredth of its cost (python-hl7 builds every
-    field and component of every segment: 330 us a message). Any other message is parsed by
-    python-hl7."""
+    such a message (tests compare both), at a tenth of the cost per message read (python-hl7
+    builds every field and component of every segment: 330 us a message). Any other message is
+    parsed by python-hl7."""
 
     def __init__(self, text: str) -> None:
         self.segments: dict[str, list[str]] = {}
@@ -135,7 +137,7 @@ class _Split:
 
     @classmethod
     def of(cls, text: str) -> _Split | None:
-        if not text.startswith("MSH|^~\\&|") or "\n" in text:
+        if not text.startswith("MSH|^~\\&|"):
             return None
         return cls(text)
 
@@ -189,9 +191,10 @@ def _quiet_python_hl7() -> None:
 
 
 def read_message(raw: bytes, *, split: bool = True) -> tuple[str, dict[str, str | None]]:
-    """(control id, the fields staging reads) of one message, or ``_Unreadable``. ``split=False``
-    parses every message with python-hl7 (the reference the split is tested against)."""
-    text = b"\r".join(_segments(raw)).decode("utf-8", errors="replace").strip().removeprefix("\ufeff")
+    """(control id, the fields staging reads) of one message (segments ending in carriage
+    returns, as ``split_messages`` gives them), or ``_Unreadable``. ``split=False`` parses every
+    message with python-hl7 (the reference the split is tested against)."""
+    text = raw.decode("utf-8", errors="replace").strip().removeprefix("\ufeff")
     if not text.startswith("MSH"):
         raise _Unreadable(RULE_PARSABLE, "no MSH segment at the start of the message")
     plain = _Split.of(text) if split else None
@@ -285,21 +288,12 @@ LINKS: tuple[LinkSpec, ...] = (
     ),
 )
 
-IDENTITY = (
-    IdentityRelation(
-        "mrn_link",
-        "SELECT DISTINCT mrn, patient_key FROM ehr_patient WHERE mrn IS NOT NULL",
-        "SELECT 'mrn', mrn, patient_key FROM mrn_link",
-    ),
-)
-
 
 class Hl7v2Source(Source):
     """An HL7 v2 ADT feed (optional: a deployment without one reads nothing)."""
 
     staged = STAGED
     links = LINKS
-    identity = IDENTITY
     name = SOURCE
     bronze_table = "hl7v2_message"
     suffixes = SUFFIXES

@@ -258,7 +258,7 @@ IDENTITY = (
     IdentityRelation(
         "redcap_link",
         """SELECT DISTINCT r.redcap_record_id, k.patient_key
-        FROM staged_redcap_prom r JOIN ehr_patient k ON k.mrn = r.mrn""",
+        FROM staged_redcap_prom r JOIN mrn_link k USING (mrn)""",
         "SELECT 'redcap-record', redcap_record_id, patient_key FROM redcap_link",
     ),
 )

@@ -4,7 +4,8 @@ The pipeline knows only generic steps (plan, extract, commit, build); everything
 source lives in its ``Source``: the bronze table it lands in, the files it lists (or none: a
 database read in one batch on its watermarks), how one batch is read into an ``Extraction``, the
 staged tables it feeds and how they link to a patient, the suites it requires and the gating it
-adds after staging (device types), and what ``journey reprocess`` forgets of it. Sources are registered in ``patient_journey.sources.plugins``.
+adds after staging (device types), and what ``journey reprocess`` forgets of it. Sources are
+registered in ``patient_journey.sources.plugins``.
 """
 
 from __future__ import annotations
