@@ -1047,6 +1047,20 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def _ratio_table(header: str, ours: str, r: dict[str, Any], middle: list[str] | None = None) -> list[str]:
+    """A markdown table of our throughput, ``middle`` rows, and our ratios to Cumulus and the floor."""
+    rates = r["fhir_resources_per_second"]
+    return [
+        f"| {header} | total | start-up excluded |",
+        "|---|---:|---:|",
+        f"| {ours} | {_fmt(rates['ours_total'])} | {_fmt(rates['ours_excluding_startup'])} |",
+        *(middle or []),
+        f"| **ours / Cumulus** | **{r['vs_cumulus_total']}x** | **{r['vs_cumulus_excluding_startup']}x** |",
+        f"| **floor / ours** | {r['floor_over_ours_total']}x | **{r['floor_over_ours_excluding_startup']}x** |",
+        "",
+    ]
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
@@ -1142,30 +1156,22 @@ def render(result: dict[str, Any]) -> str:
                 + f" s), peak RSS {_fmt(fhir_only['peak_rss_mib'], ' MiB')}.",
                 "",
             ]
-            fr = fhir_only.get("ratios")
-            if fr:
-                rates = fr["fhir_resources_per_second"]
-                lines += [
-                    "| FHIR alone, resources/s | total | start-up excluded |",
-                    "|---|---:|---:|",
-                    f"| ours, FHIR source alone | {_fmt(rates['ours_total'])} | {_fmt(rates['ours_excluding_startup'])} |",
-                    f"| **ours / Cumulus** | **{fr['vs_cumulus_total']}x** | **{fr['vs_cumulus_excluding_startup']}x** |",
-                    f"| **floor / ours** | {fr['floor_over_ours_total']}x | **{fr['floor_over_ours_excluding_startup']}x** |",
-                    "",
-                ]
+            if fhir_only.get("ratios"):
+                lines += _ratio_table(
+                    "FHIR alone, resources/s", "ours, FHIR source alone", fhir_only["ratios"]
+                )
         if r:
             lines += ["The whole flow (every source) on the FHIR resources it reads:", ""]
             rates = r["fhir_resources_per_second"]
-            lines += [
-                "| FHIR resources/s | total | start-up excluded |",
-                "|---|---:|---:|",
-                f"| ours | {_fmt(rates['ours_total'])} | {_fmt(rates['ours_excluding_startup'])} |",
-                f"| Cumulus ETL | {_fmt(rates['cumulus_total'])} | {_fmt(rates['cumulus_excluding_startup'])} |",
-                f"| floor ({floor['engine']}) | – | {_fmt(rates['floor'])} |",
-                f"| **ours / Cumulus** | **{r['vs_cumulus_total']}x** | **{r['vs_cumulus_excluding_startup']}x** |",
-                f"| **floor / ours** | {r['floor_over_ours_total']}x | **{r['floor_over_ours_excluding_startup']}x** |",
-                "",
-            ]
+            lines += _ratio_table(
+                "FHIR resources/s",
+                "ours",
+                r,
+                [
+                    f"| Cumulus ETL | {_fmt(rates['cumulus_total'])} | {_fmt(rates['cumulus_excluding_startup'])} |",
+                    f"| floor ({floor['engine']}) | – | {_fmt(rates['floor'])} |",
+                ],
+            )
     if "demo" in result:
         lines += [
             f"`journey demo` (300 patients, ephemeral Prefect server, start-up included): {result['demo']['seconds']} s.",
