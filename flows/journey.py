@@ -31,6 +31,8 @@ from pydantic import BaseModel, Field, model_validator
 from patient_journey.pipeline import SOURCES, IngestBatch, IngestPlan, IngestReport, Window
 from patient_journey.report import RunSummary
 from patient_journey.settings import load_settings
+from patient_journey.sources.plugins import PLUGINS
+from patient_journey.sources.source import SourceKind
 from tasks.journey import (
     build_gold,
     build_silver,
@@ -160,15 +162,19 @@ def _finish(summary: RunSummary, started: float) -> RunSummary:
 
 
 @flow(name="ingest", task_runner=TASK_RUNNER, log_prints=False)
-def ingest(sources: list[Source] = ALL_SOURCES) -> RunSummary:
+def ingest(sources: list[Source] = ALL_SOURCES, kinds: list[SourceKind] | None = None) -> RunSummary:
     """Read new inputs of the chosen sources into bronze (nothing is read twice).
 
     Args:
-        sources: Sources to read: fhir (EHR bulk exports and Bundles), device (IoT Hub
-            telemetry), registry (outcomes database), redcap (REDCap exports).
+        sources: Sources to read (the form lists every registered source; docs/sources.md
+            describes each).
+        kinds: Read only the sources of these kinds (ehr, device, outcome) among them: a
+            deployment that reads a kind reads a source added later without being edited.
     """
     started, summary = time.perf_counter(), RunSummary(run_id=_run_id(), flow="ingest")
     preflight()
+    if kinds is not None:
+        sources = [s for s in sources if PLUGINS[str(s)].kind in kinds]
     summary.ingests = _ingest(summary.run_id, sources)
     require_input(summary.ingests)
     return _finish(summary, started)
@@ -210,7 +216,7 @@ def patient_journey(sources: list[Source] | None = None, rebuild: bool = False) 
     """Load new device, EHR and outcome inputs and rebuild the patient-journey warehouse.
 
     Args:
-        sources: Sources to read (default: all of fhir, device, registry, redcap).
+        sources: Sources to read (default: every registered source).
         rebuild: Rebuild silver and gold even when no new input arrived.
     """
     started, summary = time.perf_counter(), RunSummary(run_id=_run_id())

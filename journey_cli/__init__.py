@@ -326,12 +326,12 @@ def tables(
     markdown: Annotated[bool, typer.Option(help="Print docs/warehouse.md's table section instead.")] = False,
 ) -> None:
     """The warehouse's tables: grain, key and typed columns, from their declarations."""
-    from patient_journey.contracts import CONTRACTS, render_markdown
+    from patient_journey.contracts import all_contracts, render_markdown
 
     if markdown:
         sys.stdout.write(render_markdown())
         return
-    for contract in CONTRACTS:
+    for contract in all_contracts():
         key = f"; key {', '.join(contract.key)}" if contract.key else ""
         print_table(
             pa.table(
@@ -364,7 +364,10 @@ def lineage(
 
 @app.command()
 def reprocess(
-    source: Annotated[str, typer.Argument(help="fhir, device, redcap, registry or hl7v2.")],
+    source: Annotated[
+        str,
+        typer.Argument(help="The source's name (`journey generate` writes one of each; docs/sources.md)."),
+    ],
     prefix: Annotated[
         str, typer.Option(help="Only inputs under this landing prefix (registry: a table name).")
     ] = "",
@@ -483,7 +486,8 @@ def demo(
             result = run_generate(data_dir, patients=patients, seed=seed)
         console.print(
             f"[1/3] Generated {result.episodes} episodes: {sum(result.resources.values())} FHIR resources, "
-            f"{result.device_messages} device messages, registry and REDCap outcomes, an HL7 v2 ADT feed, "
+            f"{result.device_messages} device messages, registry and REDCap outcomes, "
+            f"{sum(v for k, v in result.derived.items() if k.endswith('_messages'))} feed messages, "
             f"{sum(result.planted.values())} planted bad records."
         )
     emulator = None

@@ -13,6 +13,7 @@ Columns are written ``name type  description``, one a line; types are Arrow's: `
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -83,7 +84,7 @@ class TableContract:
                 f"columns in the order {', '.join(actual.names)}, declared {', '.join(declared.names)}"
             ]
         raise ContractError(
-            f"Table {self.label} does not match its declaration in patient_journey/contracts.py: "
+            f"Table {self.label} does not match its declared columns (`journey tables` shows them): "
             f"{'; '.join(problems)}. Nothing was written."
         )
 
@@ -111,10 +112,13 @@ def _table(layer: str, name: str, grain: str, key: tuple[str, ...], columns: str
     return TableContract(layer, name, grain, key, _columns(columns))
 
 
-def _silver(name: str, grain: str, key: tuple[str, ...], columns: str) -> TableContract:
+def silver_contract(name: str, grain: str, key: tuple[str, ...], columns: str) -> TableContract:
+    """A silver table: its own columns, then lineage and the run that read it."""
     return _table("silver", name, grain, key, columns + LINEAGE + RUN)
 
 
+# The gold tables and the silver tables more than one source feeds. A silver table that one source
+# alone feeds is declared by that source (``Source.silver``, beside its staged tables and links).
 CONTRACTS: tuple[TableContract, ...] = (
     _table(
         "gold",
@@ -139,10 +143,10 @@ length_of_stay_days int64  discharge date - admission date (UTC calendar days)
 complication_30d bool  a complication 0-30 days after the surgery date (registry, or an EHR Condition in catalog/complications.csv)
 complication_90d bool  a complication 0-90 days after the surgery date
 max_complication_grade_90d int32  highest Clavien-Dindo grade within 90 days (registry only; null if none)
-readmission_30d bool  an inpatient encounter other than the index admission, an ADT inpatient admission, or a registry readmission, admitted 0-30 days after discharge
+readmission_30d bool  an inpatient admission 0-30 days after discharge, other than the index admission, as any source reports one (EHR inpatient encounters, registry readmissions, an admission feed's inpatient admissions: docs/sources.md)
 readmission_90d bool  the same, 0-90 days after discharge
 complications_90d int64  complications 0-90 days after surgery; one reported by the registry and the EHR (same code, same day) counts once
-readmissions_90d int64  readmissions 0-90 days after discharge; one reported by more than one of the EHR, the ADT feed and the registry (same admission date) counts once
+readmissions_90d int64  readmissions 0-90 days after discharge; one that more than one source reports (same admission date) counts once
 prom_instrument string  KOOS JR / HOOS JR
 prom_source string  registry, redcap or fhir
 prom_baseline double  interval score (0-100) at baseline, null when missing
@@ -162,16 +166,17 @@ device_events int64  device measurements of the case within the procedure, widen
     _table(
         "gold",
         "journey_event",
-        "one row per event per patient: encounters, procedures, conditions, observations, device events, PROM "
-        "scores, registry complications and readmissions, ADT transfers and discharges, and ADT admissions the "
-        "EHR export does not hold (one it holds is its encounter event: counted once)",
+        "one row per event per patient, as each source reports them (docs/sources.md): encounters, procedures, "
+        "conditions, observations, device events, PROM scores, registry complications and readmissions, an "
+        "admission feed's admissions, transfers and discharges (an admission the EHR export holds too is its "
+        "encounter event: counted once)",
         (),
         """
 patient_key string  the patient
 episode_key string  the patient's index episode (null if none)
 event_time timestamp  when it happened (UTC; date-only sources at midnight)
 phase string  pre (before surgery_start), intra (to surgery_end), post; null without an index procedure
-source string  fhir, device, registry, redcap, hl7v2
+source string  the source that reported it: its plug-in's name (fhir, device, registry, redcap, ...)
 event_type string  encounter, procedure, condition, observation, device:<eventType>, prom, complication, readmission, admission, transfer, discharge
 code string  the event's code (SNOMED CT, LOINC, UDI-DI, instrument, ...)
 detail string  a second descriptor (class, display, device type, timepoint)
@@ -194,105 +199,7 @@ max_abs_skew_seconds double  largest absolute skew
 beyond_tolerance bool  the median exceeds JOURNEY_SOURCES__DEVICE_SKEW_TOLERANCE_SECONDS
 """,
     ),
-    _silver(
-        "patient",
-        "one row per linked FHIR Patient",
-        ("patient_key",),
-        """
-patient_key string  pseudonymous key (HMAC of the MRN)
-birth_year int64  year of birth (the date stays restricted)
-gender string  administrative gender
-""",
-    ),
-    _silver(
-        "encounter",
-        "one row per linked FHIR Encounter (current version)",
-        ("encounter_id",),
-        """
-encounter_id string  the Encounter's id
-patient_key string  the patient
-class_code string  AMB or IMP
-purpose string  preop, surgical-admission, follow-up, readmission
-period_start timestamp  period.start
-period_end timestamp  period.end
-""",
-    ),
-    _silver(
-        "procedure",
-        "one row per linked FHIR Procedure (current version)",
-        ("procedure_id",),
-        """
-procedure_id string  the Procedure's id
-patient_key string  the patient
-episode_key string  the surgical case (HMAC of the OR case id)
-encounter_id string  the Procedure's encounter
-code string  SNOMED CT code
-display string  the code's display
-status string  FHIR status
-performed_start timestamp  performedPeriod.start
-performed_end timestamp  performedPeriod.end
-""",
-    ),
-    _silver(
-        "condition",
-        "one row per linked FHIR Condition (current version)",
-        ("condition_id",),
-        """
-condition_id string  the Condition's id
-patient_key string  the patient
-code string  SNOMED CT code
-display string  the code's display
-onset_time timestamp  onsetDateTime, else recordedDate
-""",
-    ),
-    _silver(
-        "observation",
-        "one row per linked FHIR Observation (current version)",
-        ("observation_id",),
-        """
-observation_id string  the Observation's id
-patient_key string  the patient
-encounter_id string  its encounter
-code string  LOINC code
-display string  the code's display
-effective_time timestamp  effectiveDateTime
-value double  valueQuantity.value
-unit string  valueQuantity.unit
-""",
-    ),
-    _silver(
-        "device",
-        "one row per FHIR Device (implants linked to their patient; OR devices without one)",
-        ("device_id",),
-        """
-device_id string  the Device's id
-patient_key string  the patient (implants only)
-udi_di string  udiCarrier[0].deviceIdentifier
-device_name string  deviceName[0].name
-device_type string  type.coding[0].code
-""",
-    ),
-    _silver(
-        "device_event",
-        "one row per device template match of a routed IoT Hub message",
-        ("measurement_id",),
-        """
-measurement_id string  a hash of the message and the template match (no serial)
-episode_key string  the surgical case
-patient_key string  the patient of the case
-device_type string  the template's type name
-device_key string  HMAC-SHA256 of the device serial
-udi_di string  the device's UDI-DI
-firmware string  firmware version
-event_type string  the event the device reported
-event_time timestamp  the device's own time
-value double  the measured value, if any
-unit string  its unit
-enqueued_time timestamp  IoT Hub's enqueued time
-measured_values string  every named value of the match, as JSON
-""",
-    ),
-    _silver(
+    silver_contract(
         "prom_score",
         "one row per PROM form instance (registry, REDCap or FHIR QuestionnaireResponse), answered or not",
         (),
@@ -305,54 +212,34 @@ collected_on date  when it was collected
 prom_source string  registry, redcap or fhir
 """,
     ),
-    _silver(
-        "complication",
-        "one row per registry complication (its description, free text, stays restricted)",
-        (),
-        """
-patient_key string  the patient
-occurred_on date  when it occurred
-code string  SNOMED CT code (catalog/complications.csv)
-grade int32  Clavien-Dindo grade
-""",
-    ),
-    _silver(
-        "readmission",
-        "one row per registry readmission (its reason, free text, stays restricted)",
-        (),
-        """
-patient_key string  the patient
-admitted_on date  admission date
-discharged_on date  discharge date
-""",
-    ),
-    _silver(
-        "adt_event",
-        "one row per HL7 v2 ADT message of the hospital's feed (admit, transfer, discharge, register, update, "
-        "and the cancellations of an admission or a discharge)",
-        (),
-        """
-patient_key string  the patient
-trigger_event string  the ADT trigger: A01 admit, A02 transfer, A03 discharge, A04 register, A08 update, A11 cancel admit, A13 cancel discharge
-event_time timestamp  EVN-2, else MSH-7 (UTC)
-patient_class string  PV1-2: I inpatient, O outpatient, E emergency, ...
-visit_key string  pseudonymous key of the visit (HMAC of the visit number, PV1-19)
-admit_time timestamp  PV1-44
-discharge_time timestamp  PV1-45
-""",
-    ),
 )
-BY_LABEL = {contract.label: contract for contract in CONTRACTS}
+
+
+@functools.cache
+def all_contracts() -> tuple[TableContract, ...]:
+    """Every warehouse table's contract: the gold tables, then each source's silver tables in
+    plug-in order, then the shared ones."""
+    # Imported here: the sources import the lake, which checks every write against these.
+    from patient_journey.sources.plugins import SILVER_CONTRACTS
+
+    gold = tuple(c for c in CONTRACTS if c.layer == "gold")
+    shared = tuple(c for c in CONTRACTS if c.layer != "gold")
+    return gold + SILVER_CONTRACTS + shared
+
+
+@functools.cache
+def _by_label() -> dict[str, TableContract]:
+    return {contract.label: contract for contract in all_contracts()}
 
 
 def contract_of(layer: str, name: str) -> TableContract | None:
-    return BY_LABEL.get(f"{layer}.{name}")
+    return _by_label().get(f"{layer}.{name}")
 
 
 def render_markdown() -> str:
     """The warehouse's tables as docs/warehouse.md shows them (between its ``tables`` markers)."""
     lines: list[str] = []
-    for contract in CONTRACTS:
+    for contract in all_contracts():
         key = f" Key: {', '.join(f'`{k}`' for k in contract.key)}." if contract.key else ""
         lines += [f"### {contract.label}", "", f"Grain: {contract.grain}.{key}", ""]
         lines += ["| column | type | meaning |", "|---|---|---|"]

@@ -3,11 +3,13 @@
 * ``surgical_episode``: one row per index procedure (a patient's first total knee or hip
   arthroplasty), with the admission, the OR time the devices recorded, the devices used, length
   of stay, complications and readmissions within 30 and 90 days, and PROM scores. Complications
-  come from the registry and from EHR Conditions whose code is in catalog/complications.csv;
-  readmissions from the registry, from EHR inpatient encounters and from the ADT feed's inpatient
-  admissions; an event more than one reports (same code / same admission day) counts once.
-* ``journey_event``: one row per event per patient, with its phase relative to the index
-  procedure (pre / intra / post; null for a patient with no index procedure).
+  and readmissions come from every source that reports them (``JourneyParts``: the registry, EHR
+  Conditions whose code is in catalog/complications.csv, EHR inpatient encounters, a feed's
+  inpatient admissions); one that more than one reports (same code / same admission day) counts
+  once.
+* ``journey_event``: one row per event per patient, as each source reports its events
+  (``JourneyParts.events``), with its phase relative to the index procedure (pre / intra / post;
+  null for a patient with no index procedure).
 * ``device_clock``: one row per device, the skew of its clock seen against IoT Hub's enqueued
   time (median and largest), and whether it exceeds the skew tolerance (a quality metric).
 
@@ -19,6 +21,8 @@ Grain and columns are documented in docs/warehouse.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -63,24 +67,6 @@ def instrument_mcid(catalog: Catalog) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-# The ADT feed's admissions, transfers and discharges that stand (journey_event adds the
-# discharges and transfers, and the admissions the EHR export does not hold): an admission (A01) or
-# registration (A04) cancelled by a later A11 of the same visit is gone, and so is a discharge
-# (A03) cancelled by a later A13 (a discharge sent too early is cancelled, then sent again).
-ADT_VISIT_EVENT_SQL = """
-SELECT a.patient_key, a.event_time, a.patient_class, a.visit_key, a.admit_time, a.input_key, a.source_offset,
-       CASE a.trigger_event WHEN 'A01' THEN 'admission' WHEN 'A04' THEN 'admission'
-            WHEN 'A02' THEN 'transfer' WHEN 'A03' THEN 'discharge' END AS event_type,
-       a.trigger_event
-FROM adt_event a
-WHERE a.trigger_event IN ('A01', 'A02', 'A03', 'A04')
-  AND NOT EXISTS (
-      SELECT 1 FROM adt_event c
-      WHERE c.visit_key = a.visit_key AND c.patient_key = a.patient_key AND c.event_time >= a.event_time
-        AND ((a.trigger_event IN ('A01', 'A04') AND c.trigger_event = 'A11')
-             OR (a.trigger_event = 'A03' AND c.trigger_event = 'A13')))
-"""
-
 EPISODE_SQL = f"""
 WITH idx AS (
     SELECT * FROM procedure WHERE code IN {INDEX_PROCEDURE_CODES}
@@ -100,24 +86,15 @@ WITH idx AS (
                            AND idx.performed_end + to_seconds($tolerance)
     GROUP BY d.episode_key
 ), readmit AS (
-    SELECT e.patient_key, CAST(e.period_start AS DATE) AS admitted_on, e.encounter_id
-    FROM encounter e WHERE e.class_code = 'IMP'
-    UNION ALL
-    SELECT patient_key, admitted_on, NULL FROM readmission
-    UNION ALL
-    SELECT patient_key, CAST(event_time AS DATE), NULL FROM adt_visit_event
-    WHERE event_type = 'admission' AND patient_class = 'I'
+    {{admissions}}
 ), readmit_days AS (
-    -- DISTINCT: an admission the EHR, the ADT feed and the registry report (same day) counts once
+    -- DISTINCT: an admission that more than one source reports (same day) counts once
     SELECT DISTINCT idx.episode_key, r.admitted_on,
            date_diff('day', CAST(adm.period_end AS DATE), r.admitted_on) AS days
     FROM idx JOIN adm USING (episode_key) JOIN readmit r ON r.patient_key = idx.patient_key
     WHERE r.encounter_id IS DISTINCT FROM adm.encounter_id
 ), comp_event AS (
-    SELECT patient_key, code, occurred_on, grade FROM complication
-    UNION ALL
-    SELECT patient_key, code, CAST(onset_time AS DATE), NULL FROM condition
-    WHERE code IN (SELECT code FROM complication_code)
+    {{complications}}
 ), comp_days AS (
     -- GROUP BY: a complication both the registry and the EHR report (same code and day) counts
     -- once, with the registry's Clavien-Dindo grade (the EHR has none)
@@ -193,29 +170,7 @@ ORDER BY idx.performed_start, idx.episode_key
 
 EVENT_SQL = """
 WITH events AS (
-    SELECT patient_key, period_start AS event_time, 'fhir' AS source, 'encounter' AS event_type,
-           purpose AS code, class_code AS detail, CAST(NULL AS DOUBLE) AS value, CAST(NULL AS VARCHAR) AS unit,
-           input_key, source_offset FROM encounter
-    UNION ALL SELECT patient_key, performed_start, 'fhir', 'procedure', code, display, NULL, NULL,
-           input_key, source_offset FROM procedure
-    UNION ALL SELECT patient_key, onset_time, 'fhir', 'condition', code, display, NULL, NULL,
-           input_key, source_offset FROM condition
-    UNION ALL SELECT patient_key, effective_time, 'fhir', 'observation', code, display, value, unit,
-           input_key, source_offset FROM observation
-    UNION ALL SELECT patient_key, event_time, 'device', 'device:' || event_type, udi_di, device_type, value, unit,
-           input_key, source_offset FROM device_event
-    UNION ALL SELECT patient_key, CAST(collected_on AS TIMESTAMPTZ), prom_source, 'prom', instrument, timepoint,
-           score, 'score', input_key, source_offset FROM prom_score WHERE score IS NOT NULL
-    UNION ALL SELECT patient_key, CAST(occurred_on AS TIMESTAMPTZ), 'registry', 'complication', code,
-           'clavien-dindo', grade, 'grade', input_key, source_offset FROM complication
-    UNION ALL SELECT patient_key, CAST(admitted_on AS TIMESTAMPTZ), 'registry', 'readmission', NULL, NULL,
-           NULL, NULL, input_key, source_offset FROM readmission
-    -- an admission the EHR export holds too (same patient and admission time) is its encounter
-    -- event already: counted once
-    UNION ALL SELECT a.patient_key, a.event_time, 'hl7v2', a.event_type, a.trigger_event, a.patient_class,
-           NULL, NULL, a.input_key, a.source_offset FROM adt_visit_event a
-    WHERE a.event_type <> 'admission' OR NOT EXISTS (
-        SELECT 1 FROM encounter e WHERE e.patient_key = a.patient_key AND e.period_start = a.admit_time)
+    {events}
 )
 SELECT ev.patient_key, ep.episode_key, ev.event_time,
        CASE WHEN ep.episode_key IS NULL THEN NULL
@@ -241,20 +196,93 @@ ORDER BY device_type, device_key
 """
 
 
+@dataclass(frozen=True)
+class JourneyParts:
+    """What one source adds to the gold tables, as SQL over the silver tables (every silver table
+    is registered under its name, empty or not, so a part may read another source's tables).
+
+    * ``views``: (name, SELECT) pairs, created as temporary views before the gold tables, in
+      plug-in order (a source's reading of its own table that its other parts share).
+    * ``events``: SELECTs giving journey_event's columns ``patient_key, event_time, source,
+      event_type, code, detail, value, unit, input_key, source_offset``.
+    * ``admissions``: SELECTs giving ``patient_key, admitted_on`` (a date) and ``encounter_id``
+      (the EHR encounter, or NULL): the inpatient admissions that count as readmissions; one that
+      several sources report on the same day counts once.
+    * ``complications``: SELECTs giving ``patient_key, code, occurred_on, grade`` (Clavien-Dindo
+      or NULL); one that several sources report (same code and day) counts once.
+    """
+
+    views: tuple[tuple[str, str], ...] = ()
+    events: tuple[str, ...] = ()
+    admissions: tuple[str, ...] = ()
+    complications: tuple[str, ...] = ()
+
+
+# The parts of silver tables more than one source feeds: PROM scores (registry, REDCap, FHIR).
+SHARED_PARTS = JourneyParts(
+    events=(
+        """SELECT patient_key, CAST(collected_on AS TIMESTAMPTZ), prom_source, 'prom', instrument, timepoint,
+           score, 'score', input_key, source_offset FROM prom_score WHERE score IS NOT NULL""",
+    )
+)
+
+
+EVENT_COLUMNS = {
+    "patient_key": "VARCHAR",
+    "event_time": "TIMESTAMPTZ",
+    "source": "VARCHAR",
+    "event_type": "VARCHAR",
+    "code": "VARCHAR",
+    "detail": "VARCHAR",
+    "value": "DOUBLE",
+    "unit": "VARCHAR",
+    "input_key": "VARCHAR",
+    "source_offset": "BIGINT",
+}
+ADMISSION_COLUMNS = {"patient_key": "VARCHAR", "admitted_on": "DATE", "encounter_id": "VARCHAR"}
+COMPLICATION_COLUMNS = {
+    "patient_key": "VARCHAR",
+    "code": "VARCHAR",
+    "occurred_on": "DATE",
+    "grade": "INTEGER",
+}
+
+
+def _union(selects: list[str], columns: dict[str, str]) -> str:
+    """The parts' SELECTs as one, each given the columns' names and types by position."""
+    typed = ", ".join(f"CAST({name} AS {kind}) AS {name}" for name, kind in columns.items())
+    names = ", ".join(columns)
+    if not selects:
+        return (
+            f"SELECT {typed} FROM (SELECT {', '.join(['NULL'] * len(columns))}) AS part({names}) WHERE false"
+        )
+    return "\n    UNION ALL ".join(f"SELECT {typed} FROM ({select}) AS part({names})" for select in selects)
+
+
 def build_journey(
-    silver: dict[str, pa.Table], skew_tolerance_seconds: int = 900, catalog: Catalog | None = None
+    silver: dict[str, pa.Table],
+    parts: Sequence[JourneyParts],
+    skew_tolerance_seconds: int = 900,
+    catalog: Catalog | None = None,
 ) -> dict[str, pa.Table]:
-    """Gold tables from the silver tables (all of them must be present, empty or not)."""
+    """Gold tables from the silver tables (all of them must be present, empty or not) and what
+    each source adds (``parts``: the plug-ins' ``journey``, in plug-in order)."""
+    parts = [*parts, SHARED_PARTS]
     connection = connect()
     for name, table in silver.items():
         connection.register(name, table)
     connection.register("instrument_mcid", instrument_mcid(catalog or load_catalog()))
     connection.register("complication_code", load_complication_codes())
-    connection.execute(f"CREATE TEMP VIEW adt_visit_event AS {ADT_VISIT_EVENT_SQL}")
+    for name, sql in (view for part in parts for view in part.views):
+        connection.execute(f"CREATE TEMP VIEW {name} AS {sql}")
+    admissions = _union([s for part in parts for s in part.admissions], ADMISSION_COLUMNS)
+    complications = _union([s for part in parts for s in part.complications], COMPLICATION_COLUMNS)
+    episode_sql = EPISODE_SQL.replace("{admissions}", admissions).replace("{complications}", complications)
     tolerance = {"tolerance": skew_tolerance_seconds}
-    episode = connection.execute(EPISODE_SQL, tolerance).to_arrow_table()
+    episode = connection.execute(episode_sql, tolerance).to_arrow_table()
     connection.register("surgical_episode", episode)
-    events = connection.sql(EVENT_SQL).to_arrow_table()
+    events = _union([s for part in parts for s in part.events], EVENT_COLUMNS)
+    events_table = connection.sql(EVENT_SQL.replace("{events}", events)).to_arrow_table()
     clock = connection.execute(DEVICE_CLOCK_SQL, tolerance).to_arrow_table()
     connection.close()
-    return {"surgical_episode": episode, "journey_event": events, "device_clock": clock}
+    return {"surgical_episode": episode, "journey_event": events_table, "device_clock": clock}

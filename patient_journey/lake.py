@@ -154,15 +154,16 @@ class Lake:
         """Replace the table's content in one commit; returns the new version.
 
         A table of the analysts' zone must have exactly its declared columns and types
-        (patient_journey.contracts), or nothing is written: ContractError names the table and the
+        (patient_journey.contracts and the sources' ``silver``), or nothing is written: ContractError names the table and the
         columns that differ. Its Delta schema follows the declaration, so changing a declared
         column (a deliberate migration) replaces the schema with the new one in the same commit."""
         if ref.zone is Zone.WAREHOUSE:
             contract = contract_of(ref.layer, ref.name)
             if contract is None:
                 raise ContractError(
-                    f"Table {ref.label} is not declared in patient_journey/contracts.py: every table of "
-                    "the analysts' zone is. Nothing was written."
+                    f"Table {ref.label} is not declared (patient_journey/contracts.py, or the silver "
+                    "tables of the source that feeds it): every table of the analysts' zone is. Nothing "
+                    "was written."
                 )
             contract.check(data)
         self._call(

@@ -38,7 +38,14 @@ from patient_journey.prom import redcap_forms_not_loaded
 from patient_journey.quality import QUARANTINE_SCHEMA, QualityGate, quarantine_rows
 from patient_journey.settings import JourneySettings
 from patient_journey.sources import registry
-from patient_journey.sources.plugins import IDENTITY, LINKS, PLUGINS, STAGED_TABLES, source_named
+from patient_journey.sources.plugins import (
+    IDENTITY,
+    JOURNEY_PARTS,
+    LINKS,
+    PLUGINS,
+    STAGED_TABLES,
+    source_named,
+)
 from patient_journey.sources.records import (
     BRONZE_SCHEMA,
     FORGOTTEN,
@@ -49,7 +56,7 @@ from patient_journey.sources.records import (
     InputSelection,
     candidate_files,
 )
-from patient_journey.sources.source import ExtractJob
+from patient_journey.sources.source import ExtractJob, unknown_source_settings
 from patient_journey.staging import FIELD_ERROR, SUPERSEDED, stage
 from patient_journey.storage import FileInfo, Storage, check_zones, listed_files
 
@@ -162,6 +169,11 @@ def preflight(settings: JourneySettings) -> int:
     file source with nothing under its prefix, a registry that does not answer). Returns the
     number of expectations."""
     settings.patient_hmac_key()
+    unknown = unknown_source_settings(
+        settings, [p.options for p in PLUGINS.values() if p.options is not None]
+    )
+    if unknown:
+        raise ConfigurationError(f"Unknown source settings: {', '.join(unknown)}. No source declares them.")
     gate = QualityGate(settings.quality.expectations_dir)
     for plugin in PLUGINS.values():  # a source's own configuration and suites (device templates)
         plugin.require_suites(settings, gate)
@@ -851,7 +863,7 @@ def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
     report = BuildReport(built=True)
     tolerance = settings.sources.device_skew_tolerance_seconds
     clock.lap("read")
-    journey_tables = build_journey(silver_tables, tolerance)
+    journey_tables = build_journey(silver_tables, JOURNEY_PARTS, tolerance)
     clock.lap("build")
     for name, table in journey_tables.items():
         result = gate.check("gold", name, table, "journey", run_id)

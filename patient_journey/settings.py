@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from patient_journey.errors import ConfigurationError
@@ -105,14 +105,16 @@ class IdentitySettings(BaseModel):
 
 
 class SourceSettings(BaseModel):
-    """Where each source is found inside the landing zone, and the registry database."""
+    """Where each source is found inside the landing zone, the registry database, and what every
+    source shares. A source may declare settings of its own (``Source.options``, in its module):
+    they are read from this section too (``JOURNEY_SOURCES__<FIELD>``), checked by their source's
+    model, and a field no source declares is refused in preflight."""
+
+    model_config = ConfigDict(extra="allow")
 
     fhir_prefix: str = Field(default="ehr", description="FHIR bulk exports and bundles.")
     device_prefix: str = Field(default="device", description="IoT Hub routed telemetry blobs.")
     redcap_prefix: str = Field(default="outcomes/redcap", description="REDCap exports.")
-    hl7v2_prefix: str = Field(
-        default="adt", description="HL7 v2 ADT feed files (optional: absent, nothing is read)."
-    )
     settle_seconds: int = Field(
         default=60,
         ge=0,

@@ -20,12 +20,15 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from patient_journey import pipeline
+from patient_journey.errors import ConfigurationError
 from patient_journey.generate import generate
 from patient_journey.generate.hl7v2 import adt_messages
 from patient_journey.generate.model import Journey, build_cohort
 from patient_journey.lake import Lake, bronze, gold, silver
 from patient_journey.sources import hl7v2
+from patient_journey.sources.plugins import PLUGINS
 from patient_journey.sources.records import Extraction
+from patient_journey.settings import load_settings
 from patient_journey.storage import FileInfo
 from tests.conftest import settings_for
 
@@ -287,6 +290,44 @@ def test_a_landing_zone_without_a_feed_needs_no_setting(tmp_path: Path) -> None:
     pipeline.preflight(settings_)  # no JOURNEY_SOURCES__OPTIONAL needed
     report = pipeline.ingest(settings_, "hl7v2", "run-1")
     assert report.records == 0 and report.rejects == 0
+
+
+def test_the_feeds_own_setting_is_read_from_the_sources_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generated = generate(tmp_path / "gen", patients=5, seed=2, bad_rate=0.0)
+    landing = generated.out / "landing"
+    (landing / "adt").rename(landing / "feeds")
+    monkeypatch.setenv("JOURNEY_SOURCES__HL7V2_PREFIX", "feeds")
+    settings_ = settings_for(tmp_path, landing=landing)
+    assert PLUGINS["hl7v2"].prefix(settings_) == "feeds"
+    pipeline.preflight(settings_)
+    assert pipeline.ingest(settings_, "hl7v2", "run-1").records > 0
+
+
+def test_a_source_setting_no_source_declares_fails_preflight_naming_the_closest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generated = generate(tmp_path / "gen", patients=5, seed=2, bad_rate=0.0)
+    monkeypatch.setenv("JOURNEY_SOURCES__HL7_PREFIX", "feeds")  # misspelt
+    settings_ = settings_for(tmp_path, landing=generated.out / "landing")
+    with pytest.raises(ConfigurationError) as error:
+        pipeline.preflight(settings_)
+    assert "JOURNEY_SOURCES__HL7_PREFIX (did you mean JOURNEY_SOURCES__HL7V2_PREFIX?)" in str(error.value)
+
+
+def test_an_invalid_source_setting_is_named_without_its_value(tmp_path: Path) -> None:
+    generated = generate(tmp_path / "gen", patients=5, seed=2, bad_rate=0.0)
+    base = settings_for(tmp_path, landing=generated.out / "landing")
+    settings_ = load_settings(  # a list where the prefix is a string
+        storage=base.storage,
+        identity=base.identity,
+        sources={"settle_seconds": 0, "hl7v2_prefix": ["secret-value"]},
+    )
+    with pytest.raises(ConfigurationError) as error:
+        pipeline.preflight(settings_)
+    assert "JOURNEY_SOURCES__HL7V2_PREFIX" in str(error.value)
+    assert "secret-value" not in str(error.value)
 
 
 def test_mrn_unknown_to_the_ehr_is_held(tmp_path: Path) -> None:

@@ -41,8 +41,10 @@ def test_the_deployments_carry_schedules_triggers_and_typed_parameters(
     device = by_name["ingest-device"].schedules[0].schedule
     assert getattr(device, "interval", None) is not None and device.interval.total_seconds() == 900
     assert getattr(by_name["ingest-ehr"].schedules[0].schedule, "cron", None) == "0 2 * * *"
-    assert by_name["ingest-device"].parameters == {"sources": ["device"]}
-    assert by_name["ingest-ehr"].parameters == {"sources": ["fhir", "hl7v2"]}  # the ADT feed, nightly
+    # each reads a kind of source, so a source added later is read without editing the deployments
+    assert by_name["ingest-device"].parameters == {"kinds": ["device"]}
+    assert by_name["ingest-ehr"].parameters == {"kinds": ["ehr"]}
+    assert by_name["ingest-outcomes"].parameters == {"kinds": ["outcome"]}
     window = by_name["backfill"].parameter_openapi_schema["properties"]["window"]
     assert "allOf" in window or "$ref" in window
     definitions = by_name["backfill"].parameter_openapi_schema["definitions"]
@@ -72,7 +74,7 @@ def test_every_ingestion_run_completes_with_its_artifacts(
             t.name for t in served_client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
         }
         assert any(name.startswith("ingest ") for name in tasks), tasks
-    device = next(r for r in served_runs["ingest"] if r.parameters == {"sources": ["device"]})
+    device = next(r for r in served_runs["ingest"] if r.parameters == {"kinds": ["device"]})
     names = {
         t.name for t in served_client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [device.id]}))
     }

@@ -21,7 +21,7 @@ from patient_journey.identity import KeyMaker
 from patient_journey.journey import build_journey
 from patient_journey.lake import Lake, bronze
 from patient_journey.linkage import link
-from patient_journey.sources.plugins import IDENTITY, LINKS, STAGED_TABLES
+from patient_journey.sources.plugins import IDENTITY, JOURNEY_PARTS, LINKS, STAGED_TABLES
 from patient_journey.sources.records import BRONZE_SCHEMA
 from patient_journey.staging import stage
 from tests.conftest import TEST_KEY, settings_for
@@ -71,7 +71,7 @@ def transformed(
     bronze_tables, landing = golden_bronze
     staged = stage(bronze_tables, STAGED_TABLES)
     linked = link(staged, KeyMaker(TEST_KEY.encode()), "golden-run", LINKS, IDENTITY)
-    gold = build_journey(linked.silver)
+    gold = build_journey(linked.silver, JOURNEY_PARTS)
     tables = {f"staged.{k}": v for k, v in staged.items()}
     tables |= {f"silver.{k}": v for k, v in linked.silver.items()}
     tables |= {f"gold.{k}": v for k, v in gold.items()}

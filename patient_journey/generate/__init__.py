@@ -18,7 +18,6 @@ from patient_journey.generate.bad_records import (
     plant_registry,
 )
 from patient_journey.generate.fhir_layouts import fhir_variants, write_fhir_variants
-from patient_journey.generate.hl7v2 import adt_messages, write_adt
 from patient_journey.generate.model import build_cohort
 from patient_journey.generate.proms import redcap_project, write_redcap
 from patient_journey.generate.synthea import write_synthea
@@ -31,6 +30,7 @@ from patient_journey.generate.writers import (
     write_ground_truth,
     write_registry,
 )
+from patient_journey.sources.plugins import PLUGINS
 
 __all__ = ["FHIR_LAYOUTS", "GenerationResult", "generate"]
 
@@ -47,6 +47,7 @@ class GenerationResult:
     resources: dict[str, int]  # NDJSON lines written per FHIR resource type (bad lines included)
     device_messages: int  # Avro records written (planted ones included)
     planted: dict[str, int]  # planted bad records (rows of planted_bad_records.csv) per kind
+    derived: dict[str, int]  # what the sources derived from the cohort wrote (Source.generate)
 
 
 def generate(
@@ -102,8 +103,9 @@ def generate(
     write_registry(landing, rows)
     redcap_rows = write_redcap(landing, redcap)
     planted += planted_redcap
-    adt = adt_messages(cohort)
-    adt_files = write_adt(landing, adt)
+    derived: dict[str, int] = {}  # sources derived from the cohort with no random draws
+    for plugin in PLUGINS.values():
+        derived |= plugin.generate(cohort, landing)
 
     planted_counts = {kind: sum(1 for p in planted if p.kind == kind) for kind in KINDS}
     device_messages = len(events)
@@ -121,8 +123,7 @@ def generate(
             "or_devices": len(cohort.devices),
             "registry": rows.counts(),
             "redcap_records": redcap_rows,
-            "adt_messages": len(adt),
-            "adt_files": adt_files,
+            **derived,
             "planted_instances_per_kind": n_bad,
             "planted": planted_counts,
         },
@@ -135,4 +136,5 @@ def generate(
         resources=resources,
         device_messages=device_messages,
         planted=planted_counts,
+        derived=derived,
     )

@@ -31,7 +31,9 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from patient_journey.contracts import TableContract, silver_contract
 from patient_journey.device_templates import DeviceTemplates, Envelope, Measurement, load_templates
+from patient_journey.journey import JourneyParts
 from patient_journey.linkage import LinkSpec
 from patient_journey.quality import QUARANTINE_SCHEMA, ExpectationOutcome, QualityGate, quarantine_rows
 from patient_journey.settings import JourneySettings
@@ -346,10 +348,46 @@ LINKS: tuple[LinkSpec, ...] = (
 )
 
 
+# The silver tables it feeds, each declared once (patient_journey.contracts).
+SILVER: tuple[TableContract, ...] = (
+    silver_contract(
+        "device_event",
+        "one row per device template match of a routed IoT Hub message",
+        ("measurement_id",),
+        """
+measurement_id string  a hash of the message and the template match (no serial)
+episode_key string  the surgical case
+patient_key string  the patient of the case
+device_type string  the template's type name
+device_key string  HMAC-SHA256 of the device serial
+udi_di string  the device's UDI-DI
+firmware string  firmware version
+event_type string  the event the device reported
+event_time timestamp  the device's own time
+value double  the measured value, if any
+unit string  its unit
+enqueued_time timestamp  IoT Hub's enqueued time
+measured_values string  every named value of the match, as JSON
+""",
+    ),
+)
+
+# What device telemetry adds to the gold journey: every template match as an event.
+JOURNEY = JourneyParts(
+    events=(
+        "SELECT patient_key, event_time, 'device', 'device:' || event_type, udi_di, device_type, value, unit, "
+        "input_key, source_offset FROM device_event",
+    )
+)
+
+
 class DeviceSource(Source):
     """IoT Hub telemetry routed to storage; each device type's measurements have their own suite."""
 
     staged = STAGED
+    silver = SILVER
+    journey = JOURNEY
+    kind = "device"
     links = LINKS
     name = SOURCE
     bronze_table = "device_message"

@@ -39,6 +39,8 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from patient_journey.contracts import TableContract, silver_contract
+from patient_journey.journey import JourneyParts
 from patient_journey.linkage import IdentityRelation, LinkSpec
 from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, InputSelection, read_new_files
@@ -733,7 +735,7 @@ IDENTITY = (
         "SELECT patient_id, mrn, birth_date, pseudonym('mrn', mrn) AS patient_key FROM staged_patient",
         "SELECT 'fhir-patient' AS identifier_type, patient_id AS identifier, patient_key FROM ehr_patient",
     ),
-    # One row per MRN: what a source that carries the MRN (REDCap, the ADT feed) joins to
+    # One row per MRN: what a source that carries the MRN (REDCap, a hospital feed) joins to
     # (ehr_patient may hold two Patient resources of one MRN).
     IdentityRelation(
         "mrn_link",
@@ -749,10 +751,118 @@ IDENTITY = (
 )
 
 
+# The silver tables it feeds, each declared once (patient_journey.contracts).
+SILVER: tuple[TableContract, ...] = (
+    silver_contract(
+        "patient",
+        "one row per linked FHIR Patient",
+        ("patient_key",),
+        """
+patient_key string  pseudonymous key (HMAC of the MRN)
+birth_year int64  year of birth (the date stays restricted)
+gender string  administrative gender
+""",
+    ),
+    silver_contract(
+        "encounter",
+        "one row per linked FHIR Encounter (current version)",
+        ("encounter_id",),
+        """
+encounter_id string  the Encounter's id
+patient_key string  the patient
+class_code string  AMB or IMP
+purpose string  preop, surgical-admission, follow-up, readmission
+period_start timestamp  period.start
+period_end timestamp  period.end
+""",
+    ),
+    silver_contract(
+        "procedure",
+        "one row per linked FHIR Procedure (current version)",
+        ("procedure_id",),
+        """
+procedure_id string  the Procedure's id
+patient_key string  the patient
+episode_key string  the surgical case (HMAC of the OR case id)
+encounter_id string  the Procedure's encounter
+code string  SNOMED CT code
+display string  the code's display
+status string  FHIR status
+performed_start timestamp  performedPeriod.start
+performed_end timestamp  performedPeriod.end
+""",
+    ),
+    silver_contract(
+        "condition",
+        "one row per linked FHIR Condition (current version)",
+        ("condition_id",),
+        """
+condition_id string  the Condition's id
+patient_key string  the patient
+code string  SNOMED CT code
+display string  the code's display
+onset_time timestamp  onsetDateTime, else recordedDate
+""",
+    ),
+    silver_contract(
+        "observation",
+        "one row per linked FHIR Observation (current version)",
+        ("observation_id",),
+        """
+observation_id string  the Observation's id
+patient_key string  the patient
+encounter_id string  its encounter
+code string  LOINC code
+display string  the code's display
+effective_time timestamp  effectiveDateTime
+value double  valueQuantity.value
+unit string  valueQuantity.unit
+""",
+    ),
+    silver_contract(
+        "device",
+        "one row per FHIR Device (implants linked to their patient; OR devices without one)",
+        ("device_id",),
+        """
+device_id string  the Device's id
+patient_key string  the patient (implants only)
+udi_di string  udiCarrier[0].deviceIdentifier
+device_name string  deviceName[0].name
+device_type string  type.coding[0].code
+""",
+    ),
+)
+
+# What the EHR adds to the gold journey: its encounters, procedures, conditions and observations as
+# events, its inpatient encounters as admissions (readmissions), and its Conditions whose code is
+# in catalog/complications.csv as complications.
+JOURNEY = JourneyParts(
+    events=(
+        "SELECT patient_key, period_start, 'fhir', 'encounter', purpose, class_code, NULL, NULL, input_key, "
+        "source_offset FROM encounter",
+        "SELECT patient_key, performed_start, 'fhir', 'procedure', code, display, NULL, NULL, input_key, "
+        "source_offset FROM procedure",
+        "SELECT patient_key, onset_time, 'fhir', 'condition', code, display, NULL, NULL, input_key, "
+        "source_offset FROM condition",
+        "SELECT patient_key, effective_time, 'fhir', 'observation', code, display, value, unit, input_key, "
+        "source_offset FROM observation",
+    ),
+    admissions=(
+        "SELECT patient_key, CAST(period_start AS DATE), encounter_id FROM encounter WHERE class_code = 'IMP'",
+    ),
+    complications=(
+        "SELECT patient_key, code, CAST(onset_time AS DATE), NULL FROM condition "
+        "WHERE code IN (SELECT code FROM complication_code)",
+    ),
+)
+
+
 class FhirSource(Source):
     """FHIR R4 bulk exports (NDJSON, gzip) and Bundles."""
 
     staged = STAGED
+    silver = SILVER
+    journey = JOURNEY
     links = LINKS
     identity = IDENTITY
     name = SOURCE

@@ -28,16 +28,23 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hl7
 import orjson
+from pydantic import BaseModel, Field
 
+from patient_journey.contracts import TableContract, silver_contract
+from patient_journey.journey import JourneyParts
 from patient_journey.linkage import LinkSpec
 from patient_journey.settings import JourneySettings
 from patient_journey.sources.records import Extraction, InputSelection, read_new_files
-from patient_journey.sources.source import ExtractJob, Source
+from patient_journey.sources.source import ExtractJob, Source, source_options
 from patient_journey.staging import StagedTable, declared, json_fields, timestamp
 from patient_journey.storage import FileInfo, Storage
+
+if TYPE_CHECKING:
+    from patient_journey.generate.model import Cohort
 
 SOURCE = "hl7v2"
 ENTITY = "adt"
@@ -289,18 +296,90 @@ LINKS: tuple[LinkSpec, ...] = (
 )
 
 
+# The silver tables it feeds, each declared once (patient_journey.contracts).
+SILVER: tuple[TableContract, ...] = (
+    silver_contract(
+        "adt_event",
+        "one row per HL7 v2 ADT message of the hospital's feed (admit, transfer, discharge, register, update, "
+        "and the cancellations of an admission or a discharge)",
+        (),
+        """
+patient_key string  the patient
+trigger_event string  the ADT trigger: A01 admit, A02 transfer, A03 discharge, A04 register, A08 update, A11 cancel admit, A13 cancel discharge
+event_time timestamp  EVN-2, else MSH-7 (UTC)
+patient_class string  PV1-2: I inpatient, O outpatient, E emergency, ...
+visit_key string  pseudonymous key of the visit (HMAC of the visit number, PV1-19)
+admit_time timestamp  PV1-44
+discharge_time timestamp  PV1-45
+""",
+    ),
+)
+
+# The feed's admissions, transfers and discharges that stand: an admission (A01) or registration
+# (A04) cancelled by a later A11 of the same visit is gone, and so is a discharge (A03) cancelled
+# by a later A13 (a discharge sent too early is cancelled, then sent again).
+ADT_VISIT_EVENT_SQL = """
+SELECT a.patient_key, a.event_time, a.patient_class, a.visit_key, a.admit_time, a.input_key, a.source_offset,
+       CASE a.trigger_event WHEN 'A01' THEN 'admission' WHEN 'A04' THEN 'admission'
+            WHEN 'A02' THEN 'transfer' WHEN 'A03' THEN 'discharge' END AS event_type,
+       a.trigger_event
+FROM adt_event a
+WHERE a.trigger_event IN ('A01', 'A02', 'A03', 'A04')
+  AND NOT EXISTS (
+      SELECT 1 FROM adt_event c
+      WHERE c.visit_key = a.visit_key AND c.patient_key = a.patient_key AND c.event_time >= a.event_time
+        AND ((a.trigger_event IN ('A01', 'A04') AND c.trigger_event = 'A11')
+             OR (a.trigger_event = 'A03' AND c.trigger_event = 'A13')))
+"""
+
+# What the feed adds to the gold journey: its transfers and discharges as events, and its
+# admissions the EHR export does not hold (one it holds, same patient and admission time, is its
+# encounter event already: counted once); its inpatient admissions count as readmissions (one the
+# EHR or the registry reports on the same day counts once).
+JOURNEY = JourneyParts(
+    views=(("adt_visit_event", ADT_VISIT_EVENT_SQL),),
+    events=(
+        """SELECT a.patient_key, a.event_time, 'hl7v2', a.event_type, a.trigger_event, a.patient_class,
+           NULL, NULL, a.input_key, a.source_offset FROM adt_visit_event a
+        WHERE a.event_type <> 'admission' OR NOT EXISTS (
+            SELECT 1 FROM encounter e WHERE e.patient_key = a.patient_key AND e.period_start = a.admit_time)""",
+    ),
+    admissions=(
+        "SELECT patient_key, CAST(event_time AS DATE), NULL FROM adt_visit_event "
+        "WHERE event_type = 'admission' AND patient_class = 'I'",
+    ),
+)
+
+
+class Hl7v2Options(BaseModel):
+    """The feed's own settings (JOURNEY_SOURCES__HL7V2_PREFIX)."""
+
+    hl7v2_prefix: str = Field(
+        default="adt", description="HL7 v2 ADT feed files (optional: absent, nothing is read)."
+    )
+
+
 class Hl7v2Source(Source):
     """An HL7 v2 ADT feed (optional: a deployment without one reads nothing)."""
 
     staged = STAGED
+    silver = SILVER
+    journey = JOURNEY
     links = LINKS
     name = SOURCE
     bronze_table = "hl7v2_message"
     suffixes = SUFFIXES
     optional = True
+    options = Hl7v2Options
 
     def prefix(self, settings: JourneySettings) -> str:
-        return settings.sources.hl7v2_prefix
+        return source_options(Hl7v2Options, settings).hl7v2_prefix
 
     def extract(self, job: ExtractJob) -> Extraction:
         return extract(job.landing, self.prefix(job.settings), job.seen, job.run_id, job.out)
+
+    def generate(self, cohort: Cohort, landing: Path) -> dict[str, int]:
+        from patient_journey.generate.hl7v2 import adt_messages, write_adt  # the generator, when asked
+
+        messages = adt_messages(cohort)
+        return {"adt_messages": len(messages), "adt_files": write_adt(landing, messages)}

@@ -1,12 +1,15 @@
 """The sources, registered in one place: name -> plug-in (patient_journey.sources.source).
 
 Adding a source kind is a module with its ``Source`` subclass (which declares its staged tables,
-links and identity relations), one line here, and its staged tables' suites.
+links, identity relations, silver tables and journey parts), one line here, and its staged tables'
+suites (docs/adding-a-source.md).
 """
 
 from __future__ import annotations
 
+from patient_journey.contracts import TableContract
 from patient_journey.errors import ConfigurationError
+from patient_journey.journey import JourneyParts
 from patient_journey.linkage import IdentityRelation, LinkSpec
 from patient_journey.sources.device import DeviceSource
 from patient_journey.sources.fhir import FhirSource
@@ -29,6 +32,10 @@ LINKS: tuple[LinkSpec, ...] = tuple(spec for source in PLUGINS.values() for spec
 IDENTITY: tuple[IdentityRelation, ...] = tuple(
     relation for source in PLUGINS.values() for relation in source.identity
 )
+SILVER_CONTRACTS: tuple[TableContract, ...] = tuple(
+    contract for source in PLUGINS.values() for contract in source.silver
+)
+JOURNEY_PARTS: tuple[JourneyParts, ...] = tuple(source.journey for source in PLUGINS.values())
 
 
 def source_named(name: str) -> Source:

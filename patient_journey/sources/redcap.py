@@ -268,6 +268,7 @@ class RedcapSource(Source):
     """REDCap records exports, read through their data dictionaries."""
 
     staged = STAGED
+    kind = "outcome"
     links = LINKS
     identity = IDENTITY
     name = SOURCE

@@ -29,7 +29,9 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from patient_journey.azure import is_blob_url
+from patient_journey.contracts import TableContract, silver_contract
 from patient_journey.errors import ConfigurationError, SourceError
+from patient_journey.journey import JourneyParts
 from patient_journey.lake import Lake, bronze, ledger_table
 from patient_journey.linkage import IdentityRelation, LinkSpec
 from patient_journey.settings import JourneySettings
@@ -448,10 +450,52 @@ IDENTITY = (
 )
 
 
+# The silver tables it feeds, each declared once (patient_journey.contracts).
+SILVER: tuple[TableContract, ...] = (
+    silver_contract(
+        "complication",
+        "one row per registry complication (its description, free text, stays restricted)",
+        (),
+        """
+patient_key string  the patient
+occurred_on date  when it occurred
+code string  SNOMED CT code (catalog/complications.csv)
+grade int32  Clavien-Dindo grade
+""",
+    ),
+    silver_contract(
+        "readmission",
+        "one row per registry readmission (its reason, free text, stays restricted)",
+        (),
+        """
+patient_key string  the patient
+admitted_on date  admission date
+discharged_on date  discharge date
+""",
+    ),
+)
+
+# What the registry adds to the gold journey: its complications (with their Clavien-Dindo grade)
+# and readmissions, as events and as the episode's complications and readmissions.
+JOURNEY = JourneyParts(
+    events=(
+        "SELECT patient_key, CAST(occurred_on AS TIMESTAMPTZ), 'registry', 'complication', code, "
+        "'clavien-dindo', grade, 'grade', input_key, source_offset FROM complication",
+        "SELECT patient_key, CAST(admitted_on AS TIMESTAMPTZ), 'registry', 'readmission', NULL, NULL, NULL, "
+        "NULL, input_key, source_offset FROM readmission",
+    ),
+    admissions=("SELECT patient_key, admitted_on, NULL FROM readmission",),
+    complications=("SELECT patient_key, code, occurred_on, grade FROM complication",),
+)
+
+
 class RegistrySource(Source):
     """The outcomes registry, read with SQLAlchemy in one batch on a watermark per table."""
 
     staged = STAGED
+    silver = SILVER
+    journey = JOURNEY
+    kind = "outcome"
     links = LINKS
     identity = IDENTITY
     name = SOURCE
