@@ -572,6 +572,41 @@ def test_any_ndjson_line_is_one_record_or_a_named_reject_and_never_stops_the_fil
             assert len(produced) == (0 if blank else 1)
 
 
+def _by_line(data: bytes, url: str) -> Extraction:
+    """The reference: every line through ``_read_line``, one by one."""
+    out = Extraction("fhir", "prop")
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        fhir._read_line(out, url, fhir.resource_type_of_file(url), "Observation", number, line)
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lines=st.lists(
+        st.one_of(
+            st.fixed_dictionaries(
+                {"resourceType": st.sampled_from(["Observation", "Patient", 7])},
+                optional={"id": JSON_VALUES | st.text(max_size=5), "meta": JSON_VALUES},
+            ).map(orjson.dumps),
+            st.binary(max_size=30),
+            st.sampled_from([b"", b"\r", b"\xef\xbb\xbf{}", b'{"resourceType":"Observation","id":"a"}\r']),
+        ),
+        max_size=8,
+    ),
+    chunk=st.integers(min_value=1, max_value=200),
+)
+def test_the_batched_ndjson_reader_gives_what_the_line_reader_gives(lines: list[bytes], chunk: int) -> None:
+    data = b"\n".join(line.replace(b"\n", b" ") for line in lines)
+    url = "/l/Observation.000.ndjson"
+    out = Extraction("fhir", "prop")
+    fhir.stream_ndjson(
+        out, FileInfo(url, len(data), "v", NOW), iter(data[i : i + chunk] for i in range(0, len(data), chunk))
+    )
+    reference = _by_line(data, url)
+    assert out.records().drop_columns(["ingested_at"]) == reference.records().drop_columns(["ingested_at"])
+    assert out.rejects().to_pylist() == reference.rejects().to_pylist()
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     envelope=st.dictionaries(

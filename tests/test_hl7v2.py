@@ -25,10 +25,10 @@ from patient_journey.generate import generate
 from patient_journey.generate.hl7v2 import adt_messages
 from patient_journey.generate.model import Journey, build_cohort
 from patient_journey.lake import Lake, bronze, gold, silver
+from patient_journey.settings import load_settings
 from patient_journey.sources import hl7v2
 from patient_journey.sources.plugins import PLUGINS
 from patient_journey.sources.records import Extraction
-from patient_journey.settings import load_settings
 from patient_journey.storage import FileInfo
 from tests.conftest import settings_for
 

@@ -346,15 +346,68 @@ def stream_ndjson(out: Extraction, file: FileInfo, chunks: Iterator[bytes], stre
             rest = data
             continue
         rest = data[cut + 1 :]
-        for line in data[:cut].split(b"\n"):
-            number += 1
-            _read_line(out, file.url, expected, entity, number, line)
+        block = data[:cut]
+        _read_lines(out, file.url, expected, entity, number, block)
+        number += block.count(b"\n") + 1
         if streamed:
             out.flush_if_full()
     if problems:  # the last line of a stream that stops early may be cut: it is not read
         out.add_reject(entity, file.url, number + 1 if number or rest else 0, RULE_GZIP, problems[0])
     elif rest:
         _read_line(out, file.url, expected, entity, number + 1, rest)
+
+
+def _read_lines(
+    out: Extraction, uri: str, expected: str | None, entity: str, before: int, block: bytes
+) -> None:
+    """Lines ``before + 1``, ... of a bulk file (``block``: whole lines). A line that is one
+    resource of the file's type with a non-empty string id and well-typed meta (nearly every
+    line of a real export) is taken here, in batches; any other goes to ``_read_line``, which
+    does the same to it and also knows every way a line can be wrong. (msgspec, which checks a
+    line without building it, was measured: it does not check UTF-8 or number ranges in what it
+    skips, and the pre-checks that would make up for it cost what it saved.)"""
+    lines = block.split(b"\n")
+    if expected is None or expected == "Bundle":
+        for number, line in enumerate(lines, start=before + 1):
+            _read_line(out, uri, expected, entity, number, line)
+        return
+    ids: list[str] = []
+    payloads: list[bytes] = []
+    offsets: list[int] = []
+    hashes: list[str] = []
+    raw_bytes = 0
+
+    def added() -> None:
+        nonlocal raw_bytes
+        if ids:
+            out.add_records(entity, uri, ids, payloads, offsets, hashes, raw_bytes)
+            for column in (ids, payloads, offsets, hashes):
+                column.clear()
+            raw_bytes = 0
+
+    loads, sha256 = orjson.loads, hashlib.sha256
+    for number, line in enumerate(lines, start=before + 1):
+        line = line.rstrip(b"\r")
+        try:
+            resource = loads(line)
+        except orjson.JSONDecodeError:
+            resource = None
+        if type(resource) is dict and resource.get("resourceType") == expected:
+            record_id, meta = resource.get("id"), resource.get("meta")
+            if (
+                type(record_id) is str
+                and record_id
+                and (meta is None or (type(meta) is dict and type(meta.get("lastUpdated", "")) is str))
+            ):
+                ids.append(record_id)
+                payloads.append(line)  # UTF-8: orjson read it
+                offsets.append(number)
+                hashes.append(sha256(line).hexdigest())
+                raw_bytes += len(line)
+                continue
+        added()  # records stay in line order
+        _read_line(out, uri, expected, entity, number, line)
+    added()
 
 
 def _read_line(

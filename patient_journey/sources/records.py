@@ -41,6 +41,9 @@ BRONZE_SCHEMA = pa.schema(
     ]
 )
 
+# The bronze columns a record brings; the rest (run_id, ingested_at) are its run's.
+RECORD_COLUMNS = 6
+
 REJECT_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
@@ -90,8 +93,10 @@ class Extraction:
 
     source: str
     run_id: str
+    # The buffered records' columns but the run's own (run_id, ingested_at: the same for every
+    # row, filled when a table is made).
     _records: dict[str, list[object]] = field(
-        default_factory=lambda: {name: [] for name in BRONZE_SCHEMA.names}
+        default_factory=lambda: {name: [] for name in BRONZE_SCHEMA.names[:RECORD_COLUMNS]}
     )
     _rejects: dict[str, list[object]] = field(
         default_factory=lambda: {name: [] for name in REJECT_SCHEMA.names}
@@ -125,26 +130,57 @@ class Extraction:
         source_offset: int,
         raw: bytes,
     ) -> None:
-        values = (
-            entity,
-            record_id,
-            payload,
-            source_uri,
-            source_offset,
-            content_hash(raw),
-            self.run_id,
-            self.started_at,
-        )
-        for name, value in zip(BRONZE_SCHEMA.names, values, strict=True):
-            self._records[name].append(value)
+        columns = self._records
+        columns["entity"].append(entity)
+        columns["record_id"].append(record_id)
+        columns["payload"].append(payload.encode())
+        columns["source_uri"].append(source_uri)
+        columns["source_offset"].append(source_offset)
+        columns["content_hash"].append(content_hash(raw))
         self._buffered_bytes += len(raw)
+
+    def add_records(
+        self,
+        entity: str,
+        source_uri: str,
+        record_ids: list[str],
+        payloads: list[bytes],
+        offsets: list[int],
+        hashes: list[str],
+        raw_bytes: int,
+    ) -> None:
+        """Records of one entity and input at once, as ``add_record`` adds them one by one (an
+        adapter's fast path: ``payloads`` are UTF-8, ``hashes`` ``content_hash`` of each
+        record's raw bytes)."""
+        columns = self._records
+        columns["entity"].extend([entity] * len(record_ids))
+        columns["record_id"].extend(record_ids)
+        columns["payload"].extend(payloads)
+        columns["source_uri"].extend([source_uri] * len(record_ids))
+        columns["source_offset"].extend(offsets)
+        columns["content_hash"].extend(hashes)
+        self._buffered_bytes += raw_bytes
+
+    def _table(self) -> pa.Table:
+        rows = len(self._records["entity"])
+        run = [pa.repeat(pa.scalar(self.run_id, pa.string()), rows)]
+        ingested = [pa.repeat(pa.scalar(self.started_at, BRONZE_SCHEMA.field("ingested_at").type), rows)]
+        # Payloads are kept as UTF-8 bytes: an Arrow string array made from Python strings took
+        # 2.9 us a row at M (FHIR Encounter), from bytes 0.2 us, plus the cast's UTF-8 check.
+        arrays = [
+            pa.array(values, pa.binary()).cast(pa.string())
+            if name == "payload"
+            else pa.array(values, type=BRONZE_SCHEMA.field(name).type)
+            for name, values in self._records.items()
+        ]
+        return pa.Table.from_arrays([*arrays, *run, *ingested], schema=BRONZE_SCHEMA)
 
     def flush(self) -> None:
         """Hand the buffered bronze rows to the sink as one part (nothing without a sink)."""
         buffered = len(self._records["entity"])
         if self.sink is None or buffered == 0:
             return
-        self.parts.append((self.sink(pa.table(self._records, schema=BRONZE_SCHEMA)), buffered))
+        self.parts.append((self.sink(self._table()), buffered))
         self._spilled += buffered
         for column in self._records.values():
             column.clear()
@@ -232,7 +268,7 @@ class Extraction:
 
     def records(self) -> pa.Table:
         """The buffered records (with a sink, those not handed to it yet; see ``parts``)."""
-        return pa.table(self._records, schema=BRONZE_SCHEMA)
+        return self._table()
 
     def rejects(self) -> pa.Table:
         return pa.table(self._rejects, schema=REJECT_SCHEMA)
