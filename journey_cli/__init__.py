@@ -487,8 +487,8 @@ def demo(
         console.print(
             f"[1/3] Generated {result.episodes} episodes: {sum(result.resources.values())} FHIR resources, "
             f"{result.device_messages} device messages, registry and REDCap outcomes, "
-            f"{sum(v for k, v in result.derived.items() if k.endswith('_messages'))} feed messages, "
-            f"{sum(result.planted.values())} planted bad records."
+            + "".join(f"{count} {name.replace('_', ' ')}, " for name, count in result.derived.items())
+            + f"{sum(result.planted.values())} planted bad records."
         )
     emulator = None
     if storage is DemoStorage.azurite:

@@ -67,6 +67,7 @@ def instrument_mcid(catalog: Catalog) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+# {admissions} and {complications} are the plug-ins' parts (build_journey puts them in).
 EPISODE_SQL = f"""
 WITH idx AS (
     SELECT * FROM procedure WHERE code IN {INDEX_PROCEDURE_CODES}

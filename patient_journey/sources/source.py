@@ -56,13 +56,10 @@ def source_options(model: type[OptionsT], settings: JourneySettings) -> OptionsT
 def unknown_source_settings(settings: JourneySettings, models: list[type[BaseModel]]) -> list[str]:
     """The ``sources`` section's fields that neither the shared settings nor any source declares,
     each with the declared name closest to it, if any (a misspelt JOURNEY_SOURCES__ variable)."""
-    declared = sorted(
-        {name for model in models for name in model.model_fields} | set(type(settings.sources).model_fields)
-    )
+    by_sources = {name for model in models for name in model.model_fields}
+    declared = sorted(by_sources | set(type(settings.sources).model_fields))
     unknown = []
-    for name in sorted(settings.sources.model_extra or {}):
-        if any(name in model.model_fields for model in models):
-            continue
+    for name in sorted(set(settings.sources.model_extra or {}) - by_sources):
         close = difflib.get_close_matches(name, declared, n=1)
         hint = f" (did you mean JOURNEY_SOURCES__{close[0].upper()}?)" if close else ""
         unknown.append(f"JOURNEY_SOURCES__{name.upper()}{hint}")
