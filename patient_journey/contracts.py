@@ -103,7 +103,7 @@ def _columns(text: str) -> tuple[Column, ...]:
 
 LINEAGE = """
 input_key string  lineage: an opaque key of the input (a keyed hash of its URI; `journey lineage` names it, restricted)
-source_offset int64  lineage: the line, Bundle entry, Avro record or registry ordinal in the input
+source_offset int64  lineage: the line, Bundle entry or Avro record in the input; a registry row's key
 """
 RUN = "run_id string  the run that read the record\n"
 

@@ -3,6 +3,8 @@
 Layout::
 
     <restricted_url>/bronze/<source>        records as received, with lineage
+    <restricted_url>/flattened/<table>      bronze flattened into each staged table's columns, every
+                                            record kept (patient_journey.flattened)
     <restricted_url>/staged/<table>         typed, validated, still with direct identifiers
     <restricted_url>/identity/crosswalk     source identifier -> patient key
     <quarantine_url>/quarantine/...         rejected records: rule and lineage, no values
@@ -14,18 +16,20 @@ Layout::
     <warehouse_url>/gold/<table>            the journey: journey_event, surgical_episode
 
 Every write is one Delta commit, so readers never see half a table and a failed run leaves the
-previous version in place.
+previous version in place. Bronze tables keep a change data feed, so that a build reads only the
+rows committed since the one before (``changes_since``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
 import pyarrow as pa
-from deltalake import DeltaTable, write_deltalake
+import pyarrow.dataset as ds
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import SchemaMismatchError, TableNotFoundError
 
 from patient_journey.azure import AzureAccess, is_blob_url, storage_failure
@@ -34,6 +38,7 @@ from patient_journey.settings import JourneySettings
 from patient_journey.storage import Storage, azure_access, join, normalise_url
 
 T = TypeVar("T")
+CHANGE_FEED = {"delta.enableChangeDataFeed": "true"}
 
 
 class Zone(StrEnum):
@@ -150,7 +155,9 @@ class Lake:
             return None
         return self._call("read", ref, lambda _uri, _options: table.to_pyarrow_table(columns=columns))
 
-    def overwrite(self, ref: TableRef, data: pa.Table) -> int:
+    def overwrite(
+        self, ref: TableRef, data: pa.Table | pa.RecordBatchReader, metadata: dict[str, str] | None = None
+    ) -> int:
         """Replace the table's content in one commit; returns the new version.
 
         A table of the analysts' zone must have exactly its declared columns and types
@@ -165,24 +172,113 @@ class Lake:
                     "tables of the source that feeds it): every table of the analysts' zone is. Nothing "
                     "was written."
                 )
+            assert isinstance(data, pa.Table), "the analysts' zone is checked whole"
             contract.check(data)
         self._call(
             "write",
             ref,
             lambda uri, options: write_deltalake(
-                uri, data, mode="overwrite", schema_mode="overwrite", storage_options=options
+                uri,
+                data,
+                mode="overwrite",
+                schema_mode="overwrite",
+                storage_options=options,
+                configuration=self._configuration(ref),
+                commit_properties=CommitProperties(custom_metadata=metadata) if metadata else None,
             ),
         )
         return self._version_after_write(ref)
 
-    def append(self, ref: TableRef, data: pa.Table | pa.RecordBatchReader) -> int:
-        """Append rows in one commit (a reader is streamed, never held whole); returns the new version."""
+    def append(
+        self, ref: TableRef, data: pa.Table | pa.RecordBatchReader, metadata: dict[str, str] | None = None
+    ) -> int:
+        """Append rows in one commit (a reader is streamed, never held whole); returns the new
+        version. ``metadata`` is recorded with the commit (``commit_metadata``), even of no rows."""
         self._call(
             "append to",
             ref,
-            lambda uri, options: write_deltalake(uri, data, mode="append", storage_options=options),
+            lambda uri, options: write_deltalake(
+                uri,
+                data,
+                mode="append",
+                storage_options=options,
+                configuration=self._configuration(ref),
+                commit_properties=CommitProperties(custom_metadata=metadata) if metadata else None,
+            ),
         )
         return self._version_after_write(ref)
+
+    @staticmethod
+    def _configuration(ref: TableRef) -> dict[str, str | None] | None:
+        """Table properties a new table is created with: bronze keeps a change data feed."""
+        return dict(CHANGE_FEED) if ref.layer == "bronze" else None
+
+    def commit_metadata(self, ref: TableRef) -> dict[str, str]:
+        """What the table's latest commit recorded with ``metadata`` (empty for none, or no table)."""
+        table = self._table(ref)
+        if table is None:
+            return {}
+        latest = self._call("read the history of", ref, lambda _uri, _options: table.history(1))
+        return {k: v for k, v in latest[0].items() if isinstance(v, str)} if latest else {}
+
+    def scan(
+        self, ref: TableRef, version: int, columns: list[str], predicate: ds.Expression | None = None
+    ) -> pa.RecordBatchReader:
+        """The rows (of ``columns``, matching ``predicate``) of a version of the table, as a
+        stream of record batches."""
+        table = self._table(ref)
+        if table is None:
+            raise ValueError(f"{ref.label} does not exist")
+        self._call("open", ref, lambda _uri, _options: table.load_as_version(version))
+        dataset = self._call("read", ref, lambda _uri, _options: table.to_pyarrow_dataset())
+        return dataset.scanner(columns=columns, filter=predicate).to_reader()
+
+    def changes_since(
+        self, ref: TableRef, version: int, until: int, columns: list[str], predicate: str | None = None
+    ) -> pa.RecordBatchReader | None:
+        """The rows (of ``columns``, matching the SQL ``predicate``) appended to an append-only
+        table after ``version`` up to ``until``, streamed from its change data feed; None when
+        that is not all that changed (rows were deleted or rewritten: read the table whole
+        instead) or the feed does not reach back to ``version``."""
+        table = self._table(ref)
+        if table is None or until <= version:
+            return None
+        since = table.version() - version
+        history = self._call("read the history of", ref, lambda _uri, _options: table.history(since))
+        if table.metadata().configuration.get("delta.enableChangeDataFeed") != "true" or any(
+            commit.get("operation") != "WRITE"
+            or (commit.get("operationParameters") or {}).get("mode") != "Append"
+            for commit in history
+            if int(commit["version"]) <= until
+        ):
+            return None
+        # The history since ``version`` holds only appends, so the feed was on all along (turning
+        # it on is a commit of its own, which would be among them).
+        feed = self._call(
+            "read the changes of",
+            ref,
+            lambda _uri, _options: table.load_cdf(
+                starting_version=version + 1, columns=columns, predicate=predicate
+            ),
+        )
+        rows = pa.RecordBatchReader.from_stream(feed)
+        names = rows.schema.names
+        keep = [names.index(c) for c in columns]
+        schema = pa.schema([rows.schema.field(i) for i in keep])
+
+        def batches() -> Iterator[pa.RecordBatch]:  # without the feed's own columns
+            for batch in rows:
+                yield pa.RecordBatch.from_arrays([batch.column(i) for i in keep], schema=schema)
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
+
+    def enable_change_feed(self, ref: TableRef) -> None:
+        """Turn on a table's change data feed (bronze tables made before they had one)."""
+        table = self._table(ref)
+        if table is not None and table.metadata().configuration.get("delta.enableChangeDataFeed") != "true":
+            self._call(
+                "alter", ref, lambda _uri, _options: table.alter.set_table_properties(dict(CHANGE_FEED))
+            )
 
     def delete(self, ref: TableRef, predicate: str) -> int:
         """Delete the rows matching a SQL predicate in one commit (none when nothing matches);

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from patient_journey.errors import ConfigurationError
+from patient_journey.flattened import flattened, refresh
 from patient_journey.identity import KeyMaker
 from patient_journey.journey import build_journey
 from patient_journey.lake import (
@@ -57,7 +58,7 @@ from patient_journey.sources.records import (
     candidate_files,
 )
 from patient_journey.sources.source import ExtractJob, unknown_source_settings
-from patient_journey.staging import FIELD_ERROR, SUPERSEDED, stage
+from patient_journey.staging import FIELD_ERROR, SUPERSEDED, flatten, resolve
 from patient_journey.storage import FileInfo, Storage, check_zones, listed_files
 
 SOURCES = tuple(PLUGINS)
@@ -141,6 +142,9 @@ class BuildReport:
     # Wall seconds per step, in order (silver: stage, validate, link, load; gold: read, build,
     # validate, load), for the run summary and the benchmark (bench/).
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Staged tables whose flattened rows this build extended: "since" (bronze rows committed since
+    # the last build) or "whole" (all of bronze; see patient_journey.flattened).
+    flattened: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -749,6 +753,24 @@ def field_type_rejects(table: pa.Table, name: str, source: str, run_id: str) -> 
     return table.filter(pc.invert(wrong)), quarantined
 
 
+def _bronze_only(lake: Lake, reads: pa.Table) -> dict[str, int]:
+    """Bronze entities that no staged table models yet (FHIR resource types, REDCap forms):
+    kept in bronze, reported, not loaded."""
+    modelled = {spec.entity for spec in STAGED_TABLES}
+    fhir = lake.read(bronze("fhir_resource"), columns=["entity", "source_uri", "run_id"])
+    counts = {}
+    if fhir is not None:
+        counts = {
+            item["values"]: item["counts"]
+            for item in pc.value_counts(from_latest_read(fhir, reads).column("entity")).to_pylist()
+            if item["values"] not in modelled
+        }
+    redcap = lake.read(bronze("redcap_record"), columns=["entity", "payload", "source_uri", "run_id"])
+    if redcap is not None:
+        counts.update(redcap_forms_not_loaded(from_latest_read(redcap, reads)))
+    return counts
+
+
 def build_silver(settings: JourneySettings, run_id: str, force: bool = False) -> BuildReport:
     """Stage bronze, gate every staged table, link identities, write staged/silver/quarantine/held."""
     started = time.perf_counter()
@@ -762,20 +784,16 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     gate = QualityGate(settings.quality.expectations_dir)
 
     reads = latest_reads(lake)
-    bronze_tables = {
-        name: from_latest_read(lake.read(bronze(name)) or BRONZE_SCHEMA.empty_table(), reads)
-        for name in BRONZE_TABLES.values()
+    report = BuildReport(built=True)
+    report.flattened = {r.table: ("whole" if r.whole else "since") for r in refresh(lake, STAGED_TABLES)}
+    flat_tables = {  # a table whose bronze table does not exist yet: empty
+        spec.name: from_latest_read(
+            lake.read(flattened(spec.name)) or flatten(BRONZE_SCHEMA.empty_table(), spec).read_all(), reads
+        )
+        for spec in STAGED_TABLES
     }
-    # Bronze entities that no staged table models yet: kept in bronze, reported, not loaded.
-    modelled = {spec.entity for spec in STAGED_TABLES}
-    bronze_only = {
-        item["values"]: item["counts"]
-        for item in pc.value_counts(bronze_tables["fhir_resource"].column("entity")).to_pylist()
-        if item["values"] not in modelled
-    }
-    bronze_only.update(redcap_forms_not_loaded(bronze_tables["redcap_record"]))
-    staged_tables = stage(bronze_tables, STAGED_TABLES, release=True)
-    del bronze_tables  # staged from here on: bronze is not held through the gate and linkage
+    bronze_only = _bronze_only(lake, reads)
+    staged_tables = resolve(flat_tables, STAGED_TABLES)
     rejected_at_read = _rejects_as_quarantine(lake, reads)
     names = list(staged_tables)
     counts = {name: TableCounts(name) for name in names}
@@ -788,7 +806,6 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         counts[item["values"]].cells_rejected += item["counts"]
     clock.lap("stage")
 
-    report = BuildReport(built=True)
     passed: dict[str, pa.Table] = {}
     quarantine_parts = [rejected_at_read]
     source_of = {spec.staged: spec.source for spec in LINKS}

@@ -2,16 +2,22 @@
 
 Each staged table is declared once, by the source that feeds it (``Source.staged``, gathered in
 ``patient_journey.sources.plugins.STAGED_TABLES``), as the SQL that flattens its bronze payloads
-(DuckDB's JSON functions, vectorised; ``declared`` and the helpers here). Every staged row keeps its lineage (source URI, offset, run id) and
-two more columns: ``_row`` (the row's number in the table's order, which linkage keeps) and
-``_first_of_id`` (false for a later record that repeats an earlier record's id, which the suites
-test). Exact re-reads of the same physical record (same URI, offset and content, e.g. after a
-crash between bronze and ledger writes) are collapsed.
+(DuckDB's JSON functions, vectorised; ``declared`` and the helpers here). Staging is two steps:
+
+* ``flatten``: bronze rows -> the table's columns, row by row, in record batches. The build keeps
+  what it flattened (patient_journey.flattened) and flattens only the bronze rows committed since,
+  so each payload is parsed once.
+* ``resolve``: over all flattened rows of the table, which records are current. Every staged row
+  keeps its lineage (source URI, offset, run id) and gets two more columns: ``_row`` (the row's
+  number in the table's order, which linkage keeps) and ``_first_of_id`` (false for a later
+  record that repeats an earlier record's id, which the suites test). Exact re-reads of the same
+  physical record (same URI, offset and content, e.g. after a crash between bronze and ledger
+  writes) are collapsed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TypedDict
 
@@ -42,6 +48,17 @@ class StagedTable:
     # instead of loading a NULL (or the wrong text) as if valid.
     fields: tuple[tuple[str, str], ...] = ()
     text_paths: tuple[str, ...] = ()  # what ``_at`` holds (see JsonText)
+    # Columns whose value depends on other rows (a value one row of a record carries for all of
+    # its rows): ``REPLACE`` items computed by ``resolve`` over the whole table, since ``columns``
+    # must be computed row by row (see ``flatten_sql``).
+    across_rows: str = ""
+
+    def __post_init__(self) -> None:
+        if " OVER " in f" {self.columns.upper()} ".replace("\n", " ").replace("OVER(", "OVER ("):
+            raise ValueError(
+                f"Staged table {self.name}: a window (OVER) in its columns makes a row depend on "
+                "others; declare it in across_rows, which is computed over the whole table."
+            )
 
 
 # JSON kinds as DuckDB's json_type names them.
@@ -132,31 +149,54 @@ def connect() -> duckdb.DuckDBPyConnection:
     return connection
 
 
-def stage(
-    bronze_tables: dict[str, pa.Table], tables: Sequence[StagedTable], *, release: bool = False
-) -> dict[str, pa.Table]:
-    """Flatten every one of ``tables`` (the sources' declarations) whose bronze source is present;
-    rows that are no longer current are kept, flagged ``_superseded``, so that the caller can
-    count them. Returns the staged tables in the order of ``tables``.
+def flatten_sql(spec: StagedTable, relation: str) -> str:
+    """The SQL that flattens the bronze rows of ``relation`` that hold the table's entity: row by
+    row (no row's result depends on another's), so bronze can be flattened in any split, batch by
+    batch or build by build, and the rows put together give the same table."""
+    parsed = (
+        f"json_extract_string(payload, [{', '.join(repr(p) for p in spec.text_paths)}]) AS _at"
+        if spec.text_paths
+        else "NULL AS _at"
+    )
+    paths = ", ".join(f"'$.{path}'" for path, _ in spec.fields)
+    types = f"json_type(payload, [{paths}]) AS _types" if spec.fields else "NULL AS _types"
+    return f"""
+        SELECT {spec.columns}, {_field_error(spec.fields)} AS {FIELD_ERROR},
+               record_id AS _record_id, content_hash AS _hash,
+               ingested_at AS _ingested, {spec.version} AS _version, {spec.deleted} AS _deleted,
+               {LINEAGE}
+        FROM (SELECT *, {parsed}, {types} FROM {relation} WHERE entity = '{spec.entity}')"""
 
-    The tables of one bronze table are staged together. With ``release``, each bronze table is
-    taken out of ``bronze_tables`` (the caller's dict) once they are, so that it is freed (at
-    52,000 patients the FHIR bronze, 0.9 GiB, is no longer held while device events are staged)."""
+
+FLATTEN_BATCH_ROWS = 100_000  # rows per flattened record batch (``flatten``)
+
+
+def flatten(rows: pa.Table | pa.RecordBatchReader, spec: StagedTable) -> pa.RecordBatchReader:
+    """The table's rows flattened from bronze ``rows``, streamed in record batches: a reader in
+    is read once, batch by batch, never held whole."""
     connection = connect()
-    for name, table in bronze_tables.items():
-        connection.register(f"bronze_{name}", table)
-    present = [spec for spec in tables if spec.bronze in bronze_tables]
-    sources = list(dict.fromkeys(spec.bronze for spec in present))
-    last_of = {spec.bronze: spec.name for spec in present}
+    connection.register("bronze_rows", rows)
+    flattened = connection.sql(flatten_sql(spec, "bronze_rows")).fetch_record_batch(FLATTEN_BATCH_ROWS)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from flattened
+        finally:
+            connection.close()
+
+    return pa.RecordBatchReader.from_batches(flattened.schema, batches())
+
+
+def resolve(flattened: dict[str, pa.Table], tables: Sequence[StagedTable]) -> dict[str, pa.Table]:
+    """Every one of ``tables`` present in ``flattened`` (their rows as ``flatten`` gives them),
+    with the records that are no longer current flagged ``_superseded`` (kept so that the caller
+    can count them), ``_first_of_id`` and ``_row``; PROM tables scored. Tables are taken out of
+    ``flattened`` (the caller's dict) as they are resolved, so each is freed once it is."""
+    connection = connect()
+    present = [spec for spec in tables if spec.name in flattened]
     staged: dict[str, pa.Table] = {}
-    for spec in sorted(present, key=lambda table: sources.index(table.bronze)):
-        parsed = (
-            f"json_extract_string(payload, [{', '.join(repr(p) for p in spec.text_paths)}]) AS _at"
-            if spec.text_paths
-            else "NULL AS _at"
-        )
-        paths = ", ".join(f"'$.{path}'" for path, _ in spec.fields)
-        types = f"json_type(payload, [{paths}]) AS _types" if spec.fields else "NULL AS _types"
+    for spec in present:
+        connection.register("flat_rows", flattened.pop(spec.name))
         # Records of one id are all current in an unversioned source: no windows to find the latest.
         versioned = (
             "NULL::TIMESTAMPTZ AS _latest, NULL::TIMESTAMPTZ AS _deleted_at"
@@ -165,18 +205,15 @@ def stage(
                     max(coalesce(_version, 'infinity'::TIMESTAMPTZ)) FILTER (WHERE _deleted)
                         OVER (PARTITION BY _record_id) AS _deleted_at"""
         )
-        # Flattened once; the windows that pick current records run over the keys alone (row
-        # number, ids, hash, version, lineage), joined back to the flattened rows, which are put in
-        # `_row` order in Arrow. Windows and an ORDER BY over whole rows added 2.9 GiB to the
-        # process while M's device events were staged; this adds 1.6 GiB, in the same time.
+        across = f" REPLACE ({spec.across_rows})" if spec.across_rows else ""
+        # The windows that pick current records run over the keys alone (row number, ids, hash,
+        # version, lineage), joined back to the flattened rows, which are put in `_row` order in
+        # Arrow. Windows and an ORDER BY over whole rows added 2.9 GiB to the process while M's
+        # device events were staged; this adds 1.6 GiB, in the same time.
         flat = connection.sql(
             f"""
             WITH flattened AS MATERIALIZED (
-                SELECT {spec.columns}, {_field_error(spec.fields)} AS {FIELD_ERROR},
-                       record_id AS _record_id, content_hash AS _hash,
-                       ingested_at AS _ingested, {spec.version} AS _version, {spec.deleted} AS _deleted,
-                       {LINEAGE}, row_number() OVER () AS _n
-                FROM (SELECT *, {parsed}, {types} FROM bronze_{spec.bronze} WHERE entity = '{spec.entity}')
+                SELECT *{across}, row_number() OVER () AS _n FROM flat_rows
             ), records AS (
                 SELECT _n, _record_id, _hash, _ingested, _version, _deleted, source_uri, source_offset
                 FROM flattened
@@ -211,9 +248,19 @@ def stage(
             FROM ordered o JOIN flattened f USING (_n)
             """
         ).to_arrow_table()
+        connection.unregister("flat_rows")
         staged[spec.name] = flat.take(pc.sort_indices(flat.column("_row")))
-        if release and last_of[spec.bronze] == spec.name:
-            connection.unregister(f"bronze_{spec.bronze}")
-            del bronze_tables[spec.bronze]
     connection.close()
-    return score_prom_tables({spec.name: staged[spec.name] for spec in present})
+    return score_prom_tables(staged)
+
+
+def stage(bronze_tables: dict[str, pa.Table], tables: Sequence[StagedTable]) -> dict[str, pa.Table]:
+    """Flatten and resolve every one of ``tables`` whose bronze source is present in one step
+    (the build keeps the flattened rows between builds instead: patient_journey.flattened).
+    Returns the staged tables in the order of ``tables``."""
+    flattened = {
+        spec.name: flatten(bronze_tables[spec.bronze], spec).read_all()
+        for spec in tables
+        if spec.bronze in bronze_tables
+    }
+    return resolve(flattened, tables)

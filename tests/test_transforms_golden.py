@@ -15,7 +15,7 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from patient_journey import pipeline
+from patient_journey import pipeline, staging
 from patient_journey.generate import generate
 from patient_journey.identity import KeyMaker
 from patient_journey.journey import build_journey
@@ -23,7 +23,7 @@ from patient_journey.lake import Lake, bronze
 from patient_journey.linkage import link
 from patient_journey.sources.plugins import IDENTITY, JOURNEY_PARTS, LINKS, STAGED_TABLES
 from patient_journey.sources.records import BRONZE_SCHEMA
-from patient_journey.staging import stage
+from patient_journey.staging import flatten, resolve, stage
 from tests.conftest import TEST_KEY, settings_for
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -78,16 +78,29 @@ def transformed(
     return tables, landing, _input_keys(bronze_tables)
 
 
-def test_staging_that_releases_bronze_as_it_goes_stages_the_same_tables(
-    golden_bronze: tuple[dict[str, pa.Table], Path],
+def test_bronze_flattened_in_parts_resolves_to_the_same_staged_tables(
+    golden_bronze: tuple[dict[str, pa.Table], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Builds flatten only the bronze rows committed since the last build, in record batches:
+    bronze split into parts (here: halves, in reverse order, each flattened in batches of 7
+    rows) gives the same staged tables as bronze flattened at once."""
     bronze_tables, _ = golden_bronze
-    kept = stage(bronze_tables, STAGED_TABLES)
-    given = dict(bronze_tables)
-    released = stage(given, STAGED_TABLES, release=True)
-    assert given == {}  # each bronze table was taken out once its staged tables were built
-    assert list(released) == list(kept)  # in STAGED_TABLES order
-    assert all(released[name].equals(kept[name]) for name in kept)
+    whole = stage(bronze_tables, STAGED_TABLES)
+    monkeypatch.setattr(staging, "FLATTEN_BATCH_ROWS", 7)
+    flattened, most_batches = {}, 0
+    for spec in STAGED_TABLES:
+        rows = bronze_tables[spec.bronze]
+        half = rows.num_rows // 2
+        parts = [flatten(rows.slice(half), spec), flatten(rows.slice(0, half).to_reader(), spec)]
+        batches = [batch for part in parts for batch in part]
+        most_batches = max(most_batches, len(batches))
+        flattened[spec.name] = pa.Table.from_batches(batches, parts[0].schema)
+    assert most_batches > 2  # some table came in several batches
+    in_parts = resolve(flattened, STAGED_TABLES)
+    assert flattened == {}  # each flattened table was released once resolved
+    assert list(in_parts) == list(whole)
+    for name in whole:
+        assert in_parts[name].equals(whole[name]), name
 
 
 @pytest.mark.parametrize(
@@ -117,3 +130,4 @@ def test_transform_output_matches_its_golden_file(
         path.write_bytes(orjson.dumps(actual, option=orjson.OPT_INDENT_2) + b"\n")
     assert path.exists(), f"missing golden file {path}: run with UPDATE_GOLDEN=1"
     assert actual == orjson.loads(path.read_bytes())
+

@@ -226,9 +226,9 @@ STAGED: tuple[StagedTable, ...] = (
             "redcap:prom",
             # One row per form instance of the REDCap project "prom"; patient_journey.prom keeps the
             # PROM forms (form name = catalog instrument id) and scores them. The MRN is on the
-            # record's enrolment form; the timepoint is the event (baseline/week_6/month_6/month_12).
+            # record's enrolment form (resolved over the record's rows); the timepoint is the event (baseline/week_6/month_6/month_12).
             f"""record_id AS redcap_row_id, {at("$.record_id")} AS redcap_record_id,
-           max({at("$.values.mrn")}) OVER (PARTITION BY {at("$.record_id")}) AS mrn,
+           {at("$.values.mrn")} AS mrn,
            {at("$.event")} AS event_name, try_cast({at("$.arm")} AS INTEGER) AS arm,
            try_cast({at("$.repeat_instance")} AS INTEGER) AS repeat_instance,
            {at("$.form")} AS instrument,
@@ -238,6 +238,7 @@ STAGED: tuple[StagedTable, ...] = (
                AS collected_on,
            try_cast({at("$.form_status")} AS INTEGER) AS form_status,
            {PROM_SCORE_COLUMNS}, CAST(payload->'$.values' AS VARCHAR) AS items""",
+            across_rows="max(mrn) OVER (PARTITION BY redcap_record_id) AS mrn",
         )
     ),
 )

@@ -9,7 +9,8 @@ A row whose ``updated_at`` is older than the look-back window when it appears is
 
 Each row read becomes one bronze record: entity = table name, record id = primary key,
 payload = the row as JSON, source URI = the database URL (password hidden) + ``#table``,
-offset = its ordinal among the records of this read.
+offset = its primary key when that is an integer, else a stable 63-bit hash of it (the row's
+place in its table, whichever read delivers it: not its ordinal in one read).
 
 ``updated_at`` may be a timestamp column (naive ones are taken as UTC) or ISO 8601 text in UTC
 written as ``2024-03-04T08:12:00+00:00``: the lower bound is computed in Python and compared as
@@ -18,6 +19,7 @@ a timestamp or as text accordingly.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -169,6 +171,14 @@ def _reflect(
     return table
 
 
+def row_position(key: object) -> int:
+    """A registry row's lineage position: its primary key when that is an int64, else the first
+    63 bits of the key's SHA-256 (the same row keeps its position in every read)."""
+    if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < 2**63:
+        return key
+    return int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], "big") >> 1
+
+
 def _read_table(
     out: Extraction,
     connection: sa.Connection,
@@ -205,7 +215,7 @@ def _read_table(
         if (spec.name, record_id, content_hash(raw)) in already_read:
             continue
         count += 1
-        out.add_record(spec.name, record_id, raw.decode(), uri, count, raw)
+        out.add_record(spec.name, record_id, raw.decode(), uri, row_position(values[spec.primary_key]), raw)
     # A ledger entry when rows were read or the watermark moved (e.g. bronze was written but the
     # ledger was not, in a run that crashed between the two); none when nothing changed.
     if count or (newest is not None and newest != since_instant):
