@@ -6,6 +6,12 @@ quarantine rows and reports use). Row expectations of error severity quarantine 
 break them; a table expectation of error severity that fails stops the run. Results are computed
 with ``exclude_unexpected_values`` and only row ids are read back, so no value reaches a report.
 
+Suites whose expectations are all of the kinds ``SqlSuite`` knows (the column expectations and
+the table-columns check our suites use) are evaluated in DuckDB SQL over the Arrow table, as Great
+Expectations evaluates them (nulls skipped, ``mostly``, ``row_condition`` of the form
+``column=="value"``): no pandas copy of the table, no GX import in the build. Any other suite is
+validated by Great Expectations itself. ``tests/test_quality_sql.py`` checks the two agree.
+
 Great Expectations is imported here lazily, once per process, because it costs seconds.
 """
 
@@ -21,6 +27,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -218,6 +225,220 @@ def quarantine_rows(
     )
 
 
+# Kwargs that do not change what an expectation computes.
+_NEUTRAL_KWARGS = frozenset({"catch_exceptions", "result_format", "include_config", "meta", "notes"})
+_ROW_CONDITION = re.compile(r"""^\s*([A-Za-z_][A-Za-z0-9_]*)\s*==\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*$""")
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _kind(kind: pa.DataType) -> str | None:
+    """The kind of values a column holds, for the comparisons SQL can make as GX does."""
+    if pa.types.is_boolean(kind):
+        return "bool"
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        return "number"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "string"
+    return None
+
+
+def _value_kind(value: object) -> str | None:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    return "string" if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class _SqlExpectation:
+    config: dict[str, Any]
+    unexpected: str | None  # SQL: the row breaks it (None: a table expectation)
+    counted: str  # SQL: the row counts towards the element count (its row condition)
+    nonnull: str | None  # SQL: the row counts towards the non-null count (map expectations)
+
+
+class SqlSuite:
+    """A suite evaluated in SQL, or None from ``of`` when it holds an expectation SQL does not
+    evaluate as Great Expectations does (then GX validates it)."""
+
+    def __init__(self, expectations: list[_SqlExpectation], columns: list[str]) -> None:
+        self.expectations = expectations
+        self.columns = columns
+
+    @classmethod
+    def of(cls, document: dict[str, Any], schema: pa.Schema) -> SqlSuite | None:
+        parsed = []
+        for config in document.get("expectations", []):
+            one = cls._expectation(config, schema)
+            if one is None:
+                return None
+            parsed.append(one)
+        return cls(parsed, schema.names)
+
+    @staticmethod
+    def _expectation(config: dict[str, Any], schema: pa.Schema) -> _SqlExpectation | None:
+        kind = str(config.get("type"))
+        kwargs = dict(config.get("kwargs") or {})
+        counted = "true"
+        if "row_condition" in kwargs:
+            if kwargs.pop("condition_parser", None) != "pandas":
+                return None
+            match = _ROW_CONDITION.match(str(kwargs.pop("row_condition")))
+            if match is None or match.group(1) not in schema.names:
+                return None
+            if _kind(schema.field(match.group(1)).type) != "string":
+                return None
+            value = match.group(2) if match.group(2) is not None else match.group(3)
+            counted = f"({_quoted(match.group(1))} = {_literal(value)})"
+        mostly = kwargs.pop("mostly", 1.0)
+        if not isinstance(mostly, int | float) or isinstance(mostly, bool) or not 0 <= mostly <= 1:
+            return None
+        kwargs = {k: v for k, v in kwargs.items() if k not in _NEUTRAL_KWARGS}
+        if kind == "expect_table_columns_to_match_set":
+            if set(kwargs) - {"column_set", "exact_match"} or not isinstance(kwargs.get("column_set"), list):
+                return None
+            return _SqlExpectation(config, None, counted, None)
+        if kind == "expect_compound_columns_to_be_unique":
+            names = kwargs.pop("column_list", None)
+            if (
+                kwargs
+                or not isinstance(names, list)
+                or not names
+                or any(n not in schema.names for n in names)
+            ):
+                return None
+            quoted = ", ".join(_quoted(n) for n in names)
+            some = " OR ".join(f"{_quoted(n)} IS NOT NULL" for n in names)
+            return _SqlExpectation(
+                config,
+                f"count(*) OVER (PARTITION BY {quoted}, ({counted})) > 1",
+                counted,
+                f"({some})",
+            )
+        column = kwargs.pop("column", None)
+        if not isinstance(column, str) or column not in schema.names:
+            return None  # GX reports a missing column as not evaluated
+        col = _quoted(column)
+        values_kind = _kind(schema.field(column).type)
+        # Great Expectations sees the table through pandas, where a float NaN is a missing value.
+        missing = (
+            f"({col} IS NULL OR isnan({col}))"
+            if pa.types.is_floating(schema.field(column).type)
+            else f"{col} IS NULL"
+        )
+        nonnull = f"NOT {missing}"
+        if kind == "expect_column_values_to_not_be_null" and not kwargs:
+            return _SqlExpectation(config, missing, counted, None)
+        if kind == "expect_column_values_to_be_unique" and not kwargs and values_kind is not None:
+            return _SqlExpectation(
+                config, f"count({col}) OVER (PARTITION BY {col}, ({counted})) > 1", counted, nonnull
+            )
+        if kind in ("expect_column_values_to_be_in_set", "expect_column_values_to_not_be_in_set"):
+            values = kwargs.pop("value_set", None)
+            if kwargs or not isinstance(values, list) or not values or values_kind is None:
+                return None
+            if any(_value_kind(v) != values_kind for v in values):
+                return None
+            listed = ", ".join(_literal(v) for v in values)
+            test = "IN" if kind == "expect_column_values_to_not_be_in_set" else "NOT IN"
+            return _SqlExpectation(config, f"{col} {test} ({listed})", counted, nonnull)
+        if kind == "expect_column_values_to_be_between" and values_kind == "number":
+            low, high = kwargs.pop("min_value", None), kwargs.pop("max_value", None)
+            strict_low, strict_high = kwargs.pop("strict_min", False), kwargs.pop("strict_max", False)
+            bounds = [b for b in (low, high) if b is not None]
+            if kwargs or not bounds or any(_value_kind(b) != "number" for b in bounds):
+                return None
+            inside = []
+            if low is not None:
+                inside.append(f"{col} {'>' if strict_low else '>='} {_literal(low)}")
+            if high is not None:
+                inside.append(f"{col} {'<' if strict_high else '<='} {_literal(high)}")
+            return _SqlExpectation(config, f"NOT ({' AND '.join(inside)})", counted, nonnull)
+        return None
+
+    def evaluate(
+        self, data: pa.Table, name: str
+    ) -> tuple[list[ExpectationOutcome], dict[int, list[str]], list[ExpectationOutcome]]:
+        """Every expectation's outcome; the positions of the rows that break an error-severity
+        row expectation that failed, with the rules they break; the failed error-severity table
+        expectations."""
+        connection = duckdb.connect()
+        try:
+            # Each row's position travels with it: windows (uniqueness) return rows in any order.
+            positions = pa.array(np.arange(data.num_rows, dtype=np.int64))
+            connection.register("rows", data.append_column("_position", positions))
+            row_level = [e for e in self.expectations if e.unexpected is not None]
+            flags = ", ".join(
+                f"coalesce(({e.counted}) AND {'(' + e.nonnull + ') AND ' if e.nonnull else ''}({e.unexpected}), false) AS f{n}"
+                for n, e in enumerate(row_level)
+            )
+            counts = ", ".join(
+                f"count(*) FILTER (WHERE {e.counted}) AS e{n}, "
+                + (f"count(*) FILTER (WHERE ({e.counted}) AND {e.nonnull})" if e.nonnull else "NULL")
+                + f" AS m{n}"
+                for n, e in enumerate(row_level)
+            )
+            marked = (
+                connection.sql(f"SELECT _position, {flags} FROM rows").to_arrow_table()
+                if row_level
+                else pa.table({})
+            )
+            totals: tuple[Any, ...] = (
+                (connection.sql(f"SELECT {counts} FROM rows").fetchone() or ()) if row_level else ()
+            )
+        finally:
+            connection.close()
+        outcomes: list[ExpectationOutcome] = []
+        failed_rows: dict[int, list[str]] = {}
+        table_failures: list[ExpectationOutcome] = []
+        position = {id(e): n for n, e in enumerate(row_level)}
+        for expectation in self.expectations:
+            config = expectation.config
+            meta = config.get("meta") or {}
+            kwargs = config.get("kwargs") or {}
+            severity = meta.get("severity", "error")
+            column = kwargs.get("column")
+            rule = rule_of(str(config["type"]), column, meta)
+            if expectation.unexpected is None:  # the table's columns
+                wanted, present = set(kwargs["column_set"]), set(self.columns)
+                success = wanted == present if kwargs.get("exact_match", True) else wanted <= present
+                outcome = ExpectationOutcome(
+                    name, rule, str(config["type"]), None, severity, success, None, None, None
+                )
+                outcomes.append(outcome)
+                if not success and severity == "error":
+                    table_failures.append(outcome)
+                continue
+            n = position[id(expectation)]
+            flagged = marked.column(f"f{n}")
+            unexpected = pc.sum(flagged).as_py() or 0
+            elements = int(totals[2 * n] or 0)
+            nonnull = elements if expectation.nonnull is None else int(totals[2 * n + 1] or 0)
+            mostly = float(kwargs.get("mostly", 1.0))
+            success = nonnull == 0 or (nonnull - unexpected) / nonnull >= mostly
+            outcomes.append(
+                ExpectationOutcome(
+                    name, rule, str(config["type"]), column, severity, success, elements, unexpected, None
+                )
+            )
+            if not success and severity == "error":
+                for row in marked.column("_position").filter(flagged).to_pylist():
+                    failed_rows.setdefault(int(row), []).append(rule)
+        return outcomes, failed_rows, table_failures
+
+
 class QualityGate:
     """Validates tables against their suites; all suites are checked when the gate is made."""
 
@@ -250,6 +471,15 @@ class QualityGate:
 
     def check(self, layer: str, table: str, data: pa.Table, source: str, run_id: str) -> GateResult:
         suite_file = self._suites[(layer, table)]
+        name = f"{layer}.{table}"
+        in_sql = SqlSuite.of(suite_file.document, data.schema)
+        if in_sql is not None:
+            return _gated(name, table, data, source, run_id, *in_sql.evaluate(data, name))
+        return self._check_in_gx(suite_file, name, table, data, source, run_id)
+
+    def _check_in_gx(
+        self, suite_file: SuiteFile, name: str, table: str, data: pa.Table, source: str, run_id: str
+    ) -> GateResult:
         context = _gx_context()
         suite = _build_suite(suite_file)
         wanted = suite_file.columns()
@@ -257,7 +487,6 @@ class QualityGate:
         # GX names a failing row by its frame index: with a RangeIndex, its position in ``data``.
         # No row id column is added, so table rules see the table's own columns only.
         frame = checked.to_pandas().reset_index(drop=True)
-        name = f"{layer}.{table}"
         try:
             source_ds = context.data_sources.get(name)
         except (KeyError, ValueError):
@@ -309,29 +538,42 @@ class QualityGate:
                     failed_rows.setdefault(int(row), []).append(rule)
             else:
                 table_failures.append(outcome)
-        if table_failures:
-            first = table_failures[0]
-            what = (
-                f"failed, observed {first.observed}, {first.unexpected_count} unexpected of {first.element_count}"
-                if first.evaluated
-                else "could not be evaluated (does the table have the column it names?)"
-            )
-            raise QualityGateError(
-                f"Quality gate failed for table {name}: expectation {first.rule} ({first.expectation}) "
-                f"{what}; {len(table_failures)} table-level error expectation(s) failed. Nothing was loaded."
-            )
-        failed = sorted(failed_rows)
-        flags = np.zeros(data.num_rows, dtype=bool)
-        flags[failed] = True
-        mask = pa.array(flags)
-        bad = data.filter(mask)
-        quarantined = quarantine_rows(
-            bad,
-            table,
-            source,
-            ["; ".join(failed_rows[row]) for row in failed],
-            "error-severity row expectation failed",
-            run_id,
+        return _gated(name, table, data, source, run_id, outcomes, failed_rows, table_failures)
+
+
+def _gated(
+    name: str,
+    table: str,
+    data: pa.Table,
+    source: str,
+    run_id: str,
+    outcomes: list[ExpectationOutcome],
+    failed_rows: dict[int, list[str]],
+    table_failures: list[ExpectationOutcome],
+) -> GateResult:
+    """The gate's result from the outcomes: stop on a failed table-level error expectation,
+    else quarantine the rows that broke a failed error-severity row expectation."""
+    if table_failures:
+        first = table_failures[0]
+        what = (
+            f"failed, observed {first.observed}, {first.unexpected_count} unexpected of {first.element_count}"
+            if first.evaluated
+            else "could not be evaluated (does the table have the column it names?)"
         )
-        passed = data.filter(pc.invert(mask))
-        return GateResult(name, passed, quarantined, tuple(outcomes))
+        raise QualityGateError(
+            f"Quality gate failed for table {name}: expectation {first.rule} ({first.expectation}) "
+            f"{what}; {len(table_failures)} table-level error expectation(s) failed. Nothing was loaded."
+        )
+    failed = sorted(failed_rows)
+    flags = np.zeros(data.num_rows, dtype=bool)
+    flags[failed] = True
+    mask = pa.array(flags)
+    quarantined = quarantine_rows(
+        data.filter(mask),
+        table,
+        source,
+        ["; ".join(sorted(set(failed_rows[row]))) for row in failed],  # each rule once, in one order
+        "error-severity row expectation failed",
+        run_id,
+    )
+    return GateResult(name, data.filter(pc.invert(mask)), quarantined, tuple(outcomes))

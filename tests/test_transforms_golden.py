@@ -23,7 +23,8 @@ from patient_journey.lake import Lake, bronze
 from patient_journey.linkage import link
 from patient_journey.sources.plugins import IDENTITY, JOURNEY_PARTS, LINKS, STAGED_TABLES
 from patient_journey.sources.records import BRONZE_SCHEMA
-from patient_journey.staging import flatten, resolve, stage
+from patient_journey.quality import SqlSuite, load_suite_files
+from patient_journey.staging import FIELD_ERROR, SUPERSEDED, flatten, resolve, stage
 from tests.conftest import TEST_KEY, settings_for
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -131,3 +132,20 @@ def test_transform_output_matches_its_golden_file(
     assert path.exists(), f"missing golden file {path}: run with UPDATE_GOLDEN=1"
     assert actual == orjson.loads(path.read_bytes())
 
+
+def test_every_shipped_staged_and_gold_suite_is_evaluated_in_sql(
+    transformed: tuple[dict[str, pa.Table], Path, dict[str, str]],
+) -> None:
+    """The build gates these tables without Great Expectations' pandas batches (SqlSuite); a
+    suite edited to hold an expectation SQL does not evaluate would go to GX, and this names it."""
+    tables, _, _ = transformed
+    suites = load_suite_files(Path(__file__).parents[1] / "expectations")
+    checked = 0
+    for label, table in tables.items():
+        layer, name = label.split(".")
+        if layer not in ("staged", "gold"):
+            continue
+        gated = table.drop_columns([c for c in (SUPERSEDED, FIELD_ERROR) if c in table.column_names])
+        assert SqlSuite.of(suites[(layer, name)].document, gated.schema) is not None, label
+        checked += 1
+    assert checked == len([key for key in suites if key[0] in ("staged", "gold")])
