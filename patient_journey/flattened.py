@@ -20,10 +20,11 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import duckdb
 import pyarrow.dataset as ds
 
 from patient_journey.lake import Lake, TableRef, bronze, restricted
-from patient_journey.staging import StagedTable, flatten
+from patient_journey.staging import StagedTable, flatten, flatten_sql
 
 BRONZE_COLUMNS = [
     "entity",
@@ -51,8 +52,9 @@ class Refreshed:
 
 
 def declaration(spec: StagedTable) -> str:
-    """A fingerprint of everything that decides how the table flattens."""
-    return hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
+    """A fingerprint of everything that decides how the table flattens: the SQL (the table's
+    declaration and the code that makes it SQL) and the engine that runs it."""
+    return hashlib.sha256(f"{duckdb.__version__}\n{flatten_sql(spec, 'bronze')}".encode()).hexdigest()[:16]
 
 
 def refresh(lake: Lake, specs: Sequence[StagedTable]) -> list[Refreshed]:

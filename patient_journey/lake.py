@@ -258,7 +258,7 @@ class Lake:
             "read the changes of",
             ref,
             lambda _uri, _options: table.load_cdf(
-                starting_version=version + 1, columns=columns, predicate=predicate
+                starting_version=version + 1, ending_version=until, columns=columns, predicate=predicate
             ),
         )
         rows = pa.RecordBatchReader.from_stream(feed)

@@ -17,6 +17,7 @@ Each staged table is declared once, by the source that feeds it (``Source.staged
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TypedDict
@@ -54,7 +55,7 @@ class StagedTable:
     across_rows: str = ""
 
     def __post_init__(self) -> None:
-        if " OVER " in f" {self.columns.upper()} ".replace("\n", " ").replace("OVER(", "OVER ("):
+        if re.search(r"\bOVER\s*\(", self.columns, re.IGNORECASE):
             raise ValueError(
                 f"Staged table {self.name}: a window (OVER) in its columns makes a row depend on "
                 "others; declare it in across_rows, which is computed over the whole table."

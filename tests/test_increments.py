@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from patient_journey import pipeline
 from patient_journey.generate import GenerationResult, generate
-from patient_journey.lake import Lake, Zone
+from patient_journey.lake import Lake, Zone, bronze
 from patient_journey.pipeline import HELD, QUARANTINE, TableCounts
 from patient_journey.sources.plugins import STAGED_TABLES
 from tests.conftest import settings_for
@@ -162,3 +162,42 @@ def test_a_load_split_into_increments_gives_the_same_warehouse(
     counts: list[TableCounts] = result["counts"]  # type: ignore[assignment]
     assert counts == one_load["counts"]
     assert all(table.balanced for table in counts)
+
+
+def test_the_change_feed_gives_the_rows_appended_between_two_versions_and_only_those(tmp_path: Path) -> None:
+    lake = Lake(settings_for(tmp_path))
+    ref = bronze("example")
+    for n in range(4):  # versions 0-3
+        lake.append(ref, pa.table({"entity": ["a", "b"], "n": [n, n]}))
+    rows = lake.changes_since(ref, 0, 2, ["n"], "entity = 'a'")
+    assert rows is not None and sorted(rows.read_all().column("n").to_pylist()) == [1, 2]
+    assert lake.changes_since(ref, 3, 3, ["n"]) is None  # nothing new
+    lake.delete(ref, "n = 3")  # version 4: rows deleted, so the feed is not all that changed
+    assert lake.changes_since(ref, 2, 4, ["n"]) is None
+    rows = lake.changes_since(ref, 0, 3, ["n"])  # before the delete: still appends only
+    assert rows is not None and sorted(rows.read_all().column("n").to_pylist()) == [1, 1, 2, 2, 3, 3]
+
+
+def test_a_build_flattens_whole_when_bronze_rows_were_deleted_and_loads_the_same(
+    cohort: GenerationResult, tmp_path: Path
+) -> None:
+    """The clean-up of a crashed commit deletes bronze rows: the next build cannot extend what it
+    flattened from the change feed, flattens those tables whole, and loads what a clean run does."""
+    landing = tmp_path / "landing"
+    shutil.copytree(cohort.out / "landing", landing)
+    clean = load(tmp_path / "clean", landing, "run-1")
+    settings = settings_for(tmp_path / "crashed", landing=landing)
+    for source in pipeline.SOURCES:
+        pipeline.ingest(settings, source, "run-1")
+    pipeline.build_silver(settings, "run-1")
+    lake = Lake(settings)
+    registry = lake.read(bronze("registry_row"))
+    assert registry is not None
+    run = registry.schema.get_field_index("run_id")
+    crashed = registry.slice(0, 3).set_column(run, "run_id", pa.array(["crashed"] * 3))
+    lake.append(bronze("registry_row"), crashed)  # a commit that crashed before its ledger entry
+    pipeline._remove_uncommitted(lake, "registry")  # what the next ingest of the registry does
+    report = pipeline.build_silver(settings, "run-2", force=True)
+    registry_tables = [spec.name for spec in STAGED_TABLES if spec.bronze == "registry_row"]
+    assert {report.flattened[name] for name in registry_tables} == {"whole"}
+    assert report.tables == clean["counts"]
