@@ -21,9 +21,9 @@ from patient_journey.identity import KeyMaker
 from patient_journey.journey import build_journey
 from patient_journey.lake import Lake, bronze
 from patient_journey.linkage import link
+from patient_journey.quality import SqlSuite, load_suite_files
 from patient_journey.sources.plugins import IDENTITY, JOURNEY_PARTS, LINKS, STAGED_TABLES
 from patient_journey.sources.records import BRONZE_SCHEMA
-from patient_journey.quality import SqlSuite, load_suite_files
 from patient_journey.staging import FIELD_ERROR, SUPERSEDED, flatten, resolve, stage
 from tests.conftest import TEST_KEY, settings_for
 
