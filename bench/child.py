@@ -273,8 +273,10 @@ def run_flow() -> dict[str, Any]:
         ("gold", "build_gold"),
     ):
         setattr(pipeline, name, recorder.wrap(step, getattr(pipeline, name)))
+    # BENCH_SOURCES: the sources this run reads (comma-separated), as a deployment of one kind does.
+    only = [name for name in os.environ.get("BENCH_SOURCES", "").split(",") if name]
     with sampler:
-        summary = patient_journey()
+        summary = patient_journey(sources=only or None)  # type: ignore[arg-type]
         ended = time.perf_counter()
     steps = recorder.steps()
     # Batches run in worker processes, where these wrappers are not: "extract" spans the sources'
