@@ -52,9 +52,13 @@ def score_table(table: pa.Table, catalog: Catalog, catalog_forms_only: bool) -> 
         where = "WHERE instrument IN (SELECT instrument FROM primary_score)" if catalog_forms_only else ""
         rows = connection.sql(f"SELECT * FROM staged {where}").to_arrow_table()
         connection.register("prom_rows", rows)
-        answers = ", ".join(f'json_extract_string({ITEMS_COLUMN}, \'$."{i}"\') AS "{i}"' for i in item_ids)
+        # Every item's answer extracted by one call per row (a call per item parsed each row's
+        # JSON once per catalog item).
+        paths = ", ".join(f"'$.\"{i}\"'" for i in item_ids)
+        answers = ", ".join(f'_answers[{n}] AS "{i}"' for n, i in enumerate(item_ids, start=1))
         wide = connection.sql(
-            f"SELECT CAST(_row AS VARCHAR) AS response_id, instrument, {answers} FROM prom_rows"
+            f"""SELECT CAST(_row AS VARCHAR) AS response_id, instrument, {answers}
+            FROM (SELECT *, json_extract_string({ITEMS_COLUMN}, [{paths}]) AS _answers FROM prom_rows)"""
         ).to_arrow_table()
         scores = score_responses(wide, catalog) if wide.num_rows else SCORES_SCHEMA.empty_table()
         connection.register("scores", scores)
