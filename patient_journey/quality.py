@@ -376,9 +376,13 @@ class SqlSuite:
         expectations."""
         connection = duckdb.connect()
         try:
-            # Each row's position travels with it: windows (uniqueness) return rows in any order.
+            # Each row's position travels with it (windows return rows in any order), under a
+            # name none of the table's columns has.
+            numbered = "_position"
+            while numbered in data.column_names:
+                numbered = "_" + numbered
             positions = pa.array(np.arange(data.num_rows, dtype=np.int64))
-            connection.register("rows", data.append_column("_position", positions))
+            connection.register("rows", data.append_column(numbered, positions))
             row_level = [e for e in self.expectations if e.unexpected is not None]
             flags = ", ".join(
                 f"coalesce(({e.counted}) AND {'(' + e.nonnull + ') AND ' if e.nonnull else ''}({e.unexpected}), false) AS f{n}"
@@ -391,7 +395,7 @@ class SqlSuite:
                 for n, e in enumerate(row_level)
             )
             marked = (
-                connection.sql(f"SELECT _position, {flags} FROM rows").to_arrow_table()
+                connection.sql(f"SELECT {_quoted(numbered)} AS _position, {flags} FROM rows").to_arrow_table()
                 if row_level
                 else pa.table({})
             )

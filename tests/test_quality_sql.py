@@ -127,6 +127,25 @@ def test_a_suite_in_sql_gives_great_expectations_results(
     assert in_sql[1:] == in_gx[1:]
 
 
+def test_a_table_with_a_column_named_like_the_gates_own_is_checked_all_the_same(tmp_path: Path) -> None:
+    table = pa.table({"_position": pa.array([5, None, 7]), "code": pa.array(["a", "b", "a"])})
+    suite = [
+        {
+            "type": "expect_column_values_to_not_be_null",
+            "kwargs": {"column": "_position"},
+            "meta": {"severity": "error", "rule": "present"},
+        },
+        {
+            "type": "expect_column_values_to_be_unique",
+            "kwargs": {"column": "code"},
+            "meta": {"severity": "error", "rule": "unique"},
+        },
+    ]
+    result = gate_for(tmp_path, suite).check("staged", "t", table, "test", "run-1")
+    assert result.passed.to_pylist() == []
+    assert result.quarantined.column("rule").to_pylist() == ["unique", "present", "unique"]
+
+
 @pytest.mark.parametrize(
     "expectation",
     [
