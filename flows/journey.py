@@ -185,7 +185,8 @@ def journey_build(rebuild: bool = False) -> RunSummary:
     """Stage, validate and link bronze into silver, then build the gold journey tables.
 
     Args:
-        rebuild: Rebuild silver and gold even when no new input arrived since the last build.
+        rebuild: Rebuild silver and gold whole (every record resolved, gated and linked again), even
+            when no new input arrived since the last build.
     """
     started, summary = time.perf_counter(), RunSummary(run_id=_run_id(), flow="journey-build")
     preflight()

@@ -17,10 +17,11 @@ one batch, never a table.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as ds
 
 from patient_journey.lake import Lake, TableRef, bronze, restricted
@@ -49,6 +50,21 @@ class Refreshed:
     table: str
     bronze_version: int
     whole: bool  # flattened from the whole of bronze (else: the rows committed since, if any)
+    # For a table extended (not whole): the flattened table's version before, and the rows appended.
+    before: int | None = None
+    rows: pa.Table | None = None
+
+
+def _kept(reader: pa.RecordBatchReader, into: list[pa.RecordBatch]) -> pa.RecordBatchReader:
+    """``reader``, keeping each batch it yields in ``into`` (an increment's rows, which the build
+    resolves next: read back from the table, they would cost a scan of all of it)."""
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in reader:
+            into.append(batch)
+            yield batch
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
 
 
 def declaration(spec: StagedTable) -> str:
@@ -79,8 +95,12 @@ def refresh(lake: Lake, specs: Sequence[StagedTable]) -> list[Refreshed]:
             entity = spec.entity.replace("'", "''")
             rows = lake.changes_since(source, done, version, BRONZE_COLUMNS, f"entity = '{entity}'")
         if rows is not None:
-            lake.append(target, flatten(rows, spec), metadata)
-            refreshed.append(Refreshed(spec.name, version, whole=False))
+            before = lake.version(target)
+            appended: list[pa.RecordBatch] = []
+            reader = flatten(rows, spec)
+            lake.append(target, _kept(reader, appended), metadata)
+            new_rows = pa.Table.from_batches(appended, reader.schema)
+            refreshed.append(Refreshed(spec.name, version, whole=False, before=before, rows=new_rows))
         else:
             whole = lake.scan(source, version, BRONZE_COLUMNS, ds.field("entity") == spec.entity)
             lake.overwrite(target, flatten(whole, spec), metadata)

@@ -284,6 +284,20 @@ def build_journey(
     connection.register("surgical_episode", episode)
     events = _union([s for part in parts for s in part.events], EVENT_COLUMNS)
     events_table = connection.sql(EVENT_SQL.replace("{events}", events)).to_arrow_table()
-    clock = connection.execute(DEVICE_CLOCK_SQL, tolerance).to_arrow_table()
     connection.close()
+    clock = device_clock(silver["device_event"], skew_tolerance_seconds)
     return {"surgical_episode": episode, "journey_event": events_table, "device_clock": clock}
+
+
+DEVICE_CLOCK_COLUMNS = ["device_type", "device_key", "event_time", "enqueued_time"]
+
+
+def device_clock(device_events: pa.Table, skew_tolerance_seconds: int = 900) -> pa.Table:
+    """The device_clock gold table from silver device events (``DEVICE_CLOCK_COLUMNS`` of them
+    suffice): one row per device, over all its events, whichever patients they are of."""
+    connection = connect()
+    try:
+        connection.register("device_event", device_events)
+        return connection.execute(DEVICE_CLOCK_SQL, {"tolerance": skew_tolerance_seconds}).to_arrow_table()
+    finally:
+        connection.close()

@@ -164,16 +164,7 @@ class Lake:
         (patient_journey.contracts and the sources' ``silver``), or nothing is written: ContractError names the table and the
         columns that differ. Its Delta schema follows the declaration, so changing a declared
         column (a deliberate migration) replaces the schema with the new one in the same commit."""
-        if ref.zone is Zone.WAREHOUSE:
-            contract = contract_of(ref.layer, ref.name)
-            if contract is None:
-                raise ContractError(
-                    f"Table {ref.label} is not declared (patient_journey/contracts.py, or the silver "
-                    "tables of the source that feeds it): every table of the analysts' zone is. Nothing "
-                    "was written."
-                )
-            assert isinstance(data, pa.Table), "the analysts' zone is checked whole"
-            contract.check(data)
+        self._check_contract(ref, data)
         self._call(
             "write",
             ref,
@@ -193,7 +184,9 @@ class Lake:
         self, ref: TableRef, data: pa.Table | pa.RecordBatchReader, metadata: dict[str, str] | None = None
     ) -> int:
         """Append rows in one commit (a reader is streamed, never held whole); returns the new
-        version. ``metadata`` is recorded with the commit (``commit_metadata``), even of no rows."""
+        version. ``metadata`` is recorded with the commit (``commit_metadata``), even of no rows.
+        Rows for the analysts' zone are checked against the table's declaration as in ``overwrite``."""
+        self._check_contract(ref, data)
         self._call(
             "append to",
             ref,
@@ -209,6 +202,20 @@ class Lake:
         return self._version_after_write(ref)
 
     @staticmethod
+    def _check_contract(ref: TableRef, data: pa.Table | pa.RecordBatchReader) -> None:
+        if ref.zone is not Zone.WAREHOUSE:
+            return
+        contract = contract_of(ref.layer, ref.name)
+        if contract is None:
+            raise ContractError(
+                f"Table {ref.label} is not declared (patient_journey/contracts.py, or the silver "
+                "tables of the source that feeds it): every table of the analysts' zone is. Nothing "
+                "was written."
+            )
+        assert isinstance(data, pa.Table), "the analysts' zone is checked whole"
+        contract.check(data)
+
+    @staticmethod
     def _configuration(ref: TableRef) -> dict[str, str | None] | None:
         """Table properties a new table is created with: bronze keeps a change data feed."""
         return dict(CHANGE_FEED) if ref.layer == "bronze" else None
@@ -222,10 +229,10 @@ class Lake:
         return {k: v for k, v in latest[0].items() if isinstance(v, str)} if latest else {}
 
     def scan(
-        self, ref: TableRef, version: int, columns: list[str], predicate: ds.Expression | None = None
+        self, ref: TableRef, version: int, columns: list[str] | None, predicate: ds.Expression | None = None
     ) -> pa.RecordBatchReader:
-        """The rows (of ``columns``, matching ``predicate``) of a version of the table, as a
-        stream of record batches."""
+        """The rows (of ``columns``, or all; matching ``predicate``) of a version of the table,
+        as a stream of record batches."""
         table = self._table(ref)
         if table is None:
             raise ValueError(f"{ref.label} does not exist")

@@ -15,12 +15,14 @@ A device's serial number (a direct identifier under HIPAA Safe Harbor) reaches s
 ``device_key`` = HMAC("device-serial:" + serial): the same device keeps the same key.
 
 A record whose link is missing is held with the rule it could not satisfy; held records stay in
-bronze and are linked again on every later build, so they load as soon as their patient arrives.
+the staged store and are linked again by every build after which the identities grew, so they
+load as soon as their patient arrives.
 The crosswalk (source identifier -> patient key) is written to the restricted zone only.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,7 +74,12 @@ class LinkSpec:
 class IdentityRelation:
     """One relation from a source's identifiers to patient keys: a temporary table ``name`` made
     by ``sql`` (over ``staged_<table>`` and the relations declared before it) before any table
-    links, and its rows of the crosswalk (``identifier_type, identifier, patient_key``)."""
+    links, and its rows of the crosswalk (``identifier_type, identifier, patient_key``).
+
+    A relation's rows that a link joins to must follow from its crosswalk rows (its other columns
+    being functions of the identifier, like an episode key, or read by relations declared after
+    it): a build compares crosswalks to know whether any linked row may link otherwise now
+    (``increments.identity_change``)."""
 
     name: str
     sql: str
@@ -106,6 +113,87 @@ def _register_pseudonym(connection: duckdb.DuckDBPyConnection, keys: KeyMaker) -
     )
 
 
+class Linker:
+    """Links staged rows to patients: the identity relations are built once, from the whole of
+    the tables they read (``identity_tables``: every passed row of patient, procedure, ...), and
+    then any set of staged rows links against them (``link``): a build links only the rows that
+    changed, or whose link could have."""
+
+    def __init__(
+        self,
+        keys: KeyMaker,
+        identity: Sequence[IdentityRelation],
+        identity_tables: dict[str, pa.Table],
+    ) -> None:
+        self.identity = identity
+        self.connection = connect()
+        _register_pseudonym(self.connection, keys)
+        for name, table in identity_tables.items():
+            self.connection.register(f"staged_{name}", table)
+        for relation in identity:
+            self.connection.execute(f"CREATE TEMP TABLE {relation.name} AS {relation.sql}")
+
+    def relations(self) -> dict[str, pa.Table]:
+        """Each identity relation's rows, in a stable order."""
+        return {
+            relation.name: self.connection.sql(f"SELECT * FROM {relation.name} ORDER BY ALL").to_arrow_table()
+            for relation in self.identity
+        }
+
+    def crosswalk(self) -> pa.Table:
+        return self.connection.sql(
+            " UNION ".join(relation.crosswalk for relation in self.identity)
+            + " ORDER BY identifier_type, identifier"
+        ).to_arrow_table()
+
+    def link(self, staged: dict[str, pa.Table], run_id: str, links: Sequence[LinkSpec]) -> LinkResult:
+        """Link the staged rows given (tables absent from ``staged`` link no rows) by the sources'
+        declarations; returns their silver rows, held records and the crosswalk."""
+        connection = self.connection
+        silver_parts: dict[str, list[pa.Table]] = {}
+        held_parts: list[pa.Table] = []
+        loaded: dict[str, int] = {}
+        held_counts: dict[str, int] = {}
+        for spec in links:
+            if spec.staged not in staged:
+                continue
+            source = f"linking_{spec.staged}"
+            connection.register(source, staged[spec.staged])
+            linked_filter = "k.patient_key IS NOT NULL"
+            if spec.optional_link:
+                linked_filter = f"({linked_filter} OR {spec.optional_link})"
+            linked = connection.sql(
+                f"SELECT {spec.select}, {LINEAGE} FROM {source} {spec.join} WHERE {linked_filter} ORDER BY s._row"
+            ).to_arrow_table()
+            held = (
+                connection.sql(
+                    f"""SELECT '{spec.staged}' AS table_name, '{spec.rule}' AS rule, '{spec.source}' AS source,
+                           CAST(s.{spec.id_column} AS VARCHAR) AS record_id, s.source_uri, s.source_offset,
+                           s.run_id AS first_seen_run_id, '{run_id}' AS held_in_run_id
+                    FROM {source} {spec.join} WHERE NOT {linked_filter} ORDER BY s._row"""
+                )
+                .to_arrow_table()
+                .cast(HELD_SCHEMA)
+            )
+            connection.unregister(source)
+            loaded[spec.staged] = linked.num_rows
+            held_counts[spec.staged] = held.num_rows
+            held_parts.append(held)
+            if spec.silver is not None:
+                silver_parts.setdefault(spec.silver, []).append(linked)
+        silver = {name: pa.concat_tables(parts) for name, parts in silver_parts.items()}
+        held_rows = pa.concat_tables(held_parts) if held_parts else HELD_SCHEMA.empty_table()
+        return LinkResult(silver, self.crosswalk(), held_rows, loaded, held_counts)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def identity_inputs(identity: Sequence[IdentityRelation]) -> list[str]:
+    """The staged tables the identity relations read (``staged_<name>`` in their SQL)."""
+    return sorted({name for relation in identity for name in re.findall(r"\bstaged_(\w+)", relation.sql)})
+
+
 def link(
     staged: dict[str, pa.Table],
     keys: KeyMaker,
@@ -113,44 +201,12 @@ def link(
     links: Sequence[LinkSpec],
     identity: Sequence[IdentityRelation],
 ) -> LinkResult:
-    """Link validated staged tables by the sources' declarations (``links``, after building the
-    ``identity`` relations in order); returns silver tables, the crosswalk and held records."""
-    connection = connect()
-    _register_pseudonym(connection, keys)
-    for name, table in staged.items():
-        connection.register(f"staged_{name}", table)
-    for relation in identity:
-        connection.execute(f"CREATE TEMP TABLE {relation.name} AS {relation.sql}")
-    silver_parts: dict[str, list[pa.Table]] = {}
-    held_parts: list[pa.Table] = []
-    loaded: dict[str, int] = {}
-    held_counts: dict[str, int] = {}
-    for spec in links:
-        source = f"staged_{spec.staged}"
-        linked_filter = "k.patient_key IS NOT NULL"
-        if spec.optional_link:
-            linked_filter = f"({linked_filter} OR {spec.optional_link})"
-        linked = connection.sql(
-            f"SELECT {spec.select}, {LINEAGE} FROM {source} {spec.join} WHERE {linked_filter} ORDER BY s._row"
-        ).to_arrow_table()
-        held = (
-            connection.sql(
-                f"""SELECT '{spec.staged}' AS table_name, '{spec.rule}' AS rule, '{spec.source}' AS source,
-                       CAST(s.{spec.id_column} AS VARCHAR) AS record_id, s.source_uri, s.source_offset,
-                       s.run_id AS first_seen_run_id, '{run_id}' AS held_in_run_id
-                FROM {source} {spec.join} WHERE NOT {linked_filter} ORDER BY s._row"""
-            )
-            .to_arrow_table()
-            .cast(HELD_SCHEMA)
-        )
-        loaded[spec.staged] = linked.num_rows
-        held_counts[spec.staged] = held.num_rows
-        held_parts.append(held)
-        if spec.silver is not None:
-            silver_parts.setdefault(spec.silver, []).append(linked)
-    crosswalk = connection.sql(
-        " UNION ".join(relation.crosswalk for relation in identity) + " ORDER BY identifier_type, identifier"
-    ).to_arrow_table()
-    connection.close()
-    silver = {name: pa.concat_tables(parts) for name, parts in silver_parts.items()}
-    return LinkResult(silver, crosswalk, pa.concat_tables(held_parts), loaded, held_counts)
+    """Link whole validated staged tables in one step: identity relations from them, then every
+    row of them linked (``Linker``); returns silver tables, the crosswalk and held records."""
+    linker = Linker(
+        keys, identity, {name: staged[name] for name in identity_inputs(identity) if name in staged}
+    )
+    try:
+        return linker.link(staged, run_id, links)
+    finally:
+        linker.close()

@@ -8,10 +8,12 @@ so steps can run in separate processes (or on a Dask cluster) and be re-run alon
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TypeAlias
 
 import numpy as np
@@ -20,11 +22,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from patient_journey.errors import ConfigurationError
-from patient_journey.flattened import flattened, refresh
+from patient_journey.flattened import refresh
 from patient_journey.identity import KeyMaker
-from patient_journey.journey import build_journey
+from patient_journey.increments import (
+    PASSED,
+    Batch,
+    BuildMark,
+    changed_batch,
+    declaration,
+    from_latest_read,
+    identity_change,
+    quoted_list,
+    replace_inputs,
+    store_batch,
+    stored_passed,
+    whole_batch,
+)
+from patient_journey.journey import DEVICE_CLOCK_COLUMNS, build_journey, device_clock
 from patient_journey.lake import (
     Lake,
+    TableRef,
     bronze,
     extraction_rejects_table,
     gold,
@@ -34,9 +51,9 @@ from patient_journey.lake import (
     silver,
     staged,
 )
-from patient_journey.linkage import link
+from patient_journey.linkage import Linker, identity_inputs
 from patient_journey.prom import redcap_forms_not_loaded
-from patient_journey.quality import QUARANTINE_SCHEMA, QualityGate, quarantine_rows
+from patient_journey.quality import QUARANTINE_SCHEMA, GateResult, QualityGate, quarantine_rows
 from patient_journey.settings import JourneySettings
 from patient_journey.sources import registry
 from patient_journey.sources.plugins import (
@@ -58,7 +75,7 @@ from patient_journey.sources.records import (
     candidate_files,
 )
 from patient_journey.sources.source import ExtractJob, unknown_source_settings
-from patient_journey.staging import FIELD_ERROR, SUPERSEDED, flatten, resolve
+from patient_journey.staging import FIELD_ERROR, SUPERSEDED
 from patient_journey.storage import FileInfo, Storage, check_zones, listed_files
 
 SOURCES = tuple(PLUGINS)
@@ -74,6 +91,13 @@ BUILDS = restricted("ledger", "build")
 QUARANTINE = quarantine("record")
 HELD = restricted("held", "record")
 CROSSWALK = restricted("identity", "crosswalk")
+# The rows the gate quarantined, kept from build to build and replaced by staged table and input:
+# QUARANTINE is these, the rejects at read and the gold tables' quarantined rows.
+GATED_QUARANTINE = quarantine("gated")
+# The gold tables' quarantined rows, with the patient each is of (``_key``), kept from build to build.
+GOLD_QUARANTINE = quarantine("gold")
+# Patients whose silver rows changed since the last gold build (``_gold_pending``).
+GOLD_PENDING = restricted("ledger", "gold_pending")
 FILE_SOURCES = tuple(name for name, source in PLUGINS.items() if source.lists_files)
 # Entities read by an adapter -> the staged table they belong to.
 ENTITY_TABLE = {spec.entity: spec.name for spec in STAGED_TABLES}
@@ -145,6 +169,11 @@ class BuildReport:
     # Staged tables whose flattened rows this build extended: "since" (bronze rows committed since
     # the last build) or "whole" (all of bronze; see patient_journey.flattened).
     flattened: dict[str, str] = field(default_factory=dict)
+    # Staged tables and what this build replaced of them: the number of inputs, or "whole"
+    # (patient_journey.increments).
+    inputs: dict[str, int | str] = field(default_factory=dict)
+    # Gold: the patients whose episodes and events this build made again ("all", or how many).
+    patients: int | str = ""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -683,24 +712,6 @@ def latest_reads(lake: Lake) -> pa.Table:
     return pa.table({"source_uri": latest.column("uri"), "latest_run_id": latest.column("run_id")})
 
 
-def from_latest_read(table: pa.Table, reads: pa.Table) -> pa.Table:
-    """The rows of ``table`` that came from the latest read of their input. Rows of an input the
-    ledgers do not list (a read that stopped before its ledger entry, a forgotten input not read
-    again yet, a registry table) are all kept; staging collapses exact re-reads among them."""
-    if table.num_rows == 0 or reads.num_rows == 0:
-        return table
-    numbered = table.select(["source_uri", "run_id"]).append_column(
-        "_n", pa.array(range(table.num_rows), pa.int64())
-    )
-    joined = numbered.join(reads, keys="source_uri", join_type="left outer")
-    latest = joined.column("latest_run_id")
-    keep = pc.or_kleene(pc.is_null(latest), pc.equal(joined.column("run_id"), latest))
-    if pc.all(keep).as_py():  # the common case (no input read twice): no copy of the table
-        return table
-    kept = joined.filter(keep).column("_n")
-    return table.filter(pc.is_in(numbered.column("_n"), value_set=kept.combine_chunks()))
-
-
 def _rejects_as_quarantine(lake: Lake, reads: pa.Table) -> pa.Table:
     """Every record rejected at the latest read of its input, as quarantine rows of the staged
     table it belongs to."""
@@ -771,8 +782,29 @@ def _bronze_only(lake: Lake, reads: pa.Table) -> dict[str, int]:
     return counts
 
 
+def _declared_files(settings: JourneySettings) -> list[Path]:
+    """The files besides the code that decide records' outcomes: suites and device templates."""
+    folders = (Path(settings.quality.expectations_dir), Path(settings.sources.device_templates_dir))
+    return [path for folder in folders for path in sorted(folder.rglob("*.json")) if path.is_file()]
+
+
+def _silver_groups() -> dict[str, list[str]]:
+    """Each silver table and the staged tables that feed it (a table that only feeds the
+    crosswalk is a group of its own, with no silver table)."""
+    groups: dict[str, list[str]] = {}
+    for spec in LINKS:
+        groups.setdefault(spec.silver or f"_{spec.staged}", []).append(spec.staged)
+    return groups
+
+
 def build_silver(settings: JourneySettings, run_id: str, force: bool = False) -> BuildReport:
-    """Stage bronze, gate every staged table, link identities, write staged/silver/quarantine/held."""
+    """Stage, gate and link what changed since the last build; write staged/silver/quarantine/held.
+
+    Only the records that the new bronze rows touch are resolved again, and only the inputs they
+    are in are gated, linked and replaced in the tables written (patient_journey.increments);
+    held records are linked again when the identities grew. A build is whole (every table
+    replaced) when forced, when the suites, templates, declarations or code changed, or when the
+    build before did not finish."""
     started = time.perf_counter()
     clock = StepClock()
     lake = Lake(settings)
@@ -782,75 +814,170 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         return BuildReport(built=False, reason="no new input since the last build")
     keys = KeyMaker(settings.patient_hmac_key())
     gate = QualityGate(settings.quality.expectations_dir)
+    fingerprint = declaration(_declared_files(settings), (STAGED_TABLES, LINKS, IDENTITY), keys)
+    mark = BuildMark(lake)
+    whole_build = force or not mark.trusted(fingerprint)
+    mark.set(run_id, "started", fingerprint)
 
     reads = latest_reads(lake)
     report = BuildReport(built=True)
-    report.flattened = {r.table: ("whole" if r.whole else "since") for r in refresh(lake, STAGED_TABLES)}
-    flat_tables = {  # a table whose bronze table does not exist yet: empty
-        spec.name: from_latest_read(
-            lake.read(flattened(spec.name)) or flatten(BRONZE_SCHEMA.empty_table(), spec).read_all(), reads
-        )
-        for spec in STAGED_TABLES
+    refreshed = {r.table: r for r in refresh(lake, STAGED_TABLES)}
+    report.flattened = {name: ("whole" if r.whole else "since") for name, r in refreshed.items()}
+    batches: dict[str, Batch] = {}
+    for spec in STAGED_TABLES:
+        earlier = refreshed.get(spec.name)
+        if whole_build or (earlier is not None and earlier.whole) or lake.version(staged(spec.name)) is None:
+            batches[spec.name] = whole_batch(lake, spec, reads)
+        else:
+            batches[spec.name] = changed_batch(lake, spec, earlier, reads)
+    report.inputs = {
+        name: "whole" if batch.inputs is None else len(batch.inputs) for name, batch in batches.items()
     }
     bronze_only = _bronze_only(lake, reads)
-    staged_tables = resolve(flat_tables, STAGED_TABLES)
     rejected_at_read = _rejects_as_quarantine(lake, reads)
-    names = list(staged_tables)
+    clock.lap("stage")
+
+    passed: dict[str, pa.Table] = {}
+    gated_parts = [QUARANTINE_SCHEMA.empty_table()]
+    source_of = {spec.staged: spec.source for spec in LINKS}
+    for name, batch in batches.items():
+        current = batch.rows.filter(pc.invert(batch.rows.column(SUPERSEDED))).drop_columns([SUPERSEDED])
+        table, mistyped = field_type_rejects(current, name, source_of[name], run_id)
+        result = gate.check("staged", name, table, source_of[name], run_id)
+        passed[name] = result.passed
+        gated_parts.extend([mistyped, result.quarantined])
+        report.expectations.extend(asdict(o) for o in result.outcomes)
+    for plugin in PLUGINS.values():  # a source's own gate after staging (device types)
+        gated = plugin.gate_staged(settings, gate, passed, run_id)
+        if gated is not None:
+            gated_parts.append(gated.quarantined)
+            report.expectations.extend(asdict(o) for o in gated.outcomes)
+    for name, batch in batches.items():
+        report.versions[f"staged.{name}"] = store_batch(lake, batch, passed[name].column("_row"))
+    gated_quarantine = replace_inputs(
+        lake.read(GATED_QUARANTINE),
+        pa.concat_tables(gated_parts),
+        {name: batch.inputs for name, batch in batches.items()},
+    )
+    lake.overwrite(GATED_QUARANTINE, gated_quarantine)
+    clock.lap("validate")
+
+    def passed_rows(name: str, inputs: frozenset[str] | None) -> pa.Table:
+        """The passed rows of a table's ``inputs`` (None: all): this build's, then the store's."""
+        batch = batches[name]
+        if batch.inputs is None:
+            return passed[name]
+        if inputs is None:
+            return stored_passed(lake, name).select(passed[name].schema.names).cast(passed[name].schema)
+        others = inputs - batch.inputs
+        if not others:
+            return passed[name]
+        stored = stored_passed(lake, name, others).select(passed[name].schema.names).cast(passed[name].schema)
+        return pa.concat_tables([passed[name], stored])
+
+    linker = Linker(keys, IDENTITY, {name: passed_rows(name, None) for name in identity_inputs(IDENTITY)})
+    crosswalk = linker.crosswalk()
+    change = "changed" if whole_build else identity_change(lake.read(CROSSWALK), crosswalk)
+    held_before = lake.read(HELD)
+    relinked: dict[str, frozenset[str] | None] = {}
+    for names in _silver_groups().values():
+        inputs: frozenset[str] | None = None
+        if change != "changed" and not any(batches[name].whole for name in names):
+            inputs = frozenset().union(*(batches[name].inputs or () for name in names))
+            if change == "grown" and held_before is not None:  # held records whose key may have come
+                mine = pc.is_in(held_before.column("table_name"), value_set=pa.array(names, pa.string()))
+                inputs |= _uris_of(held_before.filter(mine))
+        relinked.update({name: inputs for name in names})
+    linked = linker.link(
+        {name: passed_rows(name, inputs) for name, inputs in relinked.items()}, run_id, LINKS
+    )
+    linker.close()
+    report.bronze_only = bronze_only
+    clock.lap("link")
+
+    patients: set[str | None] | None = set()
+    for group, names in _silver_groups().items():
+        if group in linked.silver:
+            version, touched = _replace_silver(lake, keys, group, linked.silver[group], relinked[names[0]])
+            report.versions[f"silver.{group}"] = version
+            patients = None if patients is None or touched is None else patients | touched
+    _gold_pending(lake, patients)
+    held = replace_inputs(held_before, linked.held, relinked)
+    report.versions["held"] = lake.overwrite(HELD, held)
+    report.versions["quarantine"] = lake.overwrite(
+        QUARANTINE, pa.concat_tables([rejected_at_read, gated_quarantine.cast(QUARANTINE_SCHEMA)])
+    )
+    report.versions["crosswalk"] = lake.overwrite(CROSSWALK, crosswalk)
+    report.tables = _table_counts(lake, list(batches), rejected_at_read, held)
+    mark.set(run_id, "finished", fingerprint)
+    clock.lap("load")
+    report.stage_seconds = clock.seconds
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _uris_of(table: pa.Table) -> frozenset[str]:
+    return frozenset(pc.unique(table.column("source_uri")).drop_null().to_pylist())
+
+
+def _replace_silver(
+    lake: Lake, keys: KeyMaker, name: str, rows: pa.Table, inputs: frozenset[str] | None
+) -> tuple[int, set[str | None] | None]:
+    """Replace a silver table's rows of ``inputs`` (None: all) with ``rows``: its rows carry
+    their input's key (``input_key``), not its URI. Returns the table's version and the patients
+    whose rows were replaced (None: every patient)."""
+    ref = silver(name)
+    if inputs is None or lake.version(ref) is None:
+        return lake.overwrite(ref, rows), None
+    present = lake.read(ref, columns=["input_key", "patient_key"])
+    assert present is not None
+    wanted = pa.array(sorted({keys.input_key(uri) for uri in inputs}), pa.string())
+    gone = present.filter(pc.is_in(present.column("input_key"), value_set=wanted))
+    touched = set(pc.unique(gone.column("patient_key")).to_pylist())
+    touched.update(pc.unique(rows.column("patient_key")).to_pylist())
+    if gone.num_rows:
+        replaced = pc.unique(gone.column("input_key")).to_pylist()
+        lake.delete(ref, f"input_key IN ({quoted_list(sorted(replaced))})")
+    version = lake.version(ref)
+    assert version is not None
+    if rows.num_rows:  # nothing of these inputs links now: no empty commit
+        version = lake.append(ref, rows)
+    return version, touched
+
+
+def _table_counts(
+    lake: Lake, names: list[str], rejected_at_read: pa.Table, held: pa.Table
+) -> list[TableCounts]:
+    """Every staged table's counts over all its records (not only this build's), from the staged
+    stores, the held records and the rejects at read: rows in = loaded + quarantined + held +
+    superseded."""
     counts = {name: TableCounts(name) for name in names}
-    cells = _cell_rejects(rejected_at_read, staged_tables)
+    lineage = {
+        name: table
+        for name in names
+        if name.startswith("redcap")
+        and (table := lake.read(staged(name), columns=["source_uri", "source_offset"])) is not None
+    }
+    cells = _cell_rejects(rejected_at_read, lineage)
     for item in pc.value_counts(rejected_at_read.filter(pc.invert(cells)).column("table_name")).to_pylist():
         table = counts.setdefault(item["values"], TableCounts(item["values"]))
         table.read += item["counts"]
         table.quarantined += item["counts"]
     for item in pc.value_counts(rejected_at_read.filter(cells).column("table_name")).to_pylist():
         counts[item["values"]].cells_rejected += item["counts"]
-    clock.lap("stage")
-
-    passed: dict[str, pa.Table] = {}
-    quarantine_parts = [rejected_at_read]
-    source_of = {spec.staged: spec.source for spec in LINKS}
+    held_by_table = {i["values"]: i["counts"] for i in pc.value_counts(held.column("table_name")).to_pylist()}
     for name in names:
-        everything = staged_tables.pop(name)  # released once gated: only what passed is kept
-        superseded = everything.column(SUPERSEDED)
-        table = everything.filter(pc.invert(superseded)).drop_columns([SUPERSEDED])
-        counts[name].superseded += everything.num_rows - table.num_rows
-        table, mistyped = field_type_rejects(table, name, source_of[name], run_id)
-        quarantine_parts.append(mistyped)
-        result = gate.check("staged", name, table, source_of[name], run_id)
-        counts[name].read += everything.num_rows
-        counts[name].quarantined += result.quarantined.num_rows + mistyped.num_rows
-        passed[name] = result.passed
-        quarantine_parts.append(result.quarantined)
-        report.expectations.extend(asdict(o) for o in result.outcomes)
-    for plugin in PLUGINS.values():  # a source's own gate after staging (device types)
-        gated = plugin.gate_staged(settings, gate, passed, run_id)
-        if gated is None:
-            continue
-        for item in pc.value_counts(gated.quarantined.column("table_name")).to_pylist():
-            counts[item["values"]].quarantined += item["counts"]
-        quarantine_parts.append(gated.quarantined)
-        report.expectations.extend(asdict(o) for o in gated.outcomes)
-    clock.lap("validate")
-
-    linked = link(passed, keys, run_id, LINKS, IDENTITY)
-    for name in names:
-        counts[name].loaded = linked.loaded[name]
-        counts[name].held = linked.held_counts[name]
-    report.bronze_only = bronze_only
-    clock.lap("link")
-
-    for name, table in passed.items():
-        report.versions[f"staged.{name}"] = lake.overwrite(staged(name), table)
-    for name, table in linked.silver.items():
-        report.versions[f"silver.{name}"] = lake.overwrite(silver(name), table)
-    report.versions["quarantine"] = lake.overwrite(QUARANTINE, pa.concat_tables(quarantine_parts))
-    report.versions["held"] = lake.overwrite(HELD, linked.held)
-    report.versions["crosswalk"] = lake.overwrite(CROSSWALK, linked.crosswalk)
-    clock.lap("load")
-    report.stage_seconds = clock.seconds
-    report.tables = sorted(counts.values(), key=lambda c: c.table)
-    report.seconds = round(time.perf_counter() - started, 3)
-    return report
+        flags = lake.read(staged(name), columns=[SUPERSEDED, PASSED])
+        assert flags is not None
+        superseded = int(pc.sum(flags.column(SUPERSEDED)).as_py() or 0)
+        failed = int(pc.sum(pc.invert(pc.fill_null(flags.column(PASSED), True))).as_py() or 0)
+        table = counts[name]
+        table.read += flags.num_rows
+        table.superseded += superseded
+        table.quarantined += failed
+        table.held += held_by_table.get(name, 0)
+        table.loaded += flags.num_rows - superseded - failed - table.held
+    return sorted(counts.values(), key=lambda c: c.table)
 
 
 def device_clock_metrics(clock: pa.Table, tolerance: int) -> dict[str, int]:
@@ -864,40 +991,177 @@ def device_clock_metrics(clock: pa.Table, tolerance: int) -> dict[str, int]:
     }
 
 
+def _gold_pending(lake: Lake, patients: set[str | None] | None) -> None:
+    """Note for the next gold build the patients whose silver rows changed (None: all). Notes add
+    up until a gold build has taken them (a gold build that failed leaves them for the next)."""
+    if patients is None:
+        rows = pa.table({"whole": [True], "patient_key": pa.array([None], pa.string())})
+    else:
+        rows = pa.table(
+            {
+                "whole": [False] * len(patients),
+                "patient_key": pa.array(sorted(patients, key=str), pa.string()),
+            }
+        )
+    lake.append(GOLD_PENDING, rows)
+
+
+def _patients_pending(lake: Lake) -> set[str | None] | None:
+    """The patients whose gold rows are to be built again (None: every patient)."""
+    pending = lake.read(GOLD_PENDING)
+    if pending is None or pc.any(pending.column("whole")).as_py():
+        return None
+    if any(lake.version(gold(name)) is None for name in GOLD_TABLES) or lake.version(GOLD_QUARANTINE) is None:
+        return None
+    return set(pc.unique(pending.column("patient_key")).to_pylist())
+
+
+def _of_patients(table: pa.Table, patients: set[str | None], column: str = "patient_key") -> pa.Array:
+    """Which rows of ``table`` are of these patients (a null key among them: rows without one)."""
+    named = pa.array(sorted(p for p in patients if p), pa.string())
+    mine = pc.is_in(table.column(column), value_set=named)
+    if None in patients:
+        mine = pc.or_(mine, pc.is_null(table.column(column)))
+    return pc.fill_null(mine, False)
+
+
+def _patient_predicate(patients: set[str | None]) -> str:
+    named = sorted(p for p in patients if p)
+    parts = [f"patient_key IN ({quoted_list(named)})"] if named else []
+    if None in patients:
+        parts.append("patient_key IS NULL")
+    return " OR ".join(parts)
+
+
+def _keyed_quarantine(result: GateResult, table: pa.Table) -> pa.Table:
+    """A gold table's quarantined rows with the patient each is of (``_key``; null for a table
+    without patients)."""
+    if "patient_key" in table.column_names:
+        patient = table.column("patient_key").filter(result.failed)
+    else:
+        patient = pa.nulls(result.quarantined.num_rows, pa.string())
+    return result.quarantined.append_column("_key", patient)
+
+
+def _repeats(lake: Lake, ref: TableRef, keys: list[tuple[str, ...]]) -> bool:
+    """Whether any set of ``keys`` columns holds a value twice in the table (nulls aside)."""
+    for columns in keys:
+        table = lake.read(ref, columns=list(columns))
+        assert table is not None
+        valid = [pc.is_valid(table.column(c)) for c in columns]
+        present = table.filter(functools.reduce(pc.and_, valid))
+        if present.group_by(list(columns)).aggregate([]).num_rows != present.num_rows:
+            return True
+    return False
+
+
 def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
-    """Build, gate and write the gold tables from silver; records the bronze versions it used."""
+    """Build, gate and write the gold tables from silver, for the patients whose silver rows
+    changed since the last gold build (or every patient); records the bronze versions it used.
+
+    A patient's episode and events depend on that patient's rows alone, so they are built again
+    for the patients noted by the silver builds since (``_gold_pending``) and replace theirs.
+    device_clock (one row per device, over all its patients' events) is built whole from a few
+    columns. A rule over all rows (a unique key) is checked again over the whole table; if it
+    fails there, gold is built whole, as without notes."""
     started = time.perf_counter()
     clock = StepClock()
     lake = Lake(settings)
     gate = QualityGate(settings.quality.expectations_dir)
-    silver_tables = {}
-    for spec in LINKS:
-        if spec.silver is not None and spec.silver not in silver_tables:
-            table = lake.read(silver(spec.silver))
-            if table is None:
-                raise ConfigurationError(f"silver.{spec.silver} does not exist yet: run build_silver first.")
-            silver_tables[spec.silver] = table
-    report = BuildReport(built=True)
     tolerance = settings.sources.device_skew_tolerance_seconds
-    clock.lap("read")
-    journey_tables = build_journey(silver_tables, JOURNEY_PARTS, tolerance)
-    clock.lap("build")
-    for name, table in journey_tables.items():
-        result = gate.check("gold", name, table, "journey", run_id)
-        clock.lap("validate")
-        report.expectations.extend(asdict(o) for o in result.outcomes)
-        report.tables.append(
-            TableCounts(name, table.num_rows, result.passed.num_rows, result.quarantined.num_rows, 0)
-        )
-        report.versions[f"gold.{name}"] = lake.overwrite(gold(name), result.passed)
-        if name == "device_clock":
-            report.device_clocks = device_clock_metrics(result.passed, tolerance)
-        if result.quarantined.num_rows:
-            lake.append(QUARANTINE, result.quarantined)
-        clock.lap("load")
+    patients = _patients_pending(lake)
+    report = _build_gold(lake, gate, run_id, tolerance, patients, clock)
+    if report is None:  # a unique key repeated across the patients built and the others
+        report = _build_gold(lake, gate, run_id, tolerance, None, clock)
+    assert report is not None
+    lake.overwrite(
+        GOLD_PENDING, pa.table({"whole": pa.array([], pa.bool_()), "patient_key": pa.array([], pa.string())})
+    )
     versions = ",".join(f"{k}={v}" for k, v in sorted(_bronze_versions(lake).items()))
     lake.append(BUILDS, pa.table({"run_id": [run_id], "bronze_versions": [versions]}))
     clock.lap("load")
     report.stage_seconds = clock.seconds
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+def _build_gold(
+    lake: Lake,
+    gate: QualityGate,
+    run_id: str,
+    tolerance: int,
+    patients: set[str | None] | None,
+    clock: StepClock,
+) -> BuildReport | None:
+    """Gold for ``patients`` (None: all); None when a rule over all rows fails for the whole
+    table after a partial build (the caller builds whole)."""
+    silver_tables = {}
+    for spec in LINKS:
+        if spec.silver is not None and spec.silver not in silver_tables:
+            table = lake.read(silver(spec.silver))
+            if table is None:
+                raise ConfigurationError(f"silver.{spec.silver} does not exist yet: run build_silver first.")
+            silver_tables[spec.silver] = (
+                table if patients is None else table.filter(_of_patients(table, patients))
+            )
+    report = BuildReport(built=True, patients="all" if patients is None else len(patients))
+    clock.lap("read")
+    journey_tables = build_journey(silver_tables, JOURNEY_PARTS, tolerance)
+    if patients is not None:  # one row per device over all its events: whole, from its columns
+        events = lake.read(silver("device_event"), columns=DEVICE_CLOCK_COLUMNS)
+        assert events is not None
+        journey_tables["device_clock"] = device_clock(events, tolerance)
+    clock.lap("build")
+    old_quarantine = None if patients is None else lake.read(GOLD_QUARANTINE)
+    quarantine_parts = []
+    for name, table in journey_tables.items():
+        result = gate.check("gold", name, table, "journey", run_id)
+        clock.lap("validate")
+        report.expectations.extend(asdict(o) for o in result.outcomes)
+        keyed = _keyed_quarantine(result, table)
+        by_patient = patients is not None and name != "device_clock"
+        if by_patient:
+            assert patients is not None
+            if patients:
+                lake.delete(gold(name), _patient_predicate(patients))
+            report.versions[f"gold.{name}"] = lake.append(gold(name), result.passed)
+            rules = gate.across_rows("gold", name)
+            if rules is None or _repeats(lake, gold(name), rules):
+                return None
+        else:
+            report.versions[f"gold.{name}"] = lake.overwrite(gold(name), result.passed)
+        quarantine_parts.append((name, keyed, by_patient))
+        clock.lap("load")
+    gold_quarantine = _merge_gold_quarantine(old_quarantine, quarantine_parts, patients)
+    lake.overwrite(GOLD_QUARANTINE, gold_quarantine)
+    lake.append(QUARANTINE, gold_quarantine.select(QUARANTINE_SCHEMA.names))
+    quarantined = {
+        i["values"]: i["counts"] for i in pc.value_counts(gold_quarantine.column("table_name")).to_pylist()
+    }
+    for name in journey_tables:
+        written = lake.read(gold(name), columns=None if name == "device_clock" else ["patient_key"])
+        assert written is not None
+        if name == "device_clock":
+            report.device_clocks = device_clock_metrics(written, tolerance)
+        bad = quarantined.get(name, 0)
+        report.tables.append(TableCounts(name, written.num_rows + bad, written.num_rows, bad, 0))
+    clock.lap("load")
+    return report
+
+
+def _merge_gold_quarantine(
+    old: pa.Table | None,
+    parts: list[tuple[str, pa.Table, bool]],
+    patients: set[str | None] | None,
+) -> pa.Table:
+    """The gold tables' quarantined rows: this build's, and the earlier ones of the patients
+    (tables) it did not build again."""
+    schema = QUARANTINE_SCHEMA.append(pa.field("_key", pa.string()))
+    kept = []
+    if old is not None and patients is not None:
+        for name, _, by_patient in parts:
+            mine = pc.equal(old.column("table_name"), name)
+            if by_patient:
+                kept.append(old.filter(pc.and_(mine, pc.invert(_of_patients(old, patients, "_key")))))
+    new = [keyed.cast(schema) for _, keyed, _ in parts]
+    return pa.concat_tables([*[k.cast(schema) for k in kept], *new]) if kept or new else schema.empty_table()

@@ -75,6 +75,7 @@ class GateResult:
     passed: pa.Table
     quarantined: pa.Table
     outcomes: tuple[ExpectationOutcome, ...]
+    failed: pa.Array  # for each row checked: whether it was quarantined (the rows of ``quarantined``)
 
 
 # Expectations that read only the columns their kwargs name, and those kwargs.
@@ -115,6 +116,24 @@ class SuiteFile:
             and "length" not in str(config.get("type"))
             and (config.get("kwargs") or {}).get("column")
         )
+
+    def across_rows(self) -> list[tuple[str, ...]] | None:
+        """The column sets whose values the suite wants unique (each a rule over all rows of the
+        table, not row by row); None when it has another expectation that is not row by row
+        (anything but a column map, or table columns matching a set, which reads no rows)."""
+        keys: list[tuple[str, ...]] = []
+        for config in self.document.get("expectations", []):
+            kind = str(config.get("type", ""))
+            kwargs = config.get("kwargs") or {}
+            if kind == "expect_column_values_to_be_unique":
+                keys.append((str(kwargs.get("column")),))
+            elif kind in ("expect_compound_columns_to_be_unique", "expect_multicolumn_values_to_be_unique"):
+                keys.append(tuple(str(c) for c in kwargs.get("column_list") or ()))
+            elif kwargs.get("mostly") is not None or not (
+                kind.startswith("expect_column_values_") or kind == "expect_table_columns_to_match_set"
+            ):
+                return None
+        return keys
 
 
 def rule_of(kind: str, column: str | None, meta: dict[str, Any] | None) -> str:
@@ -460,6 +479,10 @@ class QualityGate:
     def numeric_columns(self, layer: str, table: str) -> frozenset[str]:
         return self._suites[(layer, table)].numeric_columns()
 
+    def across_rows(self, layer: str, table: str) -> list[tuple[str, ...]] | None:
+        """See ``SuiteFile.across_rows``: what a table checked in parts must be checked for whole."""
+        return self._suites[(layer, table)].across_rows()
+
     def check_all_parse(self) -> int:
         """Build every suite in GX once (fails naming the file); returns the expectation count."""
         return sum(len(_build_suite(s).expectations) for s in self._suites.values())
@@ -580,4 +603,4 @@ def _gated(
         "error-severity row expectation failed",
         run_id,
     )
-    return GateResult(name, data.filter(pc.invert(mask)), quarantined, tuple(outcomes))
+    return GateResult(name, data.filter(pc.invert(mask)), quarantined, tuple(outcomes), mask)

@@ -8,9 +8,11 @@ Each staged table is declared once, by the source that feeds it (``Source.staged
   what it flattened (patient_journey.flattened) and flattens only the bronze rows committed since,
   so each payload is parsed once.
 * ``resolve``: over all flattened rows of the table, which records are current. Every staged row
-  keeps its lineage (source URI, offset, run id) and gets two more columns: ``_row`` (the row's
-  number in the table's order, which linkage keeps) and ``_first_of_id`` (false for a later
-  record that repeats an earlier record's id, which the suites test). Exact re-reads of the same
+  keeps its lineage (source URI, offset, run id) and its bronze record id (``_record_id``) and
+  gets two more columns: ``_row`` (the row's number in the table's order, which linkage keeps)
+  and ``_first_of_id`` (false for a later record that repeats an earlier record's id, which the
+  suites test). Every window partitions by record id (or finer), so the records of some ids can
+  be resolved apart from the rest: a build resolves only the ids its new rows carry. Exact re-reads of the same
   physical record (same URI, offset and content, e.g. after a crash between bronze and ledger
   writes) are collapsed.
 """
@@ -50,15 +52,23 @@ class StagedTable:
     fields: tuple[tuple[str, str], ...] = ()
     text_paths: tuple[str, ...] = ()  # what ``_at`` holds (see JsonText)
     # Columns whose value depends on other rows (a value one row of a record carries for all of
-    # its rows): ``REPLACE`` items computed by ``resolve`` over the whole table, since ``columns``
-    # must be computed row by row (see ``flatten_sql``).
+    # its rows): ``REPLACE`` items computed by ``resolve``, since ``columns`` must be computed row
+    # by row (see ``flatten_sql``). Their windows partition by ``across_key`` (a column of the
+    # table, one value for all rows of a record id), so that a build that resolves some record
+    # ids resolves every id of the same key with them.
     across_rows: str = ""
+    across_key: str = ""
 
     def __post_init__(self) -> None:
         if re.search(r"\bOVER\s*\(", self.columns, re.IGNORECASE):
             raise ValueError(
                 f"Staged table {self.name}: a window (OVER) in its columns makes a row depend on "
                 "others; declare it in across_rows, which is computed over the whole table."
+            )
+        if bool(self.across_rows) != bool(self.across_key):
+            raise ValueError(
+                f"Staged table {self.name}: across_rows and across_key go together (the windows of "
+                "across_rows partition by across_key)."
             )
 
 
@@ -245,7 +255,8 @@ def resolve(flattened: dict[str, pa.Table], tables: Sequence[StagedTable]) -> di
                 FROM flags
             )
             SELECT f.* EXCLUDE (_n, _record_id, _hash, _ingested, _version, _deleted, {LINEAGE}),
-                   o.{SUPERSEDED}, {", ".join(f"f.{c}" for c in LINEAGE.split(", "))}, o._first_of_id, o._row
+                   o.{SUPERSEDED}, {", ".join(f"f.{c}" for c in LINEAGE.split(", "))}, o._first_of_id, o._row,
+                   f._record_id
             FROM ordered o JOIN flattened f USING (_n)
             """
         ).to_arrow_table()

@@ -31,7 +31,8 @@ from patient_journey import pipeline
 from patient_journey.device_templates import RULE_NO_TEMPLATE, RULE_REQUIRED_VALUE
 from patient_journey.errors import ConfigurationError, ExpectationSuiteError
 from patient_journey.generate import generate
-from patient_journey.lake import Lake, staged
+from patient_journey.increments import stored_passed
+from patient_journey.lake import Lake
 from patient_journey.quality import QualityGate
 from patient_journey.query import run_query
 from patient_journey.settings import JourneySettings
@@ -189,7 +190,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     silver = pipeline.build_silver(settings, "run-example")
     pipeline.build_gold(settings, "run-example")
     lake = Lake(settings)
-    events = lake.read(staged("device_event"))
+    events = stored_passed(lake, "device_event")
     quarantine = lake.read(pipeline.QUARANTINE)
     assert events is not None and quarantine is not None
     smoke = "/device/smoke-hub/"
@@ -421,7 +422,7 @@ def reprocessed(tmp_path_factory: pytest.TempPathFactory) -> Reprocessed:
 def test_reprocess_maps_messages_that_landed_before_the_template(reprocessed: Reprocessed) -> None:
     assert set(reprocessed.before.column("rule").to_pylist()) == {RULE_NO_TEMPLATE}
     lake = Lake(reprocessed.settings)
-    events = lake.read(staged("device_event"))
+    events = stored_passed(lake, "device_event")
     assert events is not None
     assert sorted(r["source_offset"] for r in events.to_pylist() if r["device_type"] == TYPE) == [0, 1]
     held = lake.read(pipeline.HELD)
@@ -455,7 +456,7 @@ def test_reprocessing_after_a_template_change_replaces_the_measurements(tmp_path
     pipeline.ingest(settings, "device", "run-1")
     first = pipeline.build_silver(settings, "run-1")
     lake = Lake(settings)
-    before = lake.read(staged("device_event"))
+    before = stored_passed(lake, "device_event")
     assert before is not None and before.num_rows > 0
     assert any('"firmware"' in values for values in before.column("measured_values").to_pylist())
 
@@ -468,7 +469,7 @@ def test_reprocessing_after_a_template_change_replaces_the_measurements(tmp_path
     pipeline.ingest(settings, "device", "run-2")
     second = pipeline.build_silver(settings, "run-2")
 
-    after = lake.read(staged("device_event"))
+    after = stored_passed(lake, "device_event")
     assert after is not None
     assert sorted(after.column("measurement_id").to_pylist()) == sorted(
         before.column("measurement_id").to_pylist()

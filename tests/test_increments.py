@@ -24,6 +24,7 @@ from patient_journey import pipeline
 from patient_journey.generate import GenerationResult, generate
 from patient_journey.lake import Lake, Zone, bronze
 from patient_journey.pipeline import HELD, QUARANTINE, TableCounts
+from patient_journey.settings import QualitySettings
 from patient_journey.sources.plugins import STAGED_TABLES
 from tests.conftest import settings_for
 
@@ -58,12 +59,14 @@ def load(root: Path, landing: Path, run_id: str) -> dict[str, object]:
     settings = settings_for(root, landing=landing)
     read = {source for source in pipeline.SOURCES if pipeline.ingest(settings, source, run_id).records}
     report = pipeline.build_silver(settings, run_id)
-    pipeline.build_gold(settings, run_id)
+    gold = pipeline.build_gold(settings, run_id) if report.built else None
     return {
+        "patients": None if gold is None else gold.patients,
         "tables": warehouse(settings_for(root)),
         "counts": report.tables,
         "read": read,
         "flattened": report.flattened,
+        "inputs": report.inputs,
     }
 
 
@@ -153,7 +156,12 @@ def test_a_load_split_into_increments_gives_the_same_warehouse(
             for spec in STAGED_TABLES:  # a bronze table that grew again: only its new rows flattened
                 if SOURCE_OF[spec.bronze] in result["read"] & read_before:  # type: ignore[operator]
                     assert result["flattened"][spec.name] == "since", (step, spec.name)  # type: ignore[index]
+                    # ... and only the inputs its new rows touch resolved, gated and linked again
+                    assert result["inputs"][spec.name] != "whole", (step, spec.name)  # type: ignore[index]
             read_before |= result["read"]  # type: ignore[arg-type]
+            if result["inputs"] and "whole" not in result["inputs"].values():  # type: ignore[attr-defined]
+                # no table built whole: gold made again for the patients whose rows changed only
+                assert isinstance(result["patients"], int), (step, result["patients"])
     expected_tables = one_load["tables"]
     assert isinstance(expected_tables, dict) and isinstance(result["tables"], dict)
     assert sorted(result["tables"]) == sorted(expected_tables)
@@ -201,3 +209,79 @@ def test_a_build_flattens_whole_when_bronze_rows_were_deleted_and_loads_the_same
     registry_tables = [spec.name for spec in STAGED_TABLES if spec.bronze == "registry_row"]
     assert {report.flattened[name] for name in registry_tables} == {"whole"}
     assert report.tables == clean["counts"]
+
+
+def hold_back(landing: Path, aside: Path, every: int = 2) -> list[Path]:
+    """Move every ``every``-th device blob out of the landing zone (to ``aside``); returns their
+    paths relative to it, for ``bring_back``."""
+    blobs = sorted(p.relative_to(landing) for p in (landing / "device").rglob("*") if p.is_file())[::every]
+    for path in blobs:
+        (aside / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(landing / path, aside / path)
+    return blobs
+
+
+def bring_back(landing: Path, aside: Path, blobs: list[Path]) -> None:
+    for path in blobs:
+        shutil.move(aside / path, landing / path)
+
+
+def test_a_build_after_one_that_did_not_finish_is_whole_and_loads_the_same(
+    cohort: GenerationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that stops part way may have replaced some tables' inputs and not others: the
+    next build cannot trust what it finds, builds every table whole, and loads what a clean
+    run does."""
+    landing, aside = tmp_path / "landing", tmp_path / "aside"
+    shutil.copytree(cohort.out / "landing", landing)
+    clean = load(tmp_path / "clean", landing, "run-1")
+    later = hold_back(landing, aside)
+    load(tmp_path / "crashed", landing, "run-1")
+    bring_back(landing, aside, later)
+    settings = settings_for(tmp_path / "crashed", landing=landing)
+    assert pipeline.ingest(settings, "device", "run-2").new_inputs == len(later)
+
+    def power_cut(*_args: object, **_kwargs: object) -> int:
+        raise RuntimeError("the machine went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "_replace_silver", power_cut)  # after the staged stores were replaced
+        with pytest.raises(RuntimeError):
+            pipeline.build_silver(settings, "run-2")
+    report = pipeline.build_silver(settings, "run-3")
+    assert set(report.inputs.values()) == {"whole"}
+    pipeline.build_gold(settings, "run-3")
+    assert warehouse(settings_for(tmp_path / "crashed")) == clean["tables"]
+    assert report.tables == clean["counts"]
+
+
+def test_a_changed_suite_makes_the_next_build_whole(cohort: GenerationResult, tmp_path: Path) -> None:
+    """Records are gated again only where something new arrived, unless the rules changed: then
+    every record is (a build under other suites, templates or code is whole)."""
+    landing, aside = tmp_path / "landing", tmp_path / "aside"
+    shutil.copytree(cohort.out / "landing", landing)
+    suites = tmp_path / "expectations"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "expectations", suites)
+    settings = settings_for(tmp_path / "root", landing=landing).model_copy(
+        update={"quality": QualitySettings(expectations_dir=suites)}
+    )
+
+    def build(run_id: str) -> pipeline.BuildReport:
+        for source in pipeline.SOURCES:
+            pipeline.ingest(settings, source, run_id)
+        return pipeline.build_silver(settings, run_id)
+
+    later = hold_back(landing, aside, every=3)
+    assert set(build("run-1").inputs.values()) == {"whole"}  # the first build
+    pipeline.build_gold(settings, "run-1")
+    held_back = later[: len(later) // 2]
+    bring_back(landing, aside, held_back)
+    report = build("run-2")
+    assert report.inputs["device_event"] != "whole" and report.inputs["patient"] == 0
+    gold = pipeline.build_gold(settings, "run-2")  # for the patients of the new device data alone
+    assert isinstance(gold.patients, int) and gold.patients > 0
+    bring_back(landing, aside, later[len(later) // 2 :])
+    suite = suites / "staged" / "patient.json"
+    suite.write_text(suite.read_text() + "\n")  # the same rules, but the build cannot know
+    report = build("run-3")
+    assert set(report.inputs.values()) == {"whole"}

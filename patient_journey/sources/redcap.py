@@ -239,6 +239,7 @@ STAGED: tuple[StagedTable, ...] = (
            try_cast({at("$.form_status")} AS INTEGER) AS form_status,
            {PROM_SCORE_COLUMNS}, CAST(payload->'$.values' AS VARCHAR) AS items""",
             across_rows="max(mrn) OVER (PARTITION BY redcap_record_id) AS mrn",
+            across_key="redcap_record_id",
         )
     ),
 )

@@ -1,0 +1,308 @@
+"""What a build works on: the records its new rows touch, and the stores kept from build to build.
+
+A build does not resolve, gate and link the whole of bronze again. It has two units of work:
+
+* **Records** (``_record_id``) for resolving: every window of ``staging.resolve`` partitions by
+  record id or finer, so the records of the ids that a build's new flattened rows carry (and of
+  the inputs read again since) are resolved apart from the rest, from their flattened rows.
+* **Inputs** (``source_uri``) for everything after: the gate, linkage and the tables written
+  (staged store, silver, held, quarantine) are replaced input by input. A record's new version
+  changes the input of its old version too (its row there is now superseded), and every row of
+  each input touched is gated and linked again: a table's rows of one input are replaced whole,
+  so no row is lost or written twice, whatever else shares its input.
+
+The staged store (``staged/<table>``, restricted zone) keeps every resolved row of the latest
+reads, current or superseded, with the gate's verdict (``_passed``; null for a superseded row),
+so that counts, identity relations and the rows of inputs touched again come from it, not from a
+rescan of bronze.
+
+A table is built whole instead (its store replaced) when its increment cannot be told: its
+flattened rows were made again from the whole of bronze, or it has no store yet; and every table
+is, when the build is (forced, the declarations changed, or the build before did not finish:
+``BuildMark``). A table whose rows carry values of other rows (``StagedTable.across_rows``)
+resolves every id of the same ``across_key`` together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from patient_journey.flattened import Refreshed, flattened
+from patient_journey.identity import KeyMaker
+from patient_journey.lake import Lake, TableRef, restricted, staged
+from patient_journey.sources.records import BRONZE_SCHEMA
+from patient_journey.staging import StagedTable, flatten, resolve
+
+PASSED = "_passed"  # in the staged store: the gate's verdict on a current row; null when superseded
+ROW = "_row"
+RECORD_ID = "_record_id"
+BUILD_MARK = restricted("ledger", "silver_build")
+
+
+def from_latest_read(table: pa.Table, reads: pa.Table) -> pa.Table:
+    """The rows of ``table`` that came from the latest read of their input. Rows of an input the
+    ledgers do not list (a read that stopped before its ledger entry, a forgotten input not read
+    again yet, a registry table) are all kept; staging collapses exact re-reads among them."""
+    if table.num_rows == 0 or reads.num_rows == 0:
+        return table
+    keep = latest_read_mask(table, reads)
+    if pc.all(keep).as_py():  # the common case (no input read twice): no copy of the table
+        return table
+    return table.filter(keep)
+
+
+def latest_read_mask(table: pa.Table, reads: pa.Table) -> pa.Array:
+    """For each row of ``table`` (with ``source_uri`` and ``run_id``): whether it came from the
+    latest read of its input, or from an input the ledgers do not list. ``reads`` as
+    ``pipeline.latest_reads`` gives them."""
+    if table.num_rows == 0 or reads.num_rows == 0:
+        return pa.array(np.ones(table.num_rows, dtype=bool))
+    numbered = table.select(["source_uri", "run_id"]).append_column(
+        "_n", pa.array(range(table.num_rows), pa.int64())
+    )
+    joined = numbered.join(reads, keys="source_uri", join_type="left outer")
+    latest = joined.column("latest_run_id")
+    keep = pc.or_kleene(pc.is_null(latest), pc.equal(joined.column("run_id"), latest))
+    kept = joined.filter(keep).column("_n")
+    return pc.is_in(numbered.column("_n"), value_set=kept.combine_chunks())
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One staged table's share of a build: the resolved rows (every flag, ``_row`` numbered
+    over the batch) of the inputs it replaces, or of every input."""
+
+    spec: StagedTable
+    rows: pa.Table
+    inputs: frozenset[str] | None  # None: every input (the table is built whole)
+    stored: frozenset[str] = frozenset()  # those of ``inputs`` the store has rows of
+
+    @property
+    def whole(self) -> bool:
+        return self.inputs is None
+
+
+def quoted_list(values: Iterable[str]) -> str:
+    """A SQL list of text literals."""
+    return ", ".join("'" + value.replace("'", "''") + "'" for value in values)
+
+
+def declaration(files: Sequence[Path], parts: Sequence[object], keys: KeyMaker) -> str:
+    """A fingerprint of everything besides its own rows that decides a record's outcome: the
+    ``files`` (suites, device templates), the declarations (``parts``), the code that resolves,
+    scores, gates and links, and the pseudonym key (as the pseudonym of a constant, which tells
+    nothing of the key). A build whose fingerprint differs from the last one's is whole."""
+    from patient_journey import linkage, prom, quality, scoring, staging
+    from patient_journey.sources import device
+
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path).encode() + b"\0" + path.read_bytes())
+    for module in (staging, prom, scoring, quality, linkage, device):
+        digest.update(inspect.getsource(module).encode())
+    digest.update(repr(parts).encode())
+    digest.update(keys.key("declaration", "patient-journey").encode())
+    return digest.hexdigest()[:32]
+
+
+class BuildMark:
+    """Whether the last silver build finished, and under which declaration. A build marks itself
+    started before it writes anything and finished at its end; the build after one that did not
+    finish (a crash part way, its tables perhaps half replaced) is whole."""
+
+    def __init__(self, lake: Lake) -> None:
+        self.lake = lake
+
+    def trusted(self, fingerprint: str) -> bool:
+        mark = self.lake.read(BUILD_MARK)
+        if mark is None or mark.num_rows != 1:
+            return False
+        row = mark.to_pylist()[0]
+        return bool(row["state"] == "finished" and row["declaration"] == fingerprint)
+
+    def set(self, run_id: str, state: str, fingerprint: str) -> None:
+        self.lake.overwrite(
+            BUILD_MARK, pa.table({"run_id": [run_id], "state": [state], "declaration": [fingerprint]})
+        )
+
+
+def _numbered(rows: pa.Table) -> pa.Table:
+    """The rows in the table's order (input, position, record id), ``_row`` numbered from 1."""
+    ordered = rows.sort_by(
+        [("source_uri", "ascending"), ("source_offset", "ascending"), (RECORD_ID, "ascending")]
+    )
+    index = ordered.schema.get_field_index(ROW)
+    return ordered.set_column(index, ROW, pa.array(np.arange(1, ordered.num_rows + 1), pa.int64()))
+
+
+def _ids(table: pa.Table) -> pa.Array:
+    return pc.unique(table.column(RECORD_ID).combine_chunks()).drop_null()
+
+
+def _uris(table: pa.Table) -> set[str]:
+    return set(pc.unique(table.column("source_uri")).drop_null().to_pylist())
+
+
+def _rows_of(
+    lake: Lake,
+    ref: TableRef,
+    column: str,
+    values: pa.Array | Iterable[str],
+    passed: bool = False,
+    version: int | None = None,
+) -> pa.Table:
+    """The rows of a version of the table (the latest by default) whose ``column`` holds one of
+    ``values`` (and that passed the gate, if ``passed``), filtered batch by batch as they are
+    read. (As an Arrow scanner predicate, a text column's ``isin`` fails on delta-rs' file
+    statistics, no kernel for string and string_view; and statistics cannot prune random ids.)"""
+    at = lake.version(ref) if version is None else version
+    if at is None:
+        raise ValueError(f"{ref.label} does not exist")
+    wanted = values if isinstance(values, pa.Array) else pa.array(sorted(values), pa.string())
+    batches = []
+    reader = lake.scan(ref, at, None)
+    for batch in reader:
+        keep = pc.is_in(batch.column(column), value_set=wanted)
+        if passed:
+            keep = pc.and_(keep, pc.fill_null(batch.column(PASSED), False))
+        batches.append(batch.filter(keep))
+    return pa.Table.from_batches(batches, reader.schema)
+
+
+def _resolved(rows: pa.Table, spec: StagedTable, reads: pa.Table) -> pa.Table:
+    return resolve({spec.name: from_latest_read(rows, reads)}, [spec])[spec.name]
+
+
+def whole_batch(lake: Lake, spec: StagedTable, reads: pa.Table) -> Batch:
+    """Every record of the table, resolved from all its flattened rows."""
+    rows = lake.read(flattened(spec.name)) or flatten(BRONZE_SCHEMA.empty_table(), spec).read_all()
+    return Batch(spec, _resolved(rows, spec, reads), None)
+
+
+def changed_batch(lake: Lake, spec: StagedTable, refreshed: Refreshed | None, reads: pa.Table) -> Batch:
+    """The records that the build's new flattened rows touch, and every row of their inputs.
+
+    Ids resolved again: those of the new rows, and those of stored rows whose input was read
+    again since (its latest read replaces the earlier: ``from_latest_read``); their earlier
+    flattened rows are read only when any of them had rows before. Inputs replaced: those of
+    the rows resolved and of the stale rows; the store's other rows of those inputs are taken
+    as they were (their ids did not change)."""
+    store = staged(spec.name)
+    keys = lake.read(store, columns=[RECORD_ID, "source_uri", "run_id"])
+    assert keys is not None, "a table without a store is built whole"
+    new = refreshed.rows if refreshed is not None and refreshed.rows is not None else None
+    stale = keys.filter(pc.invert(latest_read_mask(keys, reads)))
+    parts = [new] if new is not None and new.num_rows else []
+    if not parts and stale.num_rows == 0:
+        return Batch(
+            spec, _resolved(flatten(BRONZE_SCHEMA.empty_table(), spec).read_all(), spec, reads), frozenset()
+        )
+    ids = pc.unique(pa.concat_arrays([_ids(table) for table in (*parts, stale)]))
+    if spec.across_key:  # with every id of the same key (a REDCap record's rows)
+        target = flattened(spec.name)
+        version = lake.version(target)
+        assert version is not None
+        grouped = lake.scan(target, version, [RECORD_ID, spec.across_key]).read_all()
+        mine = grouped.filter(pc.is_in(grouped.column(RECORD_ID), value_set=ids)).column(spec.across_key)
+        together = pc.is_in(grouped.column(spec.across_key), value_set=pc.unique(mine.combine_chunks()))
+        ids = pc.unique(pa.concat_arrays([ids, _ids(grouped.filter(together))]))
+    earlier_ids = ids.filter(pc.is_in(ids, value_set=_ids(keys)))
+    if len(earlier_ids):
+        # Their flattened rows as they were before this build's (which ``new`` holds).
+        before = refreshed.before if refreshed is not None and parts else None
+        parts.append(_rows_of(lake, flattened(spec.name), RECORD_ID, earlier_ids, version=before))
+    resolved = _resolved(pa.concat_tables(parts), spec, reads)
+    inputs = _uris(resolved) | _uris(stale) | (_uris(new) if new is not None else set())
+    stored = frozenset(inputs & _uris(keys))
+    rows = resolved
+    if stored:
+        others = _rows_of(lake, store, "source_uri", stored)
+        others = others.filter(pc.invert(pc.is_in(others.column(RECORD_ID), value_set=ids)))
+        rows = pa.concat_tables([others.select(resolved.schema.names).cast(resolved.schema), resolved])
+    return Batch(spec, _numbered(rows), frozenset(inputs), stored)
+
+
+def store_batch(lake: Lake, batch: Batch, passed: pa.Array) -> int:
+    """Replace the batch's inputs in the table's staged store with its rows, each with the gate's
+    verdict (``passed``: the ``_row`` of every row that passed). Returns the store's version."""
+    current = pc.invert(batch.rows.column("_superseded"))
+    verdict = pc.if_else(
+        current, pc.is_in(batch.rows.column(ROW), value_set=passed), pa.scalar(None, pa.bool_())
+    )
+    rows = batch.rows.append_column(PASSED, verdict)
+    store = staged(batch.spec.name)
+    if batch.inputs is None:
+        return lake.overwrite(store, rows)
+    if batch.stored:
+        lake.delete(store, f"source_uri IN ({quoted_list(sorted(batch.stored))})")
+    if rows.num_rows:
+        return lake.append(store, rows)
+    version = lake.version(store)
+    assert version is not None
+    return version
+
+
+def stored_passed(lake: Lake, name: str, inputs: frozenset[str] | None = None) -> pa.Table:
+    """The rows of the table's staged store that passed the gate, of ``inputs`` or of all."""
+    store = staged(name)
+    if inputs is not None:
+        return _rows_of(lake, store, "source_uri", inputs, passed=True).drop_columns([PASSED])
+    rows = lake.read(store)
+    if rows is None:
+        raise ValueError(f"{store.label} does not exist")
+    return rows.filter(pc.fill_null(rows.column(PASSED), False)).drop_columns([PASSED])
+
+
+def replace_inputs(
+    old: pa.Table | None, new: pa.Table, replaced: dict[str, frozenset[str] | None]
+) -> pa.Table:
+    """Rows of a table of every staged table's records (``table_name``, ``source_uri``), with
+    each staged table's replaced inputs (None: all its inputs) taken from ``new``."""
+    if old is None or old.num_rows == 0:
+        return new
+    drop = pa.array(np.zeros(old.num_rows, dtype=bool))
+    for name, inputs in replaced.items():
+        mine = pc.equal(old.column("table_name"), name)
+        if inputs is not None:
+            mine = pc.and_(
+                mine, pc.is_in(old.column("source_uri"), value_set=pa.array(sorted(inputs), pa.string()))
+            )
+        drop = pc.or_(drop, pc.fill_null(mine, False))
+    return pa.concat_tables([old.filter(pc.invert(drop)).cast(new.schema), new])
+
+
+def identity_change(before: pa.Table | None, after: pa.Table) -> str:
+    """How the crosswalk (identifier -> patient key) changed since the last build: ``same``;
+    ``grown`` (identifiers it did not have, nothing else: only held records can link now); or
+    ``changed`` (an identifier lost or now maps to other keys: every linked row may link
+    otherwise). Each identity relation's rows follow from its crosswalk rows (IdentityRelation)."""
+    if before is None:
+        return "changed"
+    connection = duckdb.connect()
+    try:
+        connection.register("before", before)
+        connection.register("after", after)
+        lost = connection.sql(
+            "SELECT count(*) FROM (SELECT * FROM before EXCEPT SELECT * FROM after)"
+        ).fetchone()
+        gained = connection.sql(
+            """SELECT count(*), count(*) FILTER (WHERE EXISTS (
+                       SELECT 1 FROM before b WHERE b.identifier_type IS NOT DISTINCT FROM g.identifier_type
+                       AND b.identifier IS NOT DISTINCT FROM g.identifier))
+               FROM (SELECT * FROM after EXCEPT SELECT * FROM before) g"""
+        ).fetchone()
+    finally:
+        connection.close()
+    assert lost is not None and gained is not None
+    if lost[0] or gained[1]:
+        return "changed"
+    return "grown" if gained[0] else "same"
