@@ -91,11 +91,6 @@ class Batch:
         return self.inputs is None
 
 
-def quoted_list(values: Iterable[str]) -> str:
-    """A SQL list of text literals."""
-    return ", ".join("'" + value.replace("'", "''") + "'" for value in values)
-
-
 def declaration(files: Sequence[Path], parts: Sequence[object], keys: KeyMaker) -> str:
     """A fingerprint of everything besides its own rows that decides a record's outcome: the
     ``files`` (suites, device templates), the declarations (``parts``), the code that resolves,
@@ -243,7 +238,7 @@ def store_batch(lake: Lake, batch: Batch, passed: pa.Array) -> int:
     if batch.inputs is None:
         return lake.overwrite(store, rows)
     if batch.stored:
-        lake.delete(store, f"source_uri IN ({quoted_list(sorted(batch.stored))})")
+        lake.delete_keys(store, "source_uri", batch.stored)
     if rows.num_rows:
         return lake.append(store, rows)
     version = lake.version(store)

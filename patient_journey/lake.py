@@ -22,7 +22,7 @@ rows committed since the one before (``changes_since``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
@@ -295,6 +295,34 @@ class Lake:
             return 0
         metrics = self._call("delete from", ref, lambda _uri, _options: table.delete(predicate))
         return int(metrics["num_deleted_rows"])
+
+    def delete_keys(self, ref: TableRef, column: str, keys: Collection[str | None]) -> int:
+        """Delete the rows whose ``column`` holds one of ``keys`` (a null among them: the rows
+        where it is null); returns the number of rows deleted. The keys go to a Delta merge as a
+        table, not into a predicate: an IN list of a few thousand values overflowed a stack of
+        delta-rs' worker threads (a segfault at 52,000 patients)."""
+        table = self._table(ref)
+        if table is None:
+            return 0
+        wanted = sorted({key for key in keys if key is not None})
+        deleted = 0
+        if wanted:
+            source = pa.table({column: pa.array(wanted, pa.string())})
+            metrics = self._call(
+                "delete from",
+                ref,
+                lambda _uri, _options: (
+                    table.merge(
+                        source, predicate=f"t.{column} = s.{column}", source_alias="s", target_alias="t"
+                    )
+                    .when_matched_delete()
+                    .execute()
+                ),
+            )
+            deleted += int(metrics["num_target_rows_deleted"])
+        if None in keys:
+            deleted += self.delete(ref, f"{column} IS NULL")
+        return deleted
 
     def update(self, ref: TableRef, predicate: str, updates: dict[str, str]) -> int:
         """Set columns (SQL expressions) of the rows matching a SQL predicate in one commit;

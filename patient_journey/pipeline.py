@@ -32,7 +32,6 @@ from patient_journey.increments import (
     declaration,
     from_latest_read,
     identity_change,
-    quoted_list,
     replace_inputs,
     store_batch,
     stored_passed,
@@ -936,8 +935,7 @@ def _replace_silver(
     touched = set(pc.unique(gone.column("patient_key")).to_pylist())
     touched.update(pc.unique(rows.column("patient_key")).to_pylist())
     if gone.num_rows:
-        replaced = pc.unique(gone.column("input_key")).to_pylist()
-        lake.delete(ref, f"input_key IN ({quoted_list(sorted(replaced))})")
+        lake.delete_keys(ref, "input_key", set(pc.unique(gone.column("input_key")).to_pylist()))
     version = lake.version(ref)
     assert version is not None
     if rows.num_rows:  # nothing of these inputs links now: no empty commit
@@ -1023,14 +1021,6 @@ def _of_patients(table: pa.Table, patients: set[str | None], column: str = "pati
     if None in patients:
         mine = pc.or_(mine, pc.is_null(table.column(column)))
     return pc.fill_null(mine, False)
-
-
-def _patient_predicate(patients: set[str | None]) -> str:
-    named = sorted(p for p in patients if p)
-    parts = [f"patient_key IN ({quoted_list(named)})"] if named else []
-    if None in patients:
-        parts.append("patient_key IS NULL")
-    return " OR ".join(parts)
 
 
 def _keyed_quarantine(result: GateResult, table: pa.Table) -> pa.Table:
@@ -1122,8 +1112,7 @@ def _build_gold(
         by_patient = patients is not None and name != "device_clock"
         if by_patient:
             assert patients is not None
-            if patients:
-                lake.delete(gold(name), _patient_predicate(patients))
+            lake.delete_keys(gold(name), "patient_key", patients)
             report.versions[f"gold.{name}"] = lake.append(gold(name), result.passed)
             rules = gate.across_rows("gold", name)
             if rules is None or _repeats(lake, gold(name), rules):

@@ -256,11 +256,31 @@ def render_markdown(summary: RunSummary) -> str:
         "## Run",
         "",
         f"Durations: {', '.join(durations)}; total {summary.seconds:.1f} s.",
+        *_increment(summary),
         f"Gold versions written: {gold_versions}.",
         "",
     ]
     _links(lines, summary)
     return "\n".join(lines)
+
+
+def _increment(summary: RunSummary) -> list[str]:
+    """What the build made again: every record, or the inputs and patients new rows touched."""
+    inputs = summary.silver.inputs if summary.silver is not None else {}
+    if not inputs:
+        return []
+    whole = sorted(name for name, count in inputs.items() if count == "whole")
+    if len(whole) == len(inputs):
+        text = "whole (every record resolved, checked and linked)"
+    else:
+        replaced = sum(count for count in inputs.values() if isinstance(count, int))
+        text = f"incremental, {replaced} input(s) replaced" + (
+            f"; whole: {', '.join(whole)}" if whole else ""
+        )
+    if summary.gold is not None and summary.gold.patients != "":
+        who = "every patient" if summary.gold.patients == "all" else f"{summary.gold.patients} patient(s)"
+        text += f"; gold made again for {who}"
+    return [f"Build: {text}."]
 
 
 def _links(lines: list[str], summary: RunSummary) -> None:

@@ -172,6 +172,20 @@ def test_a_load_split_into_increments_gives_the_same_warehouse(
     assert all(table.balanced for table in counts)
 
 
+def test_rows_are_deleted_by_many_keys_and_by_a_null_key(tmp_path: Path) -> None:
+    lake = Lake(settings_for(tmp_path))
+    ref = bronze("keyed")
+    keys = [f"patient-{n:05d}" for n in range(30_000)]
+    lake.append(ref, pa.table({"patient_key": [*keys, None], "n": range(len(keys) + 1)}))
+    gone = {*keys[::3], None, "not-there"}
+    assert lake.delete_keys(ref, "patient_key", gone) == len(keys[::3]) + 1
+    left = lake.read(ref)
+    assert left is not None and sorted(left.column("patient_key").to_pylist()) == sorted(
+        set(keys) - set(keys[::3])
+    )
+    assert lake.delete_keys(ref, "patient_key", set()) == 0
+
+
 def test_the_change_feed_gives_the_rows_appended_between_two_versions_and_only_those(tmp_path: Path) -> None:
     lake = Lake(settings_for(tmp_path))
     ref = bronze("example")

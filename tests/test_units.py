@@ -307,6 +307,25 @@ def test_the_summary_names_the_silver_version_a_prom_source_loaded_into() -> Non
     assert row.rstrip().endswith("| silver v7 |")
 
 
+def test_the_summary_says_what_the_build_made_again() -> None:
+    from patient_journey.pipeline import BuildReport
+    from patient_journey.report import RunSummary, render_markdown
+
+    def build_line(silver: BuildReport, gold: BuildReport | None = None) -> str:
+        markdown = render_markdown(RunSummary(run_id="r", silver=silver, gold=gold))
+        [line] = [line for line in markdown.splitlines() if line.startswith("Build: ")]
+        return line
+
+    incremental = BuildReport(built=True, inputs={"patient": 0, "device_event": 12, "redcap_prom": "whole"})
+    assert build_line(incremental, BuildReport(built=True, patients=9)) == (
+        "Build: incremental, 12 input(s) replaced; whole: redcap_prom; gold made again for 9 patient(s)."
+    )
+    whole = BuildReport(built=True, inputs={"patient": "whole", "device_event": "whole"})
+    assert build_line(whole, BuildReport(built=True, patients="all")) == (
+        "Build: whole (every record resolved, checked and linked); gold made again for every patient."
+    )
+
+
 def test_a_local_listing_is_sorted_filtered_and_compared_with_the_ledger_in_arrow(tmp_path: Path) -> None:
     for name in ("b/2.avro", "a/1.avro", "a/skip.txt", "c/3.json", f"a/{PROBE_NAME}"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
