@@ -5,16 +5,19 @@ A build does not resolve, gate and link the whole of bronze again. It has two un
 * **Records** (``_record_id``) for resolving: every window of ``staging.resolve`` partitions by
   record id or finer, so the records of the ids that a build's new flattened rows carry (and of
   the inputs read again since) are resolved apart from the rest, from their flattened rows.
-* **Inputs** (``source_uri``) for everything after: the gate, linkage and the tables written
-  (staged store, silver, held, quarantine) are replaced input by input. A record's new version
-  changes the input of its old version too (its row there is now superseded), and every row of
-  each input touched is gated and linked again: a table's rows of one input are replaced whole,
-  so no row is lost or written twice, whatever else shares its input.
+* **Positions** (``source_uri``, ``source_offset``: an input and a line, row or message in it)
+  for everything after: the gate, linkage and the tables written (staged store, silver, held,
+  quarantine) are replaced position by position. A record's new version changes the position
+  of its old version too (its row there is now superseded), and every row at a position
+  touched is gated and linked again: the rows of one position (a REDCap line's forms, a device
+  message's template matches) are replaced together, so none is lost or written twice. (The
+  input was the unit first: one new Patient version made the whole bulk export file of 52,000
+  patients link again, and gold for every patient.)
 
 The staged store (``staged/<table>``, restricted zone) keeps every resolved row of the latest
 reads, current or superseded, with the gate's verdict (``_passed``; null for a superseded row),
-so that counts, identity relations and the rows of inputs touched again come from it, not from a
-rescan of bronze.
+so that counts, identity relations and the rows of positions touched again come from it, not
+from a rescan of bronze.
 
 A table is built whole instead (its store replaced) when its increment cannot be told: its
 flattened rows were made again from the whole of bronze, or it has no store yet; and every table
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,19 +79,46 @@ def latest_read_mask(table: pa.Table, reads: pa.Table) -> pa.Array:
     return pc.is_in(numbered.column("_n"), value_set=kept.combine_chunks())
 
 
+POSITION = ["source_uri", "source_offset"]  # where a record was read: an input, a line or message in it
+POSITION_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_offset", pa.int64())])
+
+
 @dataclass(frozen=True)
 class Batch:
     """One staged table's share of a build: the resolved rows (every flag, ``_row`` numbered
-    over the batch) of the inputs it replaces, or of every input."""
+    over the batch) of the positions it replaces, or of every position."""
 
     spec: StagedTable
     rows: pa.Table
-    inputs: frozenset[str] | None  # None: every input (the table is built whole)
-    stored: frozenset[str] = frozenset()  # those of ``inputs`` the store has rows of
+    positions: pa.Table | None  # (source_uri, source_offset); None: all (the table is built whole)
+    stored: pa.Table | None = None  # those of ``positions`` the store has rows at
 
     @property
     def whole(self) -> bool:
-        return self.inputs is None
+        return self.positions is None
+
+
+def positions_of(*tables: pa.Table) -> pa.Table:
+    """The distinct positions of the rows of ``tables``."""
+    parts = [table.select(POSITION).cast(POSITION_SCHEMA) for table in tables if table.num_rows]
+    if not parts:
+        return POSITION_SCHEMA.empty_table()
+    return pa.concat_tables(parts).group_by(POSITION).aggregate([])
+
+
+def _position_keys(table: pa.Table | pa.RecordBatch, uri: str = "source_uri") -> pa.Array:
+    offsets = pc.fill_null(pc.cast(table.column("source_offset"), pa.string()), "")
+    joined = pc.binary_join_element_wise(pc.fill_null(table.column(uri), ""), offsets, "\x1f")
+    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+
+
+def at_positions(table: pa.Table | pa.RecordBatch, positions: pa.Table, uri: str = "source_uri") -> pa.Array:
+    """Which rows of ``table`` are at one of ``positions`` (its URI column named ``uri``)."""
+    return pc.is_in(_position_keys(table, uri), value_set=_position_keys(positions))
+
+
+def without(positions: pa.Table, others: pa.Table) -> pa.Table:
+    return positions.filter(pc.invert(at_positions(positions, others)))
 
 
 def declaration(files: Sequence[Path], parts: Sequence[object], keys: KeyMaker) -> str:
@@ -143,33 +173,27 @@ def _ids(table: pa.Table) -> pa.Array:
     return pc.unique(table.column(RECORD_ID).combine_chunks()).drop_null()
 
 
-def _uris(table: pa.Table) -> set[str]:
-    return set(pc.unique(table.column("source_uri")).drop_null().to_pylist())
-
-
-def _rows_of(
+def _rows_where(
     lake: Lake,
     ref: TableRef,
-    column: str,
-    values: pa.Array | Iterable[str],
+    keep: Callable[[pa.RecordBatch], pa.Array],
     passed: bool = False,
     version: int | None = None,
 ) -> pa.Table:
-    """The rows of a version of the table (the latest by default) whose ``column`` holds one of
-    ``values`` (and that passed the gate, if ``passed``), filtered batch by batch as they are
-    read. (As an Arrow scanner predicate, a text column's ``isin`` fails on delta-rs' file
-    statistics, no kernel for string and string_view; and statistics cannot prune random ids.)"""
+    """The rows of a version of the table (the latest by default) that ``keep`` takes (and that
+    passed the gate, if ``passed``), filtered batch by batch as they are read. (As an Arrow
+    scanner predicate, a text column's ``isin`` fails on delta-rs' file statistics, no kernel for
+    string and string_view; and statistics cannot prune random ids.)"""
     at = lake.version(ref) if version is None else version
     if at is None:
         raise ValueError(f"{ref.label} does not exist")
-    wanted = values if isinstance(values, pa.Array) else pa.array(sorted(values), pa.string())
     batches = []
     reader = lake.scan(ref, at, None)
     for batch in reader:
-        keep = pc.is_in(batch.column(column), value_set=wanted)
+        wanted = keep(batch)
         if passed:
-            keep = pc.and_(keep, pc.fill_null(batch.column(PASSED), False))
-        batches.append(batch.filter(keep))
+            wanted = pc.and_(wanted, pc.fill_null(batch.column(PASSED), False))
+        batches.append(batch.filter(wanted))
     return pa.Table.from_batches(batches, reader.schema)
 
 
@@ -184,29 +208,26 @@ def whole_batch(lake: Lake, spec: StagedTable, reads: pa.Table) -> Batch:
 
 
 def changed_batch(lake: Lake, spec: StagedTable, refreshed: Refreshed | None, reads: pa.Table) -> Batch:
-    """The records that the build's new flattened rows touch, and every row of their inputs.
+    """The records that the build's new flattened rows touch, and every row at their positions.
 
     Ids resolved again: those of the new rows, and those of stored rows whose input was read
     again since (its latest read replaces the earlier: ``from_latest_read``); their earlier
-    flattened rows are read only when any of them had rows before. Inputs replaced: those of
-    the rows resolved and of the stale rows; the store's other rows of those inputs are taken
-    as they were (their ids did not change)."""
+    flattened rows are read only when any of them had rows before. Positions replaced: those of
+    the rows resolved (a new version supersedes a row elsewhere) and of the stale rows; the
+    store's other rows at those positions are taken as they were (their ids did not change)."""
     store = staged(spec.name)
-    keys = lake.read(store, columns=[RECORD_ID, "source_uri", "run_id"])
+    keys = lake.read(store, columns=[RECORD_ID, *POSITION, "run_id"])
     assert keys is not None, "a table without a store is built whole"
     new = refreshed.rows if refreshed is not None and refreshed.rows is not None else None
     stale = keys.filter(pc.invert(latest_read_mask(keys, reads)))
     parts = [new] if new is not None and new.num_rows else []
     if not parts and stale.num_rows == 0:
-        return Batch(
-            spec, _resolved(flatten(BRONZE_SCHEMA.empty_table(), spec).read_all(), spec, reads), frozenset()
-        )
+        empty = _resolved(flatten(BRONZE_SCHEMA.empty_table(), spec).read_all(), spec, reads)
+        return Batch(spec, empty, POSITION_SCHEMA.empty_table(), POSITION_SCHEMA.empty_table())
     ids = pc.unique(pa.concat_arrays([_ids(table) for table in (*parts, stale)]))
     if spec.across_key:  # with every id of the same key (a REDCap record's rows)
-        target = flattened(spec.name)
-        version = lake.version(target)
-        assert version is not None
-        grouped = lake.scan(target, version, [RECORD_ID, spec.across_key]).read_all()
+        grouped = lake.read(flattened(spec.name), columns=[RECORD_ID, spec.across_key])
+        assert grouped is not None
         mine = grouped.filter(pc.is_in(grouped.column(RECORD_ID), value_set=ids)).column(spec.across_key)
         together = pc.is_in(grouped.column(spec.across_key), value_set=pc.unique(mine.combine_chunks()))
         ids = pc.unique(pa.concat_arrays([ids, _ids(grouped.filter(together))]))
@@ -214,20 +235,27 @@ def changed_batch(lake: Lake, spec: StagedTable, refreshed: Refreshed | None, re
     if len(earlier_ids):
         # Their flattened rows as they were before this build's (which ``new`` holds).
         before = refreshed.before if refreshed is not None and parts else None
-        parts.append(_rows_of(lake, flattened(spec.name), RECORD_ID, earlier_ids, version=before))
+        parts.append(
+            _rows_where(
+                lake,
+                flattened(spec.name),
+                lambda batch: pc.is_in(batch.column(RECORD_ID), value_set=earlier_ids),
+                version=before,
+            )
+        )
     resolved = _resolved(pa.concat_tables(parts), spec, reads)
-    inputs = _uris(resolved) | _uris(stale) | (_uris(new) if new is not None else set())
-    stored = frozenset(inputs & _uris(keys))
+    positions = positions_of(resolved, stale, *([new] if new is not None else []))
+    stored = positions.filter(at_positions(positions, keys))
     rows = resolved
-    if stored:
-        others = _rows_of(lake, store, "source_uri", stored)
+    if stored.num_rows:
+        others = _rows_where(lake, store, lambda batch: at_positions(batch, stored))
         others = others.filter(pc.invert(pc.is_in(others.column(RECORD_ID), value_set=ids)))
         rows = pa.concat_tables([others.select(resolved.schema.names).cast(resolved.schema), resolved])
-    return Batch(spec, _numbered(rows), frozenset(inputs), stored)
+    return Batch(spec, _numbered(rows), positions, stored)
 
 
 def store_batch(lake: Lake, batch: Batch, passed: pa.Array) -> int:
-    """Replace the batch's inputs in the table's staged store with its rows, each with the gate's
+    """Replace the batch's positions in the table's staged store with its rows, each with the gate's
     verdict (``passed``: the ``_row`` of every row that passed). Returns the store's version."""
     current = pc.invert(batch.rows.column("_superseded"))
     verdict = pc.if_else(
@@ -235,10 +263,10 @@ def store_batch(lake: Lake, batch: Batch, passed: pa.Array) -> int:
     )
     rows = batch.rows.append_column(PASSED, verdict)
     store = staged(batch.spec.name)
-    if batch.inputs is None:
+    if batch.positions is None:
         return lake.overwrite(store, rows)
-    if batch.stored:
-        lake.delete_keys(store, "source_uri", batch.stored)
+    if batch.stored is not None and batch.stored.num_rows:
+        lake.delete_matching(store, batch.stored)
     if rows.num_rows:
         return lake.append(store, rows)
     version = lake.version(store)
@@ -246,31 +274,29 @@ def store_batch(lake: Lake, batch: Batch, passed: pa.Array) -> int:
     return version
 
 
-def stored_passed(lake: Lake, name: str, inputs: frozenset[str] | None = None) -> pa.Table:
-    """The rows of the table's staged store that passed the gate, of ``inputs`` or of all."""
+def stored_passed(lake: Lake, name: str, positions: pa.Table | None = None) -> pa.Table:
+    """The rows of the table's staged store that passed the gate, at ``positions`` or all."""
     store = staged(name)
-    if inputs is not None:
-        return _rows_of(lake, store, "source_uri", inputs, passed=True).drop_columns([PASSED])
+    if positions is not None:
+        return _rows_where(
+            lake, store, lambda batch: at_positions(batch, positions), passed=True
+        ).drop_columns([PASSED])
     rows = lake.read(store)
     if rows is None:
         raise ValueError(f"{store.label} does not exist")
     return rows.filter(pc.fill_null(rows.column(PASSED), False)).drop_columns([PASSED])
 
 
-def replace_inputs(
-    old: pa.Table | None, new: pa.Table, replaced: dict[str, frozenset[str] | None]
-) -> pa.Table:
-    """Rows of a table of every staged table's records (``table_name``, ``source_uri``), with
-    each staged table's replaced inputs (None: all its inputs) taken from ``new``."""
+def replace_positions(old: pa.Table | None, new: pa.Table, replaced: dict[str, pa.Table | None]) -> pa.Table:
+    """Rows of a table of every staged table's records (``table_name`` and the position), with
+    each staged table's rows at its replaced positions (None: all) taken from ``new``."""
     if old is None or old.num_rows == 0:
         return new
     drop = pa.array(np.zeros(old.num_rows, dtype=bool))
-    for name, inputs in replaced.items():
+    for name, positions in replaced.items():
         mine = pc.equal(old.column("table_name"), name)
-        if inputs is not None:
-            mine = pc.and_(
-                mine, pc.is_in(old.column("source_uri"), value_set=pa.array(sorted(inputs), pa.string()))
-            )
+        if positions is not None:
+            mine = pc.and_(mine, at_positions(old, positions))
         drop = pc.or_(drop, pc.fill_null(mine, False))
     return pa.concat_tables([old.filter(pc.invert(drop)).cast(new.schema), new])
 

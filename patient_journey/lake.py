@@ -296,30 +296,31 @@ class Lake:
         metrics = self._call("delete from", ref, lambda _uri, _options: table.delete(predicate))
         return int(metrics["num_deleted_rows"])
 
+    def delete_matching(self, ref: TableRef, keys: pa.Table) -> int:
+        """Delete the rows equal to a row of ``keys`` on all of its columns (nulls match nothing);
+        returns the number of rows deleted. The keys go to a Delta merge as a table, not into a
+        predicate: an IN list of a few thousand values overflowed a stack of delta-rs' worker
+        threads (a segfault at 52,000 patients)."""
+        table = self._table(ref)
+        if table is None or keys.num_rows == 0:
+            return 0
+        on = " AND ".join(f"t.{column} = s.{column}" for column in keys.column_names)
+        metrics = self._call(
+            "delete from",
+            ref,
+            lambda _uri, _options: (
+                table.merge(keys, predicate=on, source_alias="s", target_alias="t")
+                .when_matched_delete()
+                .execute()
+            ),
+        )
+        return int(metrics["num_target_rows_deleted"])
+
     def delete_keys(self, ref: TableRef, column: str, keys: Collection[str | None]) -> int:
         """Delete the rows whose ``column`` holds one of ``keys`` (a null among them: the rows
-        where it is null); returns the number of rows deleted. The keys go to a Delta merge as a
-        table, not into a predicate: an IN list of a few thousand values overflowed a stack of
-        delta-rs' worker threads (a segfault at 52,000 patients)."""
-        table = self._table(ref)
-        if table is None:
-            return 0
-        wanted = sorted({key for key in keys if key is not None})
-        deleted = 0
-        if wanted:
-            source = pa.table({column: pa.array(wanted, pa.string())})
-            metrics = self._call(
-                "delete from",
-                ref,
-                lambda _uri, _options: (
-                    table.merge(
-                        source, predicate=f"t.{column} = s.{column}", source_alias="s", target_alias="t"
-                    )
-                    .when_matched_delete()
-                    .execute()
-                ),
-            )
-            deleted += int(metrics["num_target_rows_deleted"])
+        where it is null); returns the number of rows deleted."""
+        wanted = pa.table({column: pa.array(sorted({key for key in keys if key is not None}), pa.string())})
+        deleted = self.delete_matching(ref, wanted)
         if None in keys:
             deleted += self.delete(ref, f"{column} IS NULL")
         return deleted

@@ -26,16 +26,20 @@ from patient_journey.flattened import refresh
 from patient_journey.identity import KeyMaker
 from patient_journey.increments import (
     PASSED,
+    POSITION_SCHEMA,
     Batch,
     BuildMark,
+    at_positions,
     changed_batch,
     declaration,
     from_latest_read,
     identity_change,
-    replace_inputs,
+    positions_of,
+    replace_positions,
     store_batch,
     stored_passed,
     whole_batch,
+    without,
 )
 from patient_journey.journey import DEVICE_CLOCK_COLUMNS, build_journey, device_clock
 from patient_journey.lake import (
@@ -50,7 +54,7 @@ from patient_journey.lake import (
     silver,
     staged,
 )
-from patient_journey.linkage import Linker, identity_inputs
+from patient_journey.linkage import INPUT_KEY_LENGTH, Linker, identity_inputs
 from patient_journey.prom import redcap_forms_not_loaded
 from patient_journey.quality import QUARANTINE_SCHEMA, GateResult, QualityGate, quarantine_rows
 from patient_journey.settings import JourneySettings
@@ -168,9 +172,10 @@ class BuildReport:
     # Staged tables whose flattened rows this build extended: "since" (bronze rows committed since
     # the last build) or "whole" (all of bronze; see patient_journey.flattened).
     flattened: dict[str, str] = field(default_factory=dict)
-    # Staged tables and what this build replaced of them: the number of inputs, or "whole"
+    # Staged tables and what this build made again of them: the number of positions (input and
+    # line or message) whose records were resolved, checked and linked again, or "whole"
     # (patient_journey.increments).
-    inputs: dict[str, int | str] = field(default_factory=dict)
+    replaced: dict[str, int | str] = field(default_factory=dict)
     # Gold: the patients whose episodes and events this build made again ("all", or how many).
     patients: int | str = ""
 
@@ -693,9 +698,11 @@ def _last_build(lake: Lake) -> dict[str, int] | None:
 
 
 def latest_reads(lake: Lake) -> pa.Table:
-    """(source_uri, run_id) of the latest read of every input of the file sources, from their
-    ledgers. An input read again (``journey reprocess``, or new content under the same name)
-    replaces what its earlier reads produced: records and rejects alike."""
+    """(source_uri, run_id) of the latest read of every input of the file sources read more than
+    once, from their ledgers. An input read again (``journey reprocess``, or new content under the
+    same name) replaces what its earlier reads produced: records and rejects alike. (The rows of
+    an input read once are all of its latest read: it is not listed, which spares every build a
+    join of all its rows with all inputs.)"""
     parts = [
         ledger
         for source in FILE_SOURCES
@@ -705,8 +712,11 @@ def latest_reads(lake: Lake) -> pa.Table:
         return pa.table({"source_uri": pa.array([], pa.string()), "latest_run_id": pa.array([], pa.string())})
     reads = pa.concat_tables(parts)
     latest = (
-        reads.group_by("uri").aggregate([("processed_at", "max")]).rename_columns(["uri", "processed_at"])
+        reads.group_by("uri")
+        .aggregate([("processed_at", "max"), ("processed_at", "count")])
+        .rename_columns(["uri", "processed_at", "reads"])
     )
+    latest = latest.filter(pc.greater(latest.column("reads"), 1)).drop_columns(["reads"])
     latest = latest.join(reads, keys=["uri", "processed_at"])
     return pa.table({"source_uri": latest.column("uri"), "latest_run_id": latest.column("run_id")})
 
@@ -829,8 +839,9 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
             batches[spec.name] = whole_batch(lake, spec, reads)
         else:
             batches[spec.name] = changed_batch(lake, spec, earlier, reads)
-    report.inputs = {
-        name: "whole" if batch.inputs is None else len(batch.inputs) for name, batch in batches.items()
+    report.replaced = {
+        name: "whole" if batch.positions is None else batch.positions.num_rows
+        for name, batch in batches.items()
     }
     bronze_only = _bronze_only(lake, reads)
     rejected_at_read = _rejects_as_quarantine(lake, reads)
@@ -853,23 +864,23 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
             report.expectations.extend(asdict(o) for o in gated.outcomes)
     for name, batch in batches.items():
         report.versions[f"staged.{name}"] = store_batch(lake, batch, passed[name].column("_row"))
-    gated_quarantine = replace_inputs(
+    gated_quarantine = replace_positions(
         lake.read(GATED_QUARANTINE),
         pa.concat_tables(gated_parts),
-        {name: batch.inputs for name, batch in batches.items()},
+        {name: batch.positions for name, batch in batches.items()},
     )
     lake.overwrite(GATED_QUARANTINE, gated_quarantine)
     clock.lap("validate")
 
-    def passed_rows(name: str, inputs: frozenset[str] | None) -> pa.Table:
-        """The passed rows of a table's ``inputs`` (None: all): this build's, then the store's."""
+    def passed_rows(name: str, positions: pa.Table | None) -> pa.Table:
+        """The passed rows at a table's ``positions`` (None: all): this build's, then the store's."""
         batch = batches[name]
-        if batch.inputs is None:
+        if batch.positions is None:
             return passed[name]
-        if inputs is None:
+        if positions is None:
             return stored_passed(lake, name).select(passed[name].schema.names).cast(passed[name].schema)
-        others = inputs - batch.inputs
-        if not others:
+        others = without(positions, batch.positions)
+        if not others.num_rows:
             return passed[name]
         stored = stored_passed(lake, name, others).select(passed[name].schema.names).cast(passed[name].schema)
         return pa.concat_tables([passed[name], stored])
@@ -878,17 +889,18 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     crosswalk = linker.crosswalk()
     change = "changed" if whole_build else identity_change(lake.read(CROSSWALK), crosswalk)
     held_before = lake.read(HELD)
-    relinked: dict[str, frozenset[str] | None] = {}
+    relinked: dict[str, pa.Table | None] = {}
     for names in _silver_groups().values():
-        inputs: frozenset[str] | None = None
+        positions: pa.Table | None = None
         if change != "changed" and not any(batches[name].whole for name in names):
-            inputs = frozenset().union(*(batches[name].inputs or () for name in names))
+            parts = [batches[name].positions or POSITION_SCHEMA.empty_table() for name in names]
             if change == "grown" and held_before is not None:  # held records whose key may have come
                 mine = pc.is_in(held_before.column("table_name"), value_set=pa.array(names, pa.string()))
-                inputs |= _uris_of(held_before.filter(mine))
-        relinked.update({name: inputs for name in names})
+                parts.append(held_before.filter(mine))
+            positions = positions_of(*parts)
+        relinked.update({name: positions for name in names})
     linked = linker.link(
-        {name: passed_rows(name, inputs) for name, inputs in relinked.items()}, run_id, LINKS
+        {name: passed_rows(name, positions) for name, positions in relinked.items()}, run_id, LINKS
     )
     linker.close()
     report.bronze_only = bronze_only
@@ -901,7 +913,7 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
             report.versions[f"silver.{group}"] = version
             patients = None if patients is None or touched is None else patients | touched
     _gold_pending(lake, patients)
-    held = replace_inputs(held_before, linked.held, relinked)
+    held = replace_positions(held_before, linked.held, relinked)
     report.versions["held"] = lake.overwrite(HELD, held)
     report.versions["quarantine"] = lake.overwrite(
         QUARANTINE, pa.concat_tables([rejected_at_read, gated_quarantine.cast(QUARANTINE_SCHEMA)])
@@ -915,30 +927,30 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     return report
 
 
-def _uris_of(table: pa.Table) -> frozenset[str]:
-    return frozenset(pc.unique(table.column("source_uri")).drop_null().to_pylist())
-
-
 def _replace_silver(
-    lake: Lake, keys: KeyMaker, name: str, rows: pa.Table, inputs: frozenset[str] | None
+    lake: Lake, keys: KeyMaker, name: str, rows: pa.Table, positions: pa.Table | None
 ) -> tuple[int, set[str | None] | None]:
-    """Replace a silver table's rows of ``inputs`` (None: all) with ``rows``: its rows carry
+    """Replace a silver table's rows at ``positions`` (None: all) with ``rows``: its rows carry
     their input's key (``input_key``), not its URI. Returns the table's version and the patients
     whose rows were replaced (None: every patient)."""
     ref = silver(name)
-    if inputs is None or lake.version(ref) is None:
+    if positions is None or lake.version(ref) is None:
         return lake.overwrite(ref, rows), None
-    present = lake.read(ref, columns=["input_key", "patient_key"])
+    present = lake.read(ref, columns=["input_key", "source_offset", "patient_key"])
     assert present is not None
-    wanted = pa.array(sorted({keys.input_key(uri) for uri in inputs}), pa.string())
-    gone = present.filter(pc.is_in(present.column("input_key"), value_set=wanted))
+    input_keys = pc.utf8_slice_codeunits(
+        keys.keys("input", positions.column("source_uri")), 0, INPUT_KEY_LENGTH
+    )
+    wanted = pa.table({"source_uri": input_keys, "source_offset": positions.column("source_offset")})
+    gone = present.filter(at_positions(present, wanted, uri="input_key"))
     touched = set(pc.unique(gone.column("patient_key")).to_pylist())
     touched.update(pc.unique(rows.column("patient_key")).to_pylist())
     if gone.num_rows:
-        lake.delete_keys(ref, "input_key", set(pc.unique(gone.column("input_key")).to_pylist()))
+        where = gone.select(["input_key", "source_offset"])
+        lake.delete_matching(ref, where.group_by(where.column_names).aggregate([]))
     version = lake.version(ref)
     assert version is not None
-    if rows.num_rows:  # nothing of these inputs links now: no empty commit
+    if rows.num_rows:  # nothing at these positions links now: no empty commit
         version = lake.append(ref, rows)
     return version, touched
 

@@ -265,16 +265,16 @@ def render_markdown(summary: RunSummary) -> str:
 
 
 def _increment(summary: RunSummary) -> list[str]:
-    """What the build made again: every record, or the inputs and patients new rows touched."""
-    inputs = summary.silver.inputs if summary.silver is not None else {}
-    if not inputs:
+    """What the build made again: every record, or those at the positions new rows touched."""
+    replaced = summary.silver.replaced if summary.silver is not None else {}
+    if not replaced:
         return []
-    whole = sorted(name for name, count in inputs.items() if count == "whole")
-    if len(whole) == len(inputs):
+    whole = sorted(name for name, count in replaced.items() if count == "whole")
+    if len(whole) == len(replaced):
         text = "whole (every record resolved, checked and linked)"
     else:
-        replaced = sum(count for count in inputs.values() if isinstance(count, int))
-        text = f"incremental, {replaced} input(s) replaced" + (
+        positions = sum(count for count in replaced.values() if isinstance(count, int))
+        text = f"incremental, the records of {positions} position(s) made again" + (
             f"; whole: {', '.join(whole)}" if whole else ""
         )
     if summary.gold is not None and summary.gold.patients != "":

@@ -66,7 +66,7 @@ def load(root: Path, landing: Path, run_id: str) -> dict[str, object]:
         "counts": report.tables,
         "read": read,
         "flattened": report.flattened,
-        "inputs": report.inputs,
+        "replaced": report.replaced,
     }
 
 
@@ -156,10 +156,10 @@ def test_a_load_split_into_increments_gives_the_same_warehouse(
             for spec in STAGED_TABLES:  # a bronze table that grew again: only its new rows flattened
                 if SOURCE_OF[spec.bronze] in result["read"] & read_before:  # type: ignore[operator]
                     assert result["flattened"][spec.name] == "since", (step, spec.name)  # type: ignore[index]
-                    # ... and only the inputs its new rows touch resolved, gated and linked again
-                    assert result["inputs"][spec.name] != "whole", (step, spec.name)  # type: ignore[index]
+                    # ... and only the records at the positions its new rows touch made again
+                    assert result["replaced"][spec.name] != "whole", (step, spec.name)  # type: ignore[index]
             read_before |= result["read"]  # type: ignore[arg-type]
-            if result["inputs"] and "whole" not in result["inputs"].values():  # type: ignore[attr-defined]
+            if result["replaced"] and "whole" not in result["replaced"].values():  # type: ignore[attr-defined]
                 # no table built whole: gold made again for the patients whose rows changed only
                 assert isinstance(result["patients"], int), (step, result["patients"])
     expected_tables = one_load["tables"]
@@ -243,7 +243,7 @@ def bring_back(landing: Path, aside: Path, blobs: list[Path]) -> None:
 def test_a_build_after_one_that_did_not_finish_is_whole_and_loads_the_same(
     cohort: GenerationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A build that stops part way may have replaced some tables' inputs and not others: the
+    """A build that stops part way may have replaced some tables' rows and not others: the
     next build cannot trust what it finds, builds every table whole, and loads what a clean
     run does."""
     landing, aside = tmp_path / "landing", tmp_path / "aside"
@@ -263,7 +263,7 @@ def test_a_build_after_one_that_did_not_finish_is_whole_and_loads_the_same(
         with pytest.raises(RuntimeError):
             pipeline.build_silver(settings, "run-2")
     report = pipeline.build_silver(settings, "run-3")
-    assert set(report.inputs.values()) == {"whole"}
+    assert set(report.replaced.values()) == {"whole"}
     pipeline.build_gold(settings, "run-3")
     assert warehouse(settings_for(tmp_path / "crashed")) == clean["tables"]
     assert report.tables == clean["counts"]
@@ -286,16 +286,34 @@ def test_a_changed_suite_makes_the_next_build_whole(cohort: GenerationResult, tm
         return pipeline.build_silver(settings, run_id)
 
     later = hold_back(landing, aside, every=3)
-    assert set(build("run-1").inputs.values()) == {"whole"}  # the first build
+    assert set(build("run-1").replaced.values()) == {"whole"}  # the first build
     pipeline.build_gold(settings, "run-1")
     held_back = later[: len(later) // 2]
     bring_back(landing, aside, held_back)
     report = build("run-2")
-    assert report.inputs["device_event"] != "whole" and report.inputs["patient"] == 0
+    assert report.replaced["device_event"] != "whole" and report.replaced["patient"] == 0
     gold = pipeline.build_gold(settings, "run-2")  # for the patients of the new device data alone
     assert isinstance(gold.patients, int) and gold.patients > 0
     bring_back(landing, aside, later[len(later) // 2 :])
     suite = suites / "staged" / "patient.json"
     suite.write_text(suite.read_text() + "\n")  # the same rules, but the build cannot know
     report = build("run-3")
-    assert set(report.inputs.values()) == {"whole"}
+    assert set(report.replaced.values()) == {"whole"}
+
+
+def test_an_input_read_again_replaces_its_rows_in_an_incremental_build(
+    cohort: GenerationResult, tmp_path: Path
+) -> None:
+    """New content under a file's name is read again, and its latest read replaces what the
+    earlier one loaded: the records it no longer holds leave every table, as in a clean load."""
+    landing = tmp_path / "landing"
+    shutil.copytree(cohort.out / "landing", landing)
+    load(tmp_path / "root", landing, "run-1")
+    export = max(landing.rglob("*Observation*.ndjson"), key=lambda p: p.stat().st_size)
+    lines = export.read_bytes().splitlines()
+    export.write_bytes(b"\n".join(lines[: len(lines) // 2]) + b"\n")
+    again = load(tmp_path / "root", landing, "run-2")
+    assert again["replaced"]["observation"] != "whole"  # type: ignore[index]
+    clean = load(tmp_path / "clean", landing, "run-1")
+    assert again["tables"] == clean["tables"]
+    assert again["counts"] == clean["counts"]

@@ -316,11 +316,12 @@ def test_the_summary_says_what_the_build_made_again() -> None:
         [line] = [line for line in markdown.splitlines() if line.startswith("Build: ")]
         return line
 
-    incremental = BuildReport(built=True, inputs={"patient": 0, "device_event": 12, "redcap_prom": "whole"})
+    incremental = BuildReport(built=True, replaced={"patient": 0, "device_event": 12, "redcap_prom": "whole"})
     assert build_line(incremental, BuildReport(built=True, patients=9)) == (
-        "Build: incremental, 12 input(s) replaced; whole: redcap_prom; gold made again for 9 patient(s)."
+        "Build: incremental, the records of 12 position(s) made again; whole: redcap_prom; "
+        "gold made again for 9 patient(s)."
     )
-    whole = BuildReport(built=True, inputs={"patient": "whole", "device_event": "whole"})
+    whole = BuildReport(built=True, replaced={"patient": "whole", "device_event": "whole"})
     assert build_line(whole, BuildReport(built=True, patients="all")) == (
         "Build: whole (every record resolved, checked and linked); gold made again for every patient."
     )
