@@ -1135,7 +1135,14 @@ def _build_gold(
         clock.lap("load")
     gold_quarantine = _merge_gold_quarantine(old_quarantine, quarantine_parts, patients)
     lake.overwrite(GOLD_QUARANTINE, gold_quarantine)
-    lake.append(QUARANTINE, gold_quarantine.select(QUARANTINE_SCHEMA.names))
+    # Replaced, not appended: a gold build run again (a retry) does not list its rows twice.
+    earlier = lake.read(QUARANTINE)
+    if earlier is not None:
+        earlier = earlier.filter(pc.invert(pc.is_in(earlier.column("table_name"), pa.array(GOLD_TABLES))))
+    rows = gold_quarantine.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
+    lake.overwrite(
+        QUARANTINE, rows if earlier is None else pa.concat_tables([earlier.cast(QUARANTINE_SCHEMA), rows])
+    )
     quarantined = {
         i["values"]: i["counts"] for i in pc.value_counts(gold_quarantine.column("table_name")).to_pylist()
     }

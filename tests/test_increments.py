@@ -317,3 +317,14 @@ def test_an_input_read_again_replaces_its_rows_in_an_incremental_build(
     clean = load(tmp_path / "clean", landing, "run-1")
     assert again["tables"] == clean["tables"]
     assert again["counts"] == clean["counts"]
+
+
+def test_a_gold_build_run_again_changes_nothing(cohort: GenerationResult, tmp_path: Path) -> None:
+    """A retried gold build (its task failed after writing) leaves the warehouse and the
+    quarantine as they were: gold's quarantined rows are replaced, not appended again."""
+    landing = tmp_path / "landing"
+    shutil.copytree(cohort.out / "landing", landing)
+    first = load(tmp_path / "root", landing, "run-1")
+    again = pipeline.build_gold(settings_for(tmp_path / "root", landing=landing), "run-1")
+    assert again.patients == 0  # nothing new since the last gold build
+    assert warehouse(settings_for(tmp_path / "root")) == first["tables"]
