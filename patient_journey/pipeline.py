@@ -468,10 +468,9 @@ def _remove_uncommitted(lake: Lake, source: str) -> None:
         rows = lake.read(ref, columns=["run_id"])
         if rows is None:
             continue
-        orphans = sorted(set(pc.unique(rows.column("run_id")).drop_null().to_pylist()) - committed)
+        orphans = set(pc.unique(rows.column("run_id")).drop_null().to_pylist()) - committed
         if orphans:
-            listed = ", ".join("'" + run.replace("'", "''") + "'" for run in orphans)
-            lake.delete(ref, f"run_id IN ({listed})")
+            lake.delete_keys(ref, "run_id", orphans)
 
 
 def ingest(
