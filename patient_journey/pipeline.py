@@ -236,10 +236,11 @@ def preflight(settings: JourneySettings) -> int:
 
 
 def _seen(
-    lake: Lake, landing: Storage, settings: JourneySettings, source: str
+    lake: Lake, landing: Storage, settings: JourneySettings, source: str, everything: bool = False
 ) -> tuple[InputSelection, dict[str, str]]:
-    """The source's ledger as inputs already processed, and a database source's watermark per table."""
-    ledger = lake.read(ledger_table(source), columns=[*LEDGER_KEYS, "watermark"])
+    """The source's ledger as inputs already processed, with the inputs a file source lists this
+    run (all of them with ``everything``), and a database source's watermark per table."""
+    ledger = lake.read(ledger_table(source), columns=[*LEDGER_KEYS, "watermark", "processed_at"])
     settle_seconds = settings.sources.settle_seconds
     settle_before = datetime.now(UTC) - timedelta(seconds=settle_seconds) if settle_seconds else None
     own = PLUGINS[source].prefix(settings)
@@ -249,6 +250,8 @@ def _seen(
         if other != source and (prefix := PLUGINS[other].prefix(settings)).startswith(own)
     )
     seen = InputSelection.from_ledger(ledger, settle_before, others)
+    if PLUGINS[source].lists_files:
+        seen = replace(seen, listed=PLUGINS[source].list_inputs(settings, landing, ledger, everything))
     watermarks: dict[str, str] = {}
     if ledger is not None:
         marked = ledger.filter(pc.is_valid(ledger.column("watermark")))  # the registry's tables
@@ -324,9 +327,11 @@ def _selection(
     lake: Lake, landing: Storage, settings: JourneySettings, source: str, window: Window | None, reread: bool
 ) -> tuple[InputSelection, dict[str, str]]:
     """The source's ledger selection, narrowed to a backfill window and/or ignoring the ledger."""
-    seen, watermarks = _seen(lake, landing, settings, source)
+    seen, watermarks = _seen(lake, landing, settings, source, everything=reread or window is not None)
     if reread:
-        seen = InputSelection(settle_before=seen.settle_before, other_sources=seen.other_sources)
+        seen = InputSelection(
+            settle_before=seen.settle_before, other_sources=seen.other_sources, listed=seen.listed
+        )
         watermarks = {}
     if window is not None:
         seen = replace(seen, window=window)

@@ -375,3 +375,36 @@ def test_a_blob_is_read_in_ranged_chunks_and_a_change_mid_read_is_noticed(
         container.upload_blob(f"chunks/{size}.ndjson", data[::-1], overwrite=True)
         with pytest.raises(records.InputChangedError):
             list(reading)
+
+
+def test_a_device_run_lists_only_the_latest_time_folders_of_the_container(
+    azurite: Azurite, generated: GenerationResult
+) -> None:
+    prefix = "iothub-listing"
+    upload_folder(
+        generated.out / "landing" / "device", f"az://landing/{prefix}/device", azurite.connection_string
+    )
+    settings = blob_settings(azurite, prefix=prefix)
+    assert pipeline.ingest(settings, "device", "run-1").new_inputs > 2
+    container = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client(
+        "landing"
+    )
+
+    def written(name: str) -> datetime:  # .../{YYYY}/{MM}/{DD}/{HH}/{mm}.<ext>
+        *_, year, month, day, hour, minute = name.rsplit(".", 1)[0].split("/")
+        return datetime(int(year), int(month), int(day), int(hour), int(minute), tzinfo=UTC)
+
+    names = sorted(
+        (b.name for b in container.list_blobs(name_starts_with=f"{prefix}/device/")),
+        key=lambda n: (written(n), n),
+    )
+    data = container.download_blob(names[-1]).readall()
+    head, extension = names[-1].rsplit("/", 5)[0], names[-1].rsplit(".", 1)[1]
+    later = written(names[-1]) + timedelta(minutes=5)
+    container.upload_blob(f"{head}/{later:%Y/%m/%d/%H/%M}.{extension}", data)  # the next routed minute
+    container.upload_blob(f"{names[0].rsplit('/', 1)[0]}/restored.{extension}", data)  # an old folder
+    assert pipeline.ingest(settings, "device", "run-2").new_inputs == 1
+    every_run = settings.model_copy(
+        update={"sources": settings.sources.model_copy(update={"device_full_listing_hours": 0})}
+    )
+    assert pipeline.ingest(every_run, "device", "run-3").new_inputs == 1

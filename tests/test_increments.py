@@ -55,8 +55,15 @@ def one_load(
 
 
 def load(root: Path, landing: Path, run_id: str) -> dict[str, object]:
-    """Ingest every source and build; the warehouse, quarantine and held records as comparable rows."""
+    """Ingest every source and build; the warehouse, quarantine and held records as comparable rows.
+
+    Every run lists every device blob: the increments land blobs in any time folder, where IoT
+    Hub only writes the latest (the listing of recent folders has its own tests,
+    test_iothub_listing)."""
     settings = settings_for(root, landing=landing)
+    settings = settings.model_copy(
+        update={"sources": settings.sources.model_copy(update={"device_full_listing_hours": 0})}
+    )
     read = {source for source in pipeline.SOURCES if pipeline.ingest(settings, source, run_id).records}
     report = pipeline.build_silver(settings, run_id)
     gold = pipeline.build_gold(settings, run_id) if report.built else None
@@ -226,9 +233,14 @@ def test_a_build_flattens_whole_when_bronze_rows_were_deleted_and_loads_the_same
 
 
 def hold_back(landing: Path, aside: Path, every: int = 2) -> list[Path]:
-    """Move every ``every``-th device blob out of the landing zone (to ``aside``); returns their
-    paths relative to it, for ``bring_back``."""
-    blobs = sorted(p.relative_to(landing) for p in (landing / "device").rglob("*") if p.is_file())[::every]
+    """Move the newest 1/``every`` of the device blobs (by IoT Hub time folder, where new blobs
+    land) out of the landing zone (to ``aside``); returns their paths relative to it, for
+    ``bring_back``."""
+    blobs = sorted(
+        (p.relative_to(landing) for p in (landing / "device").rglob("*") if p.is_file()),
+        key=lambda blob: (*blob.parent.parts[-4:], blob.stem, str(blob)),  # {YYYY}/{MM}/{DD}/{HH}/{mm}
+    )
+    blobs = blobs[len(blobs) - len(blobs) // every :]
     for path in blobs:
         (aside / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(landing / path, aside / path)

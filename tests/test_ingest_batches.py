@@ -73,8 +73,12 @@ def test_a_plan_reads_only_what_the_ledger_lacks(generated: GenerationResult, tm
     first = pipeline.ingest(settings, "device", "run-1")
     assert first.new_inputs > 2 and pipeline.plan_ingest(settings, "device", batch_files=40).batches == ()
 
-    blobs = sorted(p for p in landing.rglob("*.json") if p.stat().st_size)
-    touched, changed = blobs[0], blobs[1]
+    # Two blobs of the latest IoT Hub minutes, which a run lists ({YYYY}/{MM}/{DD}/{HH}/{mm}).
+    blobs = sorted(
+        (p for p in landing.rglob("*.json") if p.stat().st_size),
+        key=lambda b: (*b.parent.parts[-4:], b.stem, str(b)),
+    )
+    touched, changed = blobs[-1], blobs[-2]
     later = touched.stat().st_mtime_ns + 5_000_000_000
     os.utime(touched, ns=(later, later))
     changed.write_bytes(changed.read_bytes() + changed.read_bytes())  # every message twice

@@ -23,6 +23,7 @@ import base64
 import binascii
 import io
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import fastavro
@@ -37,8 +38,9 @@ from patient_journey.journey import JourneyParts
 from patient_journey.linkage import LinkSpec
 from patient_journey.quality import QUARANTINE_SCHEMA, ExpectationOutcome, QualityGate, quarantine_rows
 from patient_journey.settings import JourneySettings
+from patient_journey.sources.iothub import IotHubListingOptions, list_recent, listing_cutoff
 from patient_journey.sources.records import Extraction, InputSelection, content_hash, read_new_files
-from patient_journey.sources.source import ExtractJob, Gated, Source
+from patient_journey.sources.source import ExtractJob, Gated, Source, source_options
 from patient_journey.staging import StagedTable, declared, json_fields, timestamp
 from patient_journey.storage import Storage
 
@@ -393,8 +395,18 @@ class DeviceSource(Source):
     bronze_table = "device_message"
     suffixes = SUFFIXES
 
+    options = IotHubListingOptions
+
     def prefix(self, settings: JourneySettings) -> str:
         return settings.sources.device_prefix
+
+    def list_inputs(
+        self, settings: JourneySettings, landing: Storage, ledger: pa.Table | None, everything: bool
+    ) -> pa.Table:
+        """The blobs under the latest time folders, or all of them (``patient_journey.sources.iothub``)."""
+        options = source_options(IotHubListingOptions, settings)
+        since = None if everything else listing_cutoff(ledger, options, datetime.now(UTC))
+        return list_recent(landing, self.prefix(settings), self.suffixes, options, since)
 
     def extract(self, job: ExtractJob) -> Extraction:
         templates = load_templates(job.settings.sources.device_templates_dir)

@@ -295,8 +295,8 @@ class InputSelection:
     settle_before: datetime | None = None  # inputs modified after this are left for later
     other_sources: tuple[str, ...] = ()  # URL prefixes of other sources' inputs
     window: tuple[datetime, datetime] | None = None  # a backfill: inputs modified in [start, end)
-    # A planned batch: its files as the plan listed them (LISTING_SCHEMA); the source is not
-    # listed again.
+    # The inputs listed for this run (LISTING_SCHEMA; the source's ``list_inputs``), or a planned
+    # batch's files as the plan listed them: the source is not listed again.
     listed: pa.Table | None = field(default=None, compare=False, repr=False)
     ledger: pa.Table | None = field(default=None, compare=False, repr=False)  # LEDGER_KEYS columns
 

@@ -125,6 +125,16 @@ class Source:
         """Where its inputs are under the landing zone (a file source)."""
         return ""
 
+    def list_inputs(
+        self, settings: JourneySettings, landing: Storage, ledger: pa.Table | None, everything: bool
+    ) -> pa.Table:
+        """The inputs a file source considers this run (``LISTING_SCHEMA``), before its ledger and
+        settle window pick those to read: every file under its prefix. A source whose new inputs
+        can only be in some places lists those (device telemetry: the latest time folders).
+        ``ledger``: the source's ledger (``uri``, ``version``, ``processed_at``...), None before
+        its first run; ``everything``: a backfill or re-read, which must list all."""
+        return landing.list_table(self.prefix(settings), self.suffixes)
+
     def extract(self, job: ExtractJob) -> Extraction | str:
         """Read one batch into an Extraction, or say why the source is skipped (not configured)."""
         raise NotImplementedError
