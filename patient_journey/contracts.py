@@ -63,6 +63,11 @@ class TableContract:
     def schema(self) -> pa.Schema:
         return pa.schema([(c.name, c.arrow_type) for c in self.columns])
 
+    @property
+    def bucketed(self) -> bool:
+        """Whether the table is partitioned by patient bucket (it has a patient key)."""
+        return any(c.name == BUCKET for c in self.columns)
+
     def check(self, table: pa.Table | pa.Schema) -> None:
         """Raise ContractError unless ``table`` has exactly the declared columns, in order, of the
         declared types; the message names the table and each column that differs."""
@@ -106,10 +111,21 @@ input_key string  lineage: an opaque key of the input (a keyed hash of its URI; 
 source_offset int64  lineage: the line, Bundle entry or Avro record in the input; a registry row's key
 """
 RUN = "run_id string  the run that read the record\n"
+# The layout column of every silver and gold table with a patient key: the tables are partitioned
+# by it. The Delta writer derives it from patient_key (``patient_journey.lake.patient_buckets``);
+# no SQL names it.
+BUCKET = "patient_bucket"
+LAYOUT = (
+    f"{BUCKET} int32  layout: the patient's bucket (patient_key's first four hex digits modulo "
+    "JOURNEY_STORAGE__PATIENT_BUCKETS; -1 without a patient); the table is partitioned by it\n"
+)
 
 
 def _table(layer: str, name: str, grain: str, key: tuple[str, ...], columns: str) -> TableContract:
-    return TableContract(layer, name, grain, key, _columns(columns))
+    declared = _columns(columns)
+    if any(column.name == "patient_key" for column in declared):
+        declared += _columns(LAYOUT)
+    return TableContract(layer, name, grain, key, declared)
 
 
 def silver_contract(name: str, grain: str, key: tuple[str, ...], columns: str) -> TableContract:

@@ -28,12 +28,13 @@ from enum import StrEnum
 from typing import TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import SchemaMismatchError, TableNotFoundError
 
 from patient_journey.azure import AzureAccess, is_blob_url, storage_failure
-from patient_journey.contracts import ContractError, contract_of
+from patient_journey.contracts import BUCKET, ContractError, contract_of
 from patient_journey.settings import JourneySettings
 from patient_journey.storage import Storage, azure_access, join, normalise_url
 
@@ -92,8 +93,30 @@ def gold(name: str) -> TableRef:
     return TableRef(Zone.WAREHOUSE, "gold", name)
 
 
+def patient_buckets(keys: pa.Array | pa.ChunkedArray, count: int) -> pa.Array:
+    """The bucket of each patient key: its first four hex digits as a number, modulo ``count``
+    (keys are HMAC-SHA256 hex digests, so buckets are even); -1 where there is no key, and for a
+    key that is not hex (none is: the value only has to be stable)."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    prefixes = pc.utf8_slice_codeunits(keys.cast(pa.string()), 0, 4).dictionary_encode()
+
+    def bucket(prefix: str) -> int:
+        try:
+            return int(prefix, 16) % count
+        except ValueError:
+            return -1
+
+    numbers = pa.array([bucket(p) for p in prefixes.dictionary.to_pylist()], pa.int32())
+    return pc.fill_null(numbers.take(prefixes.indices), -1)
+
+
 class Lake:
-    """Reads and writes the Delta tables of all zones, local or in Azure Blob Storage."""
+    """Reads and writes the Delta tables of all zones, local or in Azure Blob Storage.
+
+    The silver and gold tables with a patient key are partitioned by ``patient_bucket``, which
+    this writer derives from ``patient_key`` (so a read or a delete of some patients' rows touches
+    their buckets' files alone: ``read(buckets=...)``, ``delete_matching``)."""
 
     def __init__(self, settings: JourneySettings) -> None:
         urls = settings.storage
@@ -103,6 +126,7 @@ class Lake:
             Zone.WAREHOUSE: normalise_url(urls.warehouse_url),
         }
         self._azure = azure_access(settings)
+        self.bucket_count = urls.patient_buckets
 
     def root(self, zone: Zone) -> str:
         return self._roots[zone]
@@ -149,11 +173,58 @@ class Lake:
         table = self._table(ref)
         return None if table is None else table.version()
 
-    def read(self, ref: TableRef, columns: list[str] | None = None) -> pa.Table | None:
+    def read(
+        self, ref: TableRef, columns: list[str] | None = None, buckets: Collection[int] | None = None
+    ) -> pa.Table | None:
+        """The table (its ``columns``, or all), or None if it does not exist; of a bucketed
+        table, only the rows of ``buckets`` if given (their partitions alone are read)."""
         table = self._table(ref)
         if table is None:
             return None
-        return self._call("read", ref, lambda _uri, _options: table.to_pyarrow_table(columns=columns))
+        filters = None
+        if buckets is not None and self.bucketed(ref):
+            filters = [(BUCKET, "in", sorted(buckets))] if buckets else [(BUCKET, "=", -2)]  # -2: none
+        return self._call(
+            "read", ref, lambda _uri, _options: table.to_pyarrow_table(columns=columns, filters=filters)
+        )
+
+    def row_count(self, ref: TableRef) -> int | None:
+        """The table's rows, from the Delta log's file statistics (no data read); None if it
+        does not exist."""
+        table = self._table(ref)
+        if table is None:
+            return None
+        actions = self._call(
+            "read the log of", ref, lambda _uri, _options: table.get_add_actions(flatten=True)
+        )
+        records = pa.table(actions).column("num_records")
+        if records.null_count:  # a writer that kept no statistics: count the rows
+            rows: pa.Table = self._call(
+                "read", ref, lambda _uri, _options: table.to_pyarrow_table(columns=[])
+            )
+            return int(rows.num_rows)
+        return int(pc.sum(records).as_py() or 0)
+
+    @staticmethod
+    def bucketed(ref: TableRef) -> bool:
+        """Whether the table is partitioned by patient bucket (a warehouse table with a patient key)."""
+        contract = contract_of(ref.layer, ref.name) if ref.zone is Zone.WAREHOUSE else None
+        return contract is not None and contract.bucketed
+
+    def buckets_of(self, keys: pa.Array | pa.ChunkedArray) -> pa.Array:
+        """The bucket of each patient key (``patient_buckets`` with this lake's bucket count)."""
+        return patient_buckets(keys, self.bucket_count)
+
+    def _laid_out(
+        self, ref: TableRef, data: pa.Table | pa.RecordBatchReader
+    ) -> pa.Table | pa.RecordBatchReader:
+        """The rows with the table's layout column (``patient_bucket``, from ``patient_key``)."""
+        if not self.bucketed(ref):
+            return data
+        assert isinstance(data, pa.Table), "the analysts' zone is written whole"
+        if BUCKET in data.column_names:
+            data = data.drop_columns([BUCKET])
+        return data.append_column(BUCKET, self.buckets_of(data.column("patient_key")))
 
     def overwrite(
         self, ref: TableRef, data: pa.Table | pa.RecordBatchReader, metadata: dict[str, str] | None = None
@@ -164,6 +235,7 @@ class Lake:
         (patient_journey.contracts and the sources' ``silver``), or nothing is written: ContractError names the table and the
         columns that differ. Its Delta schema follows the declaration, so changing a declared
         column (a deliberate migration) replaces the schema with the new one in the same commit."""
+        data = self._laid_out(ref, data)
         self._check_contract(ref, data)
         self._call(
             "write",
@@ -173,6 +245,7 @@ class Lake:
                 data,
                 mode="overwrite",
                 schema_mode="overwrite",
+                partition_by=[BUCKET] if self.bucketed(ref) else None,
                 storage_options=options,
                 configuration=self._configuration(ref),
                 commit_properties=CommitProperties(custom_metadata=metadata) if metadata else None,
@@ -186,6 +259,7 @@ class Lake:
         """Append rows in one commit (a reader is streamed, never held whole); returns the new
         version. ``metadata`` is recorded with the commit (``commit_metadata``), even of no rows.
         Rows for the analysts' zone are checked against the table's declaration as in ``overwrite``."""
+        data = self._laid_out(ref, data)
         self._check_contract(ref, data)
         self._call(
             "append to",
@@ -194,6 +268,7 @@ class Lake:
                 uri,
                 data,
                 mode="append",
+                partition_by=[BUCKET] if self.bucketed(ref) else None,
                 storage_options=options,
                 configuration=self._configuration(ref),
                 commit_properties=CommitProperties(custom_metadata=metadata) if metadata else None,
@@ -300,7 +375,8 @@ class Lake:
         """Delete the rows equal to a row of ``keys`` on all of its columns (nulls match nothing);
         returns the number of rows deleted. The keys go to a Delta merge as a table, not into a
         predicate: an IN list of a few thousand values overflowed a stack of delta-rs' worker
-        threads (a segfault at 52,000 patients)."""
+        threads (a segfault at 52,000 patients). With ``patient_bucket`` among the keys of a
+        bucketed table, the merge reads only those buckets' files."""
         table = self._table(ref)
         if table is None or keys.num_rows == 0:
             return 0
@@ -318,11 +394,16 @@ class Lake:
 
     def delete_keys(self, ref: TableRef, column: str, keys: Collection[str | None]) -> int:
         """Delete the rows whose ``column`` holds one of ``keys`` (a null among them: the rows
-        where it is null); returns the number of rows deleted."""
+        where it is null); returns the number of rows deleted. Patient keys of a bucketed table
+        are deleted bucket by bucket (``delete_matching``)."""
         wanted = pa.table({column: pa.array(sorted({key for key in keys if key is not None}), pa.string())})
+        nulls = f"{column} IS NULL"
+        if column == "patient_key" and self.bucketed(ref):
+            wanted = wanted.append_column(BUCKET, self.buckets_of(wanted.column(column)))
+            nulls = f"{BUCKET} = -1 AND {nulls}"
         deleted = self.delete_matching(ref, wanted)
         if None in keys:
-            deleted += self.delete(ref, f"{column} IS NULL")
+            deleted += self.delete(ref, nulls)
         return deleted
 
     def update(self, ref: TableRef, predicate: str, updates: dict[str, str]) -> int:

@@ -21,6 +21,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from patient_journey.contracts import BUCKET
 from patient_journey.errors import ConfigurationError
 from patient_journey.flattened import refresh
 from patient_journey.identity import KeyMaker
@@ -827,7 +828,9 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         return BuildReport(built=False, reason="no new input since the last build")
     keys = KeyMaker(settings.patient_hmac_key())
     gate = QualityGate(settings.quality.expectations_dir)
-    fingerprint = declaration(_declared_files(settings), (STAGED_TABLES, LINKS, IDENTITY), keys)
+    # The warehouse's layout is part of it: another bucket count partitions every table anew.
+    layout = f"patient_buckets={settings.storage.patient_buckets}"
+    fingerprint = declaration(_declared_files(settings), (STAGED_TABLES, LINKS, IDENTITY, layout), keys)
     mark = BuildMark(lake)
     whole_build = force or not mark.trusted(fingerprint)
     mark.set(run_id, "started", fingerprint)
@@ -940,6 +943,10 @@ def _replace_silver(
     ref = silver(name)
     if positions is None or lake.version(ref) is None:
         return lake.overwrite(ref, rows), None
+    if positions.num_rows == 0 and rows.num_rows == 0:  # nothing of this table changed
+        version = lake.version(ref)
+        assert version is not None
+        return version, set()
     present = lake.read(ref, columns=["input_key", "source_offset", "patient_key"])
     assert present is not None
     input_keys = pc.utf8_slice_codeunits(
@@ -949,8 +956,10 @@ def _replace_silver(
     gone = present.filter(at_positions(present, wanted, uri="input_key"))
     touched = set(pc.unique(gone.column("patient_key")).to_pylist())
     touched.update(pc.unique(rows.column("patient_key")).to_pylist())
-    if gone.num_rows:
-        where = gone.select(["input_key", "source_offset"])
+    if gone.num_rows:  # by bucket too: the merge reads only the buckets of the rows it deletes
+        where = gone.select(["input_key", "source_offset"]).append_column(
+            BUCKET, lake.buckets_of(gone.column("patient_key"))
+        )
         lake.delete_matching(ref, where.group_by(where.column_names).aggregate([]))
     version = lake.version(ref)
     assert version is not None
@@ -1102,9 +1111,13 @@ def _build_gold(
     """Gold for ``patients`` (None: all); None when a rule over all rows fails for the whole
     table after a partial build (the caller builds whole)."""
     silver_tables = {}
+    # Only the buckets of these patients are read (a null key: the bucket of rows without one).
+    buckets = (
+        None if patients is None else set(lake.buckets_of(pa.array(list(patients), pa.string())).to_pylist())
+    )
     for spec in LINKS:
         if spec.silver is not None and spec.silver not in silver_tables:
-            table = lake.read(silver(spec.silver))
+            table = lake.read(silver(spec.silver), buckets=buckets)
             if table is None:
                 raise ConfigurationError(f"silver.{spec.silver} does not exist yet: run build_silver first.")
             silver_tables[spec.silver] = (
@@ -1151,12 +1164,14 @@ def _build_gold(
         i["values"]: i["counts"] for i in pc.value_counts(gold_quarantine.column("table_name")).to_pylist()
     }
     for name in journey_tables:
-        written = lake.read(gold(name), columns=None if name == "device_clock" else ["patient_key"])
-        assert written is not None
         if name == "device_clock":
-            report.device_clocks = device_clock_metrics(written, tolerance)
+            clocks = lake.read(gold(name))
+            assert clocks is not None
+            report.device_clocks = device_clock_metrics(clocks, tolerance)
+        rows = lake.row_count(gold(name))
+        assert rows is not None
         bad = quarantined.get(name, 0)
-        report.tables.append(TableCounts(name, written.num_rows + bad, written.num_rows, bad, 0))
+        report.tables.append(TableCounts(name, rows + bad, rows, bad, 0))
     clock.lap("load")
     return report
 

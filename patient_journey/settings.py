@@ -50,6 +50,16 @@ class StorageSettings(BaseModel):
         default=None,
         description="Rejected records: rule and lineage (file, line), never values. Default: restricted_url.",
     )
+    patient_buckets: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description=(
+            "Silver and gold tables with a patient key are partitioned into this many patient "
+            "buckets (patient_bucket), so that a build reads and rewrites only the buckets of the "
+            "patients whose rows changed. Changing it rebuilds silver and gold whole."
+        ),
+    )
 
     @property
     def quarantine_root(self) -> str:

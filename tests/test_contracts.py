@@ -29,7 +29,15 @@ def test_a_write_that_differs_from_the_declaration_is_refused_naming_the_columns
     good = _valid("readmission")
     assert lake.overwrite(silver("readmission"), good) == 0
     renamed = good.rename_columns(
-        ["patient_key", "admitted_on", "discharged_on", "source_uri", "source_offset", "run_id"]
+        [
+            "patient_key",
+            "admitted_on",
+            "discharged_on",
+            "source_uri",
+            "source_offset",
+            "run_id",
+            "patient_bucket",
+        ]
     )
     with pytest.raises(ContractError, match=r"silver\.readmission.*missing input_key; undeclared source_uri"):
         lake.overwrite(silver("readmission"), renamed)

@@ -409,7 +409,7 @@ def reprocessed(tmp_path_factory: pytest.TempPathFactory) -> Reprocessed:
 
     _add_page_files(settings)
     assert pipeline.ingest(settings, "device", "run-2").new_inputs == 0  # the ledger has the blob
-    storage = {f"JOURNEY_STORAGE__{k.upper()}": v for k, v in settings.storage.model_dump().items() if v}
+    storage = {f"JOURNEY_STORAGE__{k.upper()}": str(v) for k, v in settings.storage.model_dump().items() if v}
     command = re.search(r"^journey (reprocess device .*)$", DOC.read_text(encoding="utf-8"), re.M)
     assert command is not None
     result = CliRunner().invoke(app, command.group(1).split(), env=storage)
