@@ -39,6 +39,7 @@ from tasks.journey import (
     check_linkage_floor,
     check_quarantine_share,
     commit_ingest,
+    data_docs_started,
     plan_ingest,
     preflight,
     publish_summary,
@@ -190,8 +191,9 @@ def journey_build(rebuild: bool = False) -> RunSummary:
     """
     started, summary = time.perf_counter(), RunSummary(run_id=_run_id(), flow="journey-build")
     preflight()
-    _build(summary, rebuild)
-    return _finish(summary, started)
+    with data_docs_started():
+        _build(summary, rebuild)
+        return _finish(summary, started)
 
 
 @flow(name="backfill", task_runner=TASK_RUNNER, log_prints=False)
@@ -207,9 +209,10 @@ def backfill(window: DateWindow, sources: list[Source] = ALL_SOURCES, reread: bo
     """
     started, summary = time.perf_counter(), RunSummary(run_id=_run_id(), flow="backfill")
     preflight()
-    summary.ingests = _ingest(summary.run_id, sources, window.bounds(), reread)
-    _build(summary, rebuild=True)
-    return _finish(summary, started)
+    with data_docs_started():
+        summary.ingests = _ingest(summary.run_id, sources, window.bounds(), reread)
+        _build(summary, rebuild=True)
+        return _finish(summary, started)
 
 
 @flow(name="patient-journey", task_runner=TASK_RUNNER, log_prints=False)
@@ -222,7 +225,8 @@ def patient_journey(sources: list[Source] | None = None, rebuild: bool = False) 
     """
     started, summary = time.perf_counter(), RunSummary(run_id=_run_id())
     preflight()
-    summary.ingests = _ingest(summary.run_id, sources or ALL_SOURCES)
-    require_input(summary.ingests)
-    _build(summary, rebuild)
-    return _finish(summary, started)
+    with data_docs_started():  # the Data Docs renderer's imports overlap the run
+        summary.ingests = _ingest(summary.run_id, sources or ALL_SOURCES)
+        require_input(summary.ingests)
+        _build(summary, rebuild)
+        return _finish(summary, started)

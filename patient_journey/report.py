@@ -7,12 +7,12 @@ the quarantine tables, and Great Expectations Data Docs rendered from counts (ne
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from patient_journey.azure import is_blob_url
+from patient_journey.data_docs import DataDocsRenderer, render_pages
 from patient_journey.lake import Lake, extraction_rejects_table
 from patient_journey.pipeline import (
     QUARANTINE,
@@ -21,7 +21,6 @@ from patient_journey.pipeline import (
     IngestReport,
     TableCounts,
 )
-from patient_journey.quality import load_suite_files, rule_of
 from patient_journey.settings import JourneySettings
 from patient_journey.sources.plugins import LINKS
 
@@ -290,107 +289,30 @@ def _links(lines: list[str], summary: RunSummary) -> None:
         lines.append("")
 
 
-def _suite_kwargs(expectations_dir: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """(layer.table, rule, expectation type) -> the expectation's kwargs in its suite file (the
-    rule's definition, e.g. a value set of codes; never data)."""
-    found: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for (layer, table), suite in load_suite_files(expectations_dir).items():
-        for config in suite.document["expectations"]:
-            kwargs = dict(config.get("kwargs") or {})
-            rule = rule_of(config["type"], kwargs.get("column"), config.get("meta"))
-            found[(f"{layer}.{table}", rule, config["type"])] = kwargs
-    return found
+def expectation_outcomes(summary: RunSummary) -> list[dict[str, Any]]:
+    """Every expectation outcome of the run's builds (counts, as ``BuildReport.expectations``)."""
+    return [e for report in (summary.silver, summary.gold) if report is not None for e in report.expectations]
 
 
-def render_data_docs(summary: RunSummary, expectations_dir: Path) -> dict[str, str]:
-    """Great Expectations Data Docs of the run, one HTML page per table plus ``index.html``,
-    rendered from the run's counts and the suites' definitions: no unexpected values, no
-    observed values, no row ids."""
-    from great_expectations.core import ExpectationSuiteValidationResult, ExpectationValidationResult
-    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
-    from great_expectations.render.renderer.page_renderer import ValidationResultsPageRenderer
-    from great_expectations.render.view.view import DefaultJinjaPageView
-
-    by_table: dict[str, list[dict[str, object]]] = {}
-    for report in (summary.silver, summary.gold):
-        for e in report.expectations if report is not None else []:
-            by_table.setdefault(str(e["table"]), []).append(e)
-    pages: dict[str, str] = {}
-    index = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>Data Docs</title></head><body>",
-        f"<h1>Expectations of run {html.escape(summary.run_id)}</h1>",
-        "<p>Counts only: no values are rendered.</p><table border='1' cellpadding='4'>",
-        "<tr><th>table</th><th>evaluated</th><th>not met</th></tr>",
-    ]
-    renderer, view = ValidationResultsPageRenderer(), DefaultJinjaPageView()
-    definitions = _suite_kwargs(expectations_dir)
-    for table, expectations in sorted(by_table.items()):
-        results = []
-        for e in expectations:
-            kwargs = definitions.get((table, str(e["rule"]), str(e["expectation"])))
-            if kwargs is None:
-                kwargs = {"column": e["column"]} if e.get("column") else {}
-            element_count = e.get("element_count")
-            unexpected = e.get("unexpected_count")
-            counts: dict[str, object] = {}
-            if isinstance(element_count, int):
-                counts["element_count"] = element_count
-            if isinstance(unexpected, int):
-                counts["unexpected_count"] = unexpected
-                if isinstance(element_count, int) and element_count:
-                    counts["unexpected_percent"] = 100 * unexpected / element_count
-            try:
-                config = ExpectationConfiguration(
-                    type=str(e["expectation"]),
-                    kwargs=kwargs,
-                    meta={"rule": e["rule"], "severity": e["severity"]},
-                )
-            except Exception:  # noqa: S112 - a definition GX cannot rebuild: in the table artifact only
-                continue
-            results.append(
-                ExpectationValidationResult(
-                    success=bool(e["success"]), expectation_config=config, result=counts
-                )
-            )
-        failed = sum(not r.success for r in results)
-        layer, _, name = table.partition(".")
-        validation = ExpectationSuiteValidationResult(
-            success=failed == 0,
-            results=results,
-            suite_name=table,
-            statistics={
-                "evaluated_expectations": len(results),
-                "successful_expectations": len(results) - failed,
-                "unsuccessful_expectations": failed,
-                "success_percent": 100 * (len(results) - failed) / len(results) if results else 100.0,
-            },
-            meta={
-                "run_id": {"run_name": summary.run_id, "run_time": "1970-01-01T00:00:00+00:00"},
-                "active_batch_definition": {
-                    "datasource_name": layer,
-                    "data_connector_name": "patient-journey",
-                    "data_asset_name": name or table,
-                    "batch_identifiers": {},
-                },
-            },
-        )
-        page = f"{table}.html"
-        pages[page] = str(view.render(renderer.render(validation)))  # type: ignore[no-untyped-call]
-        index.append(
-            f"<tr><td><a href='{html.escape(page)}'>{html.escape(table)}</a></td>"
-            f"<td>{len(results)}</td><td>{failed}</td></tr>"
-        )
-    index.append("</table></body></html>")
-    pages["index.html"] = "\n".join(index)
-    return pages
-
-
-def write_data_docs(settings: JourneySettings, summary: RunSummary) -> str | None:
+def write_data_docs(
+    settings: JourneySettings, summary: RunSummary, renderer: DataDocsRenderer | None = None
+) -> str | None:
     """Write the run's Data Docs beside the quarantine (``data_docs/<run id>/``); returns the
-    location of their index page, or None when the run evaluated no expectation."""
+    location of their index page, or None when the run evaluated no expectation. With a
+    ``renderer`` started earlier, it renders them (here, if it fails)."""
     if not summary.expectation_rows():
+        if renderer is not None:
+            renderer.close()
         return None
-    pages = render_data_docs(summary, settings.quality.expectations_dir)
+    outcomes, folder_of_suites = expectation_outcomes(summary), settings.quality.expectations_dir
+    pages = None
+    if renderer is not None:
+        try:
+            pages = renderer.render(summary.run_id, outcomes, folder_of_suites)
+        except RuntimeError:
+            pages = None
+    if pages is None:
+        pages = render_pages(summary.run_id, outcomes, folder_of_suites)
     storage = Lake(settings).storage(settings.storage.quarantine_root)
     folder = f"data_docs/{summary.run_id}"
     for name, page in pages.items():

@@ -9,6 +9,8 @@ container or a failed quality gate fails at once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -18,6 +20,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.events import emit_event
 
 from patient_journey import pipeline
+from patient_journey.data_docs import DataDocsRenderer
 from patient_journey.errors import StorageError
 from patient_journey.pipeline import BuildReport, IngestBatch, IngestPlan, IngestReport, Window
 from patient_journey.report import (
@@ -109,14 +112,34 @@ def build_gold(run_id: str) -> BuildReport:
     return pipeline.build_gold(journey_settings(), run_id)
 
 
+# The Data Docs renderer of the flow run in this process (``data_docs_started``).
+_renderer: DataDocsRenderer | None = None
+
+
+@contextmanager
+def data_docs_started() -> Iterator[None]:
+    """Start rendering's imports now, in a process of their own, for ``publish_summary`` (a flow
+    that builds opens this first); it is closed at the end if unused."""
+    global _renderer
+    _renderer = DataDocsRenderer()
+    try:
+        yield
+    finally:
+        renderer, _renderer = _renderer, None
+        if renderer is not None:
+            renderer.close()
+
+
 @task(name="publish-summary", **RETRYING)
 def publish_summary(summary: RunSummary) -> str:
     """The run's artifacts: the markdown summary, every expectation as a table, the Data Docs
     (counts only) and where the quarantine is. Counts, rule and table names, paths: no values."""
+    global _renderer
     settings = journey_settings()
     summary.links.update(quarantine_locations(settings))
+    renderer, _renderer = _renderer, None  # used once: a retry renders here
     try:
-        docs = write_data_docs(settings, summary)
+        docs = write_data_docs(settings, summary, renderer)
     except StorageError:
         raise
     except Exception as exc:  # the Data Docs are a view: their failure must not fail a loaded run
