@@ -39,11 +39,12 @@ from tasks.journey import (
     check_linkage_floor,
     check_quarantine_share,
     commit_ingest,
-    data_docs_started,
+    data_docs_renderer,
     plan_ingest,
     preflight,
     publish_summary,
     require_input,
+    start_data_docs,
 )
 from tasks.journey import (
     ingest as ingest_batch,
@@ -147,6 +148,7 @@ def _build(summary: RunSummary, rebuild: bool) -> None:
     with holding([WAREHOUSE_LIMIT, *(ingest_limit(s) for s in SOURCES)]):
         summary.silver = build_silver(summary.run_id, rebuild)
         if summary.silver.built:
+            start_data_docs()  # the Data Docs renderer's imports overlap gold
             summary.gold = build_gold(summary.run_id)
 
 
@@ -191,7 +193,7 @@ def journey_build(rebuild: bool = False) -> RunSummary:
     """
     started, summary = time.perf_counter(), RunSummary(run_id=_run_id(), flow="journey-build")
     preflight()
-    with data_docs_started():
+    with data_docs_renderer():
         _build(summary, rebuild)
         return _finish(summary, started)
 
@@ -209,7 +211,7 @@ def backfill(window: DateWindow, sources: list[Source] = ALL_SOURCES, reread: bo
     """
     started, summary = time.perf_counter(), RunSummary(run_id=_run_id(), flow="backfill")
     preflight()
-    with data_docs_started():
+    with data_docs_renderer():
         summary.ingests = _ingest(summary.run_id, sources, window.bounds(), reread)
         _build(summary, rebuild=True)
         return _finish(summary, started)
@@ -225,7 +227,7 @@ def patient_journey(sources: list[Source] | None = None, rebuild: bool = False) 
     """
     started, summary = time.perf_counter(), RunSummary(run_id=_run_id())
     preflight()
-    with data_docs_started():  # the Data Docs renderer's imports overlap the run
+    with data_docs_renderer():
         summary.ingests = _ingest(summary.run_id, sources or ALL_SOURCES)
         require_input(summary.ingests)
         _build(summary, rebuild)

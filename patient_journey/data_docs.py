@@ -1,9 +1,9 @@
 """Great Expectations Data Docs of a run, rendered from counts, and a renderer started early.
 
 Rendering needs Great Expectations, whose import takes about 5 s (the rest of a run never imports
-it: the suites are evaluated in SQL). A flow starts a ``DataDocsRenderer`` when it starts: a
-process of its own that imports the renderer while the run reads and builds, then waits for the
-run's outcomes on its standard input and answers with the pages. A renderer that fails or is
+it: the suites are evaluated in SQL). A flow starts a ``DataDocsRenderer`` after its silver
+build: a process of its own that imports the renderer while the run builds gold, then waits for
+the run's outcomes on its standard input and answers with the pages. A renderer that fails or is
 never started leaves the rendering to the caller's process (``render_pages``).
 
     python -m patient_journey.data_docs    # the renderer's process: JSON in, JSON out

@@ -112,16 +112,24 @@ def build_gold(run_id: str) -> BuildReport:
     return pipeline.build_gold(journey_settings(), run_id)
 
 
-# The Data Docs renderer of the flow run in this process (``data_docs_started``).
+# The Data Docs renderer of the flow run in this process (``start_data_docs``).
 _renderer: DataDocsRenderer | None = None
 
 
-@contextmanager
-def data_docs_started() -> Iterator[None]:
-    """Start rendering's imports now, in a process of their own, for ``publish_summary`` (a flow
-    that builds opens this first); it is closed at the end if unused."""
+def start_data_docs() -> None:
+    """Start the Data Docs renderer's process (GX's imports, seconds) so that they overlap the
+    rest of the run; ``publish_summary`` uses it. A flow starts it after the silver build: the
+    process holds about 300 MB, which would add to silver's peak memory."""
     global _renderer
-    _renderer = DataDocsRenderer()
+    if _renderer is None:
+        _renderer = DataDocsRenderer()
+
+
+@contextmanager
+def data_docs_renderer() -> Iterator[None]:
+    """Around a flow that builds: the renderer ``start_data_docs`` started and nothing used is
+    stopped at the end (a run that failed before its summary)."""
+    global _renderer
     try:
         yield
     finally:
