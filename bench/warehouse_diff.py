@@ -21,24 +21,14 @@ from pathlib import Path
 
 import orjson
 
-KEY = "warehouse-diff-key-0123456789abcdef0123456789"
-
 
 def build(out: Path, landing: Path) -> None:
+    from bench.increment_profile import settings_for
     from patient_journey import pipeline
     from patient_journey.lake import Lake, Zone
-    from patient_journey.settings import load_settings
 
     shutil.rmtree(out, ignore_errors=True)
-    settings = load_settings(
-        storage={
-            "landing_url": str(landing),
-            "warehouse_url": str(out / "wh"),
-            "restricted_url": str(out / "re"),
-        },
-        identity={"patient_key": KEY},
-        sources={"settle_seconds": 0},
-    )
+    settings = settings_for(out, landing)  # the bench's embedded settings, zones under ``out``
     for source in pipeline.SOURCES:
         pipeline.ingest(settings, source, "diff")
     pipeline.build_silver(settings, "diff")
