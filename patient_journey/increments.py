@@ -31,6 +31,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -45,7 +47,7 @@ from patient_journey.flattened import Refreshed, flattened
 from patient_journey.identity import KeyMaker
 from patient_journey.lake import Lake, TableRef, restricted, staged
 from patient_journey.sources.records import BRONZE_SCHEMA
-from patient_journey.staging import StagedTable, flatten, resolve
+from patient_journey.staging import StagedTable, connect, flatten, resolve, spill_folder
 
 PASSED = "_passed"  # in the staged store: the gate's verdict on a current row; null when superseded
 ROW = "_row"
@@ -228,10 +230,61 @@ def _nothing_resolved(spec: StagedTable) -> pa.Table:
     )
 
 
-def whole_batch(lake: Lake, spec: StagedTable, reads: pa.Table) -> Batch:
-    """Every record of the table, resolved from all its flattened rows."""
-    rows = lake.read(flattened(spec.name)) or flatten(BRONZE_SCHEMA.empty_table(), spec).read_all()
+def whole_batch(lake: Lake, spec: StagedTable, reads: pa.Table, rows: pa.Table | None = None) -> Batch:
+    """Every record of the table, resolved from all its flattened rows; or from ``rows``, the
+    flattened rows of a part of its records (``FlattenedParts``)."""
+    if rows is None:
+        rows = lake.read(flattened(spec.name)) or flatten(BRONZE_SCHEMA.empty_table(), spec).read_all()
     return Batch(spec, _resolved(rows, spec, reads), None)
+
+
+class FlattenedParts:
+    """A staged table's flattened rows split in ``count`` parts of its record ids (by hash), in
+    one pass over the table, into Parquet files in the spill folder (removed by ``close``).
+
+    Every window of ``staging.resolve`` partitions by record id or finer, so the parts resolved
+    apart are the table resolved whole; a build resolves, gates and links a large table part by
+    part and holds one part. A table whose rows carry values across records (``across_key``)
+    is not split."""
+
+    def __init__(self, lake: Lake, spec: StagedTable, count: int) -> None:
+        if spec.across_key:
+            raise ValueError(f"{spec.name} resolves values across records: it is not split in parts")
+        self.spec, self.count = spec, count
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=spill_folder()))
+        ref = flattened(spec.name)
+        version = lake.version(ref)
+        if version is None:
+            raise ValueError(f"{ref.label} does not exist")
+        connection = connect()
+        try:
+            # Rows buffered per part before they are written (DuckDB's default, 524,288 rows per
+            # part, held the whole of M's device events at once).
+            connection.execute("SET partitioned_write_flush_threshold = 50000")
+            connection.execute("SET preserve_insertion_order = false")
+            connection.register("flat_rows", lake.scan(ref, version, None))
+            connection.execute(
+                f"""COPY (SELECT *, hash({RECORD_ID}) % {int(count)} AS _part FROM flat_rows)
+                    TO '{self.folder}' (FORMAT parquet, PARTITION_BY (_part), OVERWRITE_OR_IGNORE)"""
+            )
+        finally:
+            connection.close()
+
+    def rows(self, number: int) -> pa.Table:
+        """The flattened rows of part ``number`` (0 to count - 1)."""
+        connection = connect()
+        try:
+            if not any(self.folder.glob(f"_part={number}/*.parquet")):
+                return flatten(BRONZE_SCHEMA.empty_table(), self.spec).read_all()
+            return connection.execute(
+                "SELECT * EXCLUDE (_part) FROM read_parquet($files, hive_partitioning = true)",
+                {"files": f"{self.folder}/_part={number}/*.parquet"},
+            ).to_arrow_table()
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def changed_batch(lake: Lake, spec: StagedTable, refreshed: Refreshed | None, reads: pa.Table) -> Batch:
@@ -285,9 +338,10 @@ def changed_batch(lake: Lake, spec: StagedTable, refreshed: Refreshed | None, re
     return Batch(spec, _numbered(rows), positions, stored)
 
 
-def store_batch(lake: Lake, batch: Batch, passed: pa.Array) -> int:
+def store_batch(lake: Lake, batch: Batch, passed: pa.Array, after_part: bool = False) -> int:
     """Replace the batch's positions in the table's staged store with its rows, each with the gate's
-    verdict (``passed``: the ``_row`` of every row that passed). Returns the store's version."""
+    verdict (``passed``: the ``_row`` of every row that passed); a part of a whole batch after
+    the first (``after_part``) is added to the store. Returns the store's version."""
     current = pc.invert(batch.rows.column("_superseded"))
     verdict = pc.if_else(
         current, pc.is_in(batch.rows.column(ROW), value_set=passed), pa.scalar(None, pa.bool_())
@@ -295,7 +349,7 @@ def store_batch(lake: Lake, batch: Batch, passed: pa.Array) -> int:
     rows = batch.rows.append_column(PASSED, verdict)
     store = staged(batch.spec.name)
     if batch.positions is None:
-        return lake.overwrite(store, rows)
+        return lake.append(store, rows) if after_part else lake.overwrite(store, rows)
     if batch.stored is not None and batch.stored.num_rows:
         lake.delete_matching(store, batch.stored)
     if rows.num_rows:

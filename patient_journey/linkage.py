@@ -89,7 +89,6 @@ class IdentityRelation:
 @dataclass(frozen=True)
 class LinkResult:
     silver: dict[str, pa.Table]
-    crosswalk: pa.Table
     held: pa.Table
     loaded: dict[str, int]  # staged table -> rows linked (loaded)
     held_counts: dict[str, int]  # staged table -> rows held
@@ -132,6 +131,8 @@ class Linker:
             self.connection.register(f"staged_{name}", table)
         for relation in identity:
             self.connection.execute(f"CREATE TEMP TABLE {relation.name} AS {relation.sql}")
+        for name in identity_tables:  # the relations are made: the connection lets go of the rows
+            self.connection.unregister(f"staged_{name}")
 
     def relations(self) -> dict[str, pa.Table]:
         """Each identity relation's rows, in a stable order."""
@@ -183,7 +184,7 @@ class Linker:
                 silver_parts.setdefault(spec.silver, []).append(linked)
         silver = {name: pa.concat_tables(parts) for name, parts in silver_parts.items()}
         held_rows = pa.concat_tables(held_parts) if held_parts else HELD_SCHEMA.empty_table()
-        return LinkResult(silver, self.crosswalk(), held_rows, loaded, held_counts)
+        return LinkResult(silver, held_rows, loaded, held_counts)
 
     def close(self) -> None:
         self.connection.close()
@@ -202,7 +203,7 @@ def link(
     identity: Sequence[IdentityRelation],
 ) -> LinkResult:
     """Link whole validated staged tables in one step: identity relations from them, then every
-    row of them linked (``Linker``); returns silver tables, the crosswalk and held records."""
+    row of them linked (``Linker``); returns silver tables and held records."""
     linker = Linker(
         keys, identity, {name: staged[name] for name in identity_inputs(identity) if name in staged}
     )

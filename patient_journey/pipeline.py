@@ -9,6 +9,7 @@ so steps can run in separate processes (or on a Dask cluster) and be re-run alon
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -23,13 +24,14 @@ import pyarrow.compute as pc
 
 from patient_journey.contracts import BUCKET
 from patient_journey.errors import ConfigurationError
-from patient_journey.flattened import refresh
+from patient_journey.flattened import Refreshed, flattened, refresh
 from patient_journey.identity import KeyMaker
 from patient_journey.increments import (
     PASSED,
     POSITION_SCHEMA,
     Batch,
     BuildMark,
+    FlattenedParts,
     at_positions,
     changed_batch,
     declaration,
@@ -55,9 +57,16 @@ from patient_journey.lake import (
     silver,
     staged,
 )
-from patient_journey.linkage import INPUT_KEY_LENGTH, Linker, identity_inputs
+from patient_journey.linkage import HELD_SCHEMA, INPUT_KEY_LENGTH, Linker, identity_inputs
 from patient_journey.prom import redcap_forms_not_loaded
-from patient_journey.quality import QUARANTINE_SCHEMA, GateResult, QualityGate, quarantine_rows
+from patient_journey.quality import (
+    QUARANTINE_SCHEMA,
+    ExpectationOutcome,
+    GateResult,
+    QualityGate,
+    merge_outcomes,
+    quarantine_rows,
+)
 from patient_journey.settings import JourneySettings
 from patient_journey.sources import registry
 from patient_journey.sources.plugins import (
@@ -79,7 +88,7 @@ from patient_journey.sources.records import (
     candidate_files,
 )
 from patient_journey.sources.source import ExtractJob, unknown_source_settings
-from patient_journey.staging import FIELD_ERROR, SUPERSEDED
+from patient_journey.staging import FIELD_ERROR, SUPERSEDED, use_spill_folder
 from patient_journey.storage import FileInfo, Storage, check_zones, listed_files
 
 SOURCES = tuple(PLUGINS)
@@ -818,7 +827,12 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     are in are gated, linked and replaced in the tables written (patient_journey.increments);
     held records are linked again when the identities grew. A build is whole (every table
     replaced) when forced, when the suites, templates, declarations or code changed, or when the
-    build before did not finish."""
+    build before did not finish.
+
+    One silver table at a time: the tables the identity relations read are staged and gated
+    first (their rows are kept for the linker); then each silver table's staged tables are
+    staged, gated, linked and written, and their rows let go before the next table's are read,
+    so the build holds one table's rows at a time besides the identity tables."""
     started = time.perf_counter()
     clock = StepClock()
     lake = Lake(settings)
@@ -828,6 +842,7 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
         return BuildReport(built=False, reason="no new input since the last build")
     keys = KeyMaker(settings.patient_hmac_key())
     gate = QualityGate(settings.quality.expectations_dir)
+    use_spill_folder(settings.storage.spill_dir)
     # The warehouse's layout is part of it: another bucket count partitions every table anew.
     layout = f"patient_buckets={settings.storage.patient_buckets}"
     fingerprint = declaration(_declared_files(settings), (STAGED_TABLES, LINKS, IDENTITY, layout), keys)
@@ -839,99 +854,217 @@ def build_silver(settings: JourneySettings, run_id: str, force: bool = False) ->
     report = BuildReport(built=True)
     refreshed = {r.table: r for r in refresh(lake, STAGED_TABLES)}
     report.flattened = {name: ("whole" if r.whole else "since") for name, r in refreshed.items()}
-    batches: dict[str, Batch] = {}
-    for spec in STAGED_TABLES:
-        earlier = refreshed.get(spec.name)
-        if whole_build or (earlier is not None and earlier.whole) or lake.version(staged(spec.name)) is None:
-            batches[spec.name] = whole_batch(lake, spec, reads)
-        else:
-            batches[spec.name] = changed_batch(lake, spec, earlier, reads)
-    report.replaced = {
-        name: "whole" if batch.positions is None else batch.positions.num_rows
-        for name, batch in batches.items()
-    }
-    bronze_only = _bronze_only(lake, reads)
+    report.bronze_only = _bronze_only(lake, reads)
     rejected_at_read = _rejects_as_quarantine(lake, reads)
     clock.lap("stage")
-
-    passed: dict[str, pa.Table] = {}
-    gated_parts = [QUARANTINE_SCHEMA.empty_table()]
-    source_of = {spec.staged: spec.source for spec in LINKS}
-    for name, batch in batches.items():
-        current = batch.rows.filter(pc.invert(batch.rows.column(SUPERSEDED))).drop_columns([SUPERSEDED])
-        table, mistyped = field_type_rejects(current, name, source_of[name], run_id)
-        result = gate.check("staged", name, table, source_of[name], run_id)
-        passed[name] = result.passed
-        gated_parts.extend([mistyped, result.quarantined])
-        report.expectations.extend(asdict(o) for o in result.outcomes)
-    for plugin in PLUGINS.values():  # a source's own gate after staging (device types)
-        gated = plugin.gate_staged(settings, gate, passed, run_id)
-        if gated is not None:
-            gated_parts.append(gated.quarantined)
-            report.expectations.extend(asdict(o) for o in gated.outcomes)
-    for name, batch in batches.items():
-        report.versions[f"staged.{name}"] = store_batch(lake, batch, passed[name].column("_row"))
+    with _Staging(settings, lake, gate, run_id, reads, refreshed, whole_build, clock, report) as staging:
+        loaded = _link_and_load(lake, keys, staging, run_id, whole_build, report, clock)
     gated_quarantine = replace_positions(
-        lake.read(GATED_QUARANTINE),
-        pa.concat_tables(gated_parts),
-        {name: batch.positions for name, batch in batches.items()},
+        lake.read(GATED_QUARANTINE), pa.concat_tables(staging.gated_parts), staging.positions
     )
     lake.overwrite(GATED_QUARANTINE, gated_quarantine)
-    clock.lap("validate")
-
-    def passed_rows(name: str, positions: pa.Table | None) -> pa.Table:
-        """The passed rows at a table's ``positions`` (None: all): this build's, then the store's."""
-        batch = batches[name]
-        if batch.positions is None:
-            return passed[name]
-        if positions is None:
-            return stored_passed(lake, name).select(passed[name].schema.names).cast(passed[name].schema)
-        others = without(positions, batch.positions)
-        if not others.num_rows:
-            return passed[name]
-        stored = stored_passed(lake, name, others).select(passed[name].schema.names).cast(passed[name].schema)
-        return pa.concat_tables([passed[name], stored])
-
-    linker = Linker(keys, IDENTITY, {name: passed_rows(name, None) for name in identity_inputs(IDENTITY)})
-    crosswalk = linker.crosswalk()
-    change = "changed" if whole_build else identity_change(lake.read(CROSSWALK), crosswalk)
-    held_before = lake.read(HELD)
-    relinked: dict[str, pa.Table | None] = {}
-    for names in _silver_groups().values():
-        positions: pa.Table | None = None
-        if change != "changed" and not any(batches[name].whole for name in names):
-            parts = [batches[name].positions or POSITION_SCHEMA.empty_table() for name in names]
-            if change == "grown" and held_before is not None:  # held records whose key may have come
-                mine = pc.is_in(held_before.column("table_name"), value_set=pa.array(names, pa.string()))
-                parts.append(held_before.filter(mine))
-            positions = positions_of(*parts)
-        relinked.update({name: positions for name in names})
-    linked = linker.link(
-        {name: passed_rows(name, positions) for name, positions in relinked.items()}, run_id, LINKS
-    )
-    linker.close()
-    report.bronze_only = bronze_only
-    clock.lap("link")
-
-    patients: set[str | None] | None = set()
-    for group, names in _silver_groups().items():
-        if group in linked.silver:
-            version, touched = _replace_silver(lake, keys, group, linked.silver[group], relinked[names[0]])
-            report.versions[f"silver.{group}"] = version
-            patients = None if patients is None or touched is None else patients | touched
-    _gold_pending(lake, patients)
-    held = replace_positions(held_before, linked.held, relinked)
-    report.versions["held"] = lake.overwrite(HELD, held)
+    _gold_pending(lake, loaded.patients)
+    report.versions["held"] = lake.overwrite(HELD, loaded.held)
     report.versions["quarantine"] = lake.overwrite(
         QUARANTINE, pa.concat_tables([rejected_at_read, gated_quarantine.cast(QUARANTINE_SCHEMA)])
     )
-    report.versions["crosswalk"] = lake.overwrite(CROSSWALK, crosswalk)
-    report.tables = _table_counts(lake, list(batches), rejected_at_read, held)
+    report.versions["crosswalk"] = lake.overwrite(CROSSWALK, loaded.crosswalk)
+    report.tables = _table_counts(lake, [spec.name for spec in STAGED_TABLES], rejected_at_read, loaded.held)
+    report.expectations = [asdict(o) for o in merge_outcomes(staging.outcomes)]
     mark.set(run_id, "finished", fingerprint)
     clock.lap("load")
     report.stage_seconds = clock.seconds
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    crosswalk: pa.Table
+    held: pa.Table  # every held record, after this build
+    patients: set[str | None] | None  # whose silver rows changed (None: all)
+
+
+def _link_and_load(
+    lake: Lake,
+    keys: KeyMaker,
+    staging: _Staging,
+    run_id: str,
+    whole_build: bool,
+    report: BuildReport,
+    clock: StepClock,
+) -> _Loaded:
+    """Link each silver table's staged rows (those that changed, or whose link could have) and
+    replace them in silver, one silver table (or part of one) at a time."""
+    identity = {name: staging.passed_rows(name, None) for name in identity_inputs(IDENTITY)}
+    linker = Linker(keys, IDENTITY, identity)
+    del identity
+    crosswalk = linker.crosswalk()
+    change = "changed" if whole_build else identity_change(lake.read(CROSSWALK), crosswalk)
+    held_before = lake.read(HELD)
+    clock.lap("link")
+    relinked: dict[str, pa.Table | None] = {}
+    held_parts = [HELD_SCHEMA.empty_table()]
+    patients: set[str | None] | None = set()
+    for group, names in _silver_groups().items():
+        parts = staging.parts(names)
+        for number in range(parts):  # a large table built whole: part by part of its records
+            batches = [staging.batch(name, (number, parts)) for name in names]
+            positions: pa.Table | None = None
+            if change != "changed" and not any(batch.whole for batch in batches):
+                wanted = [batch.positions or POSITION_SCHEMA.empty_table() for batch in batches]
+                if change == "grown" and held_before is not None:  # held records whose key may have come
+                    mine = pc.is_in(held_before.column("table_name"), value_set=pa.array(names, pa.string()))
+                    wanted.append(held_before.filter(mine))
+                positions = positions_of(*wanted)
+            relinked.update({name: positions for name in names})
+            linked = linker.link(
+                {name: staging.passed_rows(name, positions) for name in names},
+                run_id,
+                [spec for spec in LINKS if spec.staged in names],
+            )
+            staging.release(names)
+            held_parts.append(linked.held)
+            clock.lap("link")
+            rows = linked.silver.get(group)
+            del linked
+            if rows is not None and number == 0:
+                version, touched = _replace_silver(lake, keys, group, rows, positions)
+                report.versions[f"silver.{group}"] = version
+                patients = None if patients is None or touched is None else patients | touched
+            elif rows is not None and rows.num_rows:  # a later part of a table built whole
+                report.versions[f"silver.{group}"] = lake.append(silver(group), rows)
+            clock.lap("load")
+    linker.close()
+    held = replace_positions(held_before, pa.concat_tables(held_parts), relinked)
+    return _Loaded(crosswalk, held, patients)
+
+
+# Flattened rows per part of a large staged table built whole (``_Staging.parts``): a part's
+# resolve, gate and link hold about this many rows (at M, device events: about 0.6 GiB each).
+STAGE_PART_ROWS = 250_000
+
+
+class _Staging:
+    """The staged tables of one silver build, each resolved, gated and stored when first asked
+    for (``batch``), its passed rows kept until ``release``: a build holds the rows of the table
+    (or the part of a large table) it links, and of the identity tables, not of every table."""
+
+    def __init__(
+        self,
+        settings: JourneySettings,
+        lake: Lake,
+        gate: QualityGate,
+        run_id: str,
+        reads: pa.Table,
+        refreshed: dict[str, Refreshed],
+        whole_build: bool,
+        clock: StepClock,
+        report: BuildReport,
+    ) -> None:
+        self.settings, self.lake, self.gate, self.run_id = settings, lake, gate, run_id
+        self.reads, self.refreshed, self.whole_build = reads, refreshed, whole_build
+        self.clock, self.report = clock, report
+        self.specs = {spec.name: spec for spec in STAGED_TABLES}
+        self.source_of = {spec.staged: spec.source for spec in LINKS}
+        self.batches: dict[str, tuple[tuple[int, int], Batch]] = {}  # the part staged last
+        self.passed: dict[str, pa.Table] = {}
+        self.positions: dict[str, pa.Table | None] = {}  # every table staged: the positions replaced
+        self.gated_parts = [QUARANTINE_SCHEMA.empty_table()]
+        self.outcomes: list[ExpectationOutcome] = []
+        self.split: dict[str, FlattenedParts] = {}
+
+    def whole(self, name: str) -> bool:
+        """Whether the table is built whole (its store replaced), not by its changed records."""
+        earlier = self.refreshed.get(name)
+        return (
+            self.whole_build
+            or (earlier is not None and earlier.whole)
+            or self.lake.version(staged(name)) is None
+        )
+
+    def parts(self, names: list[str]) -> int:
+        """In how many parts of its records a silver table's one staged table is built: more than
+        one only for a large table built whole that no identity relation reads whole and that
+        keeps no values across records."""
+        if len(names) != 1:
+            return 1
+        name = names[0]
+        if name in identity_inputs(IDENTITY) or self.specs[name].across_key or not self.whole(name):
+            return 1
+        return max(1, math.ceil((self.lake.row_count(flattened(name)) or 0) / STAGE_PART_ROWS))
+
+    def batch(self, name: str, part: tuple[int, int] = (0, 1)) -> Batch:
+        """The table's batch (of one ``part`` of its records), staged, gated and stored the first
+        time it is asked for."""
+        if name in self.batches and self.batches[name][0] == part:
+            return self.batches[name][1]
+        lake, spec = self.lake, self.specs[name]
+        number, count = part
+        if count > 1:  # split once, at the first part; the parts' files removed after the last
+            if number == 0:
+                self.split[name] = FlattenedParts(lake, spec, count)
+            batch = whole_batch(lake, spec, self.reads, self.split[name].rows(number))
+            if number == count - 1:
+                self.split.pop(name).close()
+        elif self.whole(name):
+            batch = whole_batch(lake, spec, self.reads)
+        else:
+            batch = changed_batch(lake, spec, self.refreshed.get(name), self.reads)
+        self.clock.lap("stage")
+        rows = batch.rows
+        current = rows.filter(pc.invert(rows.column(SUPERSEDED))).drop_columns([SUPERSEDED])
+        table, mistyped = field_type_rejects(current, name, self.source_of[name], self.run_id)
+        del current
+        result = self.gate.check("staged", name, table, self.source_of[name], self.run_id)
+        del table
+        self.gated_parts.extend([mistyped, result.quarantined])
+        self.outcomes.extend(result.outcomes)
+        passed = {name: result.passed}
+        for plugin in PLUGINS.values():  # a source's own gate after staging (device types)
+            gated = plugin.gate_staged(self.settings, self.gate, passed, self.run_id)
+            if gated is not None:
+                self.gated_parts.append(gated.quarantined)
+                self.outcomes.extend(gated.outcomes)
+        self.clock.lap("validate")
+        self.report.versions[f"staged.{name}"] = store_batch(
+            lake, batch, passed[name].column("_row"), after_part=part[0] > 0
+        )
+        self.report.replaced[name] = "whole" if batch.positions is None else batch.positions.num_rows
+        self.positions[name] = batch.positions
+        # Only what linking needs is kept: the rows were stored, the positions are enough (an
+        # empty table, not a slice: a slice keeps the buffers).
+        self.batches[name] = (part, replace(batch, rows=rows.schema.empty_table(), stored=None))
+        self.passed[name] = passed[name]
+        self.clock.lap("load")
+        return self.batches[name][1]
+
+    def passed_rows(self, name: str, positions: pa.Table | None) -> pa.Table:
+        """The passed rows at a table's ``positions`` (None: all): this build's, then the store's."""
+        batch = self.batches[name][1] if name in self.batches else self.batch(name)
+        mine = self.passed[name]
+        if batch.positions is None:
+            return mine
+        if positions is None:
+            return stored_passed(self.lake, name).select(mine.schema.names).cast(mine.schema)
+        others = without(positions, batch.positions)
+        if not others.num_rows:
+            return mine
+        stored = stored_passed(self.lake, name, others).select(mine.schema.names).cast(mine.schema)
+        return pa.concat_tables([mine, stored])
+
+    def release(self, names: list[str]) -> None:
+        """Let go of the tables' rows once they are linked."""
+        for name in names:
+            self.passed[name] = self.passed[name].schema.empty_table()
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, *_: object) -> None:  # a build that failed between parts: their files
+        for parts in self.split.values():
+            parts.close()
+        self.split.clear()
 
 
 def _replace_silver(
@@ -1075,19 +1208,26 @@ def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
     changed since the last gold build (or every patient); records the bronze versions it used.
 
     A patient's episode and events depend on that patient's rows alone, so they are built again
-    for the patients noted by the silver builds since (``_gold_pending``) and replace theirs.
-    device_clock (one row per device, over all its patients' events) is built whole from a few
-    columns. A rule over all rows (a unique key) is checked again over the whole table; if it
-    fails there, gold is built whole, as without notes."""
+    for the patients noted by the silver builds since (``_gold_pending``) and replace theirs; a
+    build of every patient goes a few patient buckets at a time (``_bucket_units``), so it holds
+    one unit's rows, not the warehouse's. device_clock (one row per device, over all its
+    patients' events) is built whole from a few columns. A rule over all rows (a unique key) is
+    checked again over the whole table; if it fails there, gold is built whole in one unit (its
+    gate then sees every row at once)."""
     started = time.perf_counter()
     clock = StepClock()
     lake = Lake(settings)
     gate = QualityGate(settings.quality.expectations_dir)
+    use_spill_folder(settings.storage.spill_dir)
     tolerance = settings.sources.device_skew_tolerance_seconds
     patients = _patients_pending(lake)
-    report = _build_gold(lake, gate, run_id, tolerance, patients, clock)
-    if report is None:  # a unique key repeated across the patients built and the others
-        report = _build_gold(lake, gate, run_id, tolerance, None, clock)
+    in_parts = all(gate.across_rows("gold", name) is not None for name in GOLD_TABLES)
+    units: list[set[int] | None] = (
+        _bucket_units(lake, settings.storage.patient_buckets) if in_parts else [None]
+    )
+    report = _build_gold(lake, gate, run_id, tolerance, patients, units, clock)
+    if report is None:  # a unique key repeated across the units (or patients) built apart
+        report = _build_gold(lake, gate, run_id, tolerance, None, [None], clock)
     assert report is not None
     lake.overwrite(
         GOLD_PENDING, pa.table({"whole": pa.array([], pa.bool_()), "patient_key": pa.array([], pa.string())})
@@ -1100,56 +1240,93 @@ def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
     return report
 
 
+# Silver rows per unit of a gold build of every patient (``_bucket_units``): its memory is about
+# that of this many silver rows and the gold rows made of them.
+GOLD_UNIT_ROWS = 1_000_000
+
+
+def _bucket_units(lake: Lake, buckets: int) -> list[set[int] | None]:
+    """The patient buckets a gold build of every patient builds together, a few at a time: as
+    many as hold about ``GOLD_UNIT_ROWS`` silver rows (the rows without a patient go with the
+    first). One unit of every bucket (None) when silver is small."""
+    total = sum(lake.row_count(silver(name)) or 0 for name in {s.silver for s in LINKS if s.silver})
+    per_unit = max(1, math.ceil(buckets * GOLD_UNIT_ROWS / max(total, 1)))
+    if per_unit >= buckets:
+        return [None]
+    units: list[set[int] | None] = [
+        set(range(start, min(start + per_unit, buckets))) for start in range(0, buckets, per_unit)
+    ]
+    first = units[0]
+    assert first is not None
+    first.add(-1)
+    return units
+
+
 def _build_gold(
     lake: Lake,
     gate: QualityGate,
     run_id: str,
     tolerance: int,
     patients: set[str | None] | None,
+    units: list[set[int] | None],
     clock: StepClock,
 ) -> BuildReport | None:
-    """Gold for ``patients`` (None: all); None when a rule over all rows fails for the whole
-    table after a partial build (the caller builds whole)."""
-    silver_tables = {}
-    # Only the buckets of these patients are read (a null key: the bucket of rows without one).
-    buckets = (
-        None if patients is None else set(lake.buckets_of(pa.array(list(patients), pa.string())).to_pylist())
-    )
-    for spec in LINKS:
-        if spec.silver is not None and spec.silver not in silver_tables:
-            table = lake.read(silver(spec.silver), buckets=buckets)
-            if table is None:
-                raise ConfigurationError(f"silver.{spec.silver} does not exist yet: run build_silver first.")
-            silver_tables[spec.silver] = (
-                table if patients is None else table.filter(_of_patients(table, patients))
-            )
+    """Gold for ``patients`` (None: all, unit by unit of ``units``: patient buckets, None for
+    every bucket); None when a rule over all rows fails for the whole table after a build in
+    parts (the caller builds whole in one unit)."""
+    if patients is not None:  # only the buckets of these patients (a null key: rows without one)
+        units = [set(lake.buckets_of(pa.array(list(patients), pa.string())).to_pylist())]
     report = BuildReport(built=True, patients="all" if patients is None else len(patients))
-    clock.lap("read")
-    journey_tables = build_journey(silver_tables, JOURNEY_PARTS, tolerance)
-    if patients is not None:  # one row per device over all its events: whole, from its columns
-        events = lake.read(silver("device_event"), columns=DEVICE_CLOCK_COLUMNS)
-        assert events is not None
-        journey_tables["device_clock"] = device_clock(events, tolerance)
-    clock.lap("build")
     old_quarantine = None if patients is None else lake.read(GOLD_QUARANTINE)
-    quarantine_parts = []
-    for name, table in journey_tables.items():
-        result = gate.check("gold", name, table, "journey", run_id)
-        clock.lap("validate")
-        report.expectations.extend(asdict(o) for o in result.outcomes)
-        keyed = _keyed_quarantine(result, table)
-        by_patient = patients is not None and name != "device_clock"
-        if by_patient:
-            assert patients is not None
-            lake.delete_keys(gold(name), "patient_key", patients)
-            report.versions[f"gold.{name}"] = lake.append(gold(name), result.passed)
+    quarantine_parts: list[tuple[str, pa.Table, bool]] = []
+    outcomes: list[ExpectationOutcome] = []
+    by_patient = [name for name in GOLD_TABLES if name != "device_clock"]
+    for number, unit in enumerate(units):
+        silver_tables = {}
+        for spec in LINKS:
+            if spec.silver is not None and spec.silver not in silver_tables:
+                table = lake.read(silver(spec.silver), buckets=unit)
+                if table is None:
+                    raise ConfigurationError(
+                        f"silver.{spec.silver} does not exist yet: run build_silver first."
+                    )
+                silver_tables[spec.silver] = (
+                    table if patients is None else table.filter(_of_patients(table, patients))
+                )
+        clock.lap("read")
+        journey_tables = build_journey(silver_tables, JOURNEY_PARTS, tolerance)
+        del silver_tables
+        clock.lap("build")
+        for name in by_patient:
+            table = journey_tables.pop(name)
+            result = gate.check("gold", name, table, "journey", run_id)
+            clock.lap("validate")
+            outcomes.extend(result.outcomes)
+            quarantine_parts.append((name, _keyed_quarantine(result, table), patients is not None))
+            if patients is not None:
+                lake.delete_keys(gold(name), "patient_key", patients)
+                report.versions[f"gold.{name}"] = lake.append(gold(name), result.passed)
+            elif number == 0:
+                report.versions[f"gold.{name}"] = lake.overwrite(gold(name), result.passed)
+            else:
+                report.versions[f"gold.{name}"] = lake.append(gold(name), result.passed)
+            clock.lap("load")
+    if patients is not None or len(units) > 1:  # each unit's rules held apart: do they hold whole?
+        for name in by_patient:
             rules = gate.across_rows("gold", name)
             if rules is None or _repeats(lake, gold(name), rules):
                 return None
-        else:
-            report.versions[f"gold.{name}"] = lake.overwrite(gold(name), result.passed)
-        quarantine_parts.append((name, keyed, by_patient))
-        clock.lap("load")
+    # One row per device over all its events: whole, from its columns.
+    events = lake.read(silver("device_event"), columns=DEVICE_CLOCK_COLUMNS)
+    assert events is not None
+    clocks = device_clock(events, tolerance)
+    result = gate.check("gold", "device_clock", clocks, "journey", run_id)
+    outcomes.extend(result.outcomes)
+    quarantine_parts.append(("device_clock", _keyed_quarantine(result, clocks), False))
+    report.versions["gold.device_clock"] = lake.overwrite(gold("device_clock"), result.passed)
+    report.device_clocks = device_clock_metrics(result.passed, tolerance)
+    report.expectations.extend(asdict(o) for o in merge_outcomes(outcomes))
+    clock.lap("load")
     gold_quarantine = _merge_gold_quarantine(old_quarantine, quarantine_parts, patients)
     lake.overwrite(GOLD_QUARANTINE, gold_quarantine)
     # Replaced, not appended: a gold build run again (a retry) does not list its rows twice.
@@ -1163,15 +1340,11 @@ def _build_gold(
     quarantined = {
         i["values"]: i["counts"] for i in pc.value_counts(gold_quarantine.column("table_name")).to_pylist()
     }
-    for name in journey_tables:
-        if name == "device_clock":
-            clocks = lake.read(gold(name))
-            assert clocks is not None
-            report.device_clocks = device_clock_metrics(clocks, tolerance)
-        rows = lake.row_count(gold(name))
-        assert rows is not None
+    for name in GOLD_TABLES:
+        count = lake.row_count(gold(name))
+        assert count is not None
         bad = quarantined.get(name, 0)
-        report.tables.append(TableCounts(name, rows + bad, rows, bad, 0))
+        report.tables.append(TableCounts(name, count + bad, count, bad, 0))
     clock.lap("load")
     return report
 

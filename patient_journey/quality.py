@@ -21,7 +21,8 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib.metadata import version
 from pathlib import Path
@@ -67,6 +68,32 @@ class ExpectationOutcome:
     unexpected_count: int | None
     observed: str | None
     evaluated: bool = True  # False when GX raised while computing it (e.g. a missing column)
+
+
+def merge_outcomes(outcomes: Sequence[ExpectationOutcome]) -> list[ExpectationOutcome]:
+    """The outcomes of a table checked in parts (a gold build unit by unit) as one per
+    expectation: counts added, a success only if every part's was; an observed value kept only
+    when every part saw the same one."""
+    merged: dict[tuple[object, ...], ExpectationOutcome] = {}
+    for outcome in outcomes:
+        key = (outcome.table, outcome.rule, outcome.expectation, outcome.column, outcome.severity)
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = outcome
+            continue
+        merged[key] = replace(
+            seen,
+            success=seen.success and outcome.success,
+            element_count=_added(seen.element_count, outcome.element_count),
+            unexpected_count=_added(seen.unexpected_count, outcome.unexpected_count),
+            observed=seen.observed if seen.observed == outcome.observed else None,
+            evaluated=seen.evaluated and outcome.evaluated,
+        )
+    return list(merged.values())
+
+
+def _added(first: int | None, second: int | None) -> int | None:
+    return None if first is None and second is None else (first or 0) + (second or 0)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,15 @@ class StorageSettings(BaseModel):
         ),
     )
 
+    spill_dir: str | None = Field(
+        default=None,
+        description=(
+            "A local folder where a build writes what exceeds its memory (the SQL engine's spill "
+            "and large tables split in parts): restricted data, removed after use; put it on a "
+            "disk cleared for PHI. Default: a private folder under the system's temporary folder."
+        ),
+    )
+
     @property
     def quarantine_root(self) -> str:
         return self.quarantine_url or self.restricted_url
