@@ -38,16 +38,16 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from patient_journey.engine import connect, spill_folder
 from patient_journey.flattened import Refreshed, flattened
 from patient_journey.identity import KeyMaker
 from patient_journey.lake import Lake, TableRef, restricted, staged
 from patient_journey.sources.records import BRONZE_SCHEMA
-from patient_journey.staging import StagedTable, connect, flatten, resolve, spill_folder
+from patient_journey.staging import StagedTable, flatten, resolve
 
 PASSED = "_passed"  # in the staged store: the gate's verdict on a current row; null when superseded
 ROW = "_row"
@@ -263,9 +263,10 @@ class FlattenedParts:
             connection.execute("SET partitioned_write_flush_threshold = 50000")
             connection.execute("SET preserve_insertion_order = false")
             connection.register("flat_rows", lake.scan(ref, version, None))
+            folder = str(self.folder).replace("'", "''")  # a path in SQL text: COPY takes no parameter
             connection.execute(
                 f"""COPY (SELECT *, hash({RECORD_ID}) % {int(count)} AS _part FROM flat_rows)
-                    TO '{self.folder}' (FORMAT parquet, PARTITION_BY (_part), OVERWRITE_OR_IGNORE)"""
+                    TO '{folder}' (FORMAT parquet, PARTITION_BY (_part), OVERWRITE_OR_IGNORE)"""
             )
         finally:
             connection.close()
@@ -393,7 +394,7 @@ def identity_change(before: pa.Table | None, after: pa.Table) -> str:
     otherwise). Each identity relation's rows follow from its crosswalk rows (IdentityRelation)."""
     if before is None:
         return "changed"
-    connection = duckdb.connect()
+    connection = connect()
     try:
         connection.register("before", before)
         connection.register("after", after)

@@ -28,9 +28,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from patient_journey.engine import connect
 from patient_journey.scoring import Catalog, load_catalog
 from patient_journey.settings import shipped
-from patient_journey.staging import connect
 
 INDEX_PROCEDURE_CODES = ("609588000", "52734007")  # SNOMED CT total knee / total hip replacement
 # SNOMED CT codes of an EHR Condition that count as a post-operative complication.

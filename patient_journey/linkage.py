@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from duckdb.func import PythonUDFType
 
+from patient_journey.engine import connect
 from patient_journey.identity import KeyMaker
-from patient_journey.staging import connect
 
 HELD_SCHEMA = pa.schema(
     [
@@ -125,7 +125,7 @@ class Linker:
         identity_tables: dict[str, pa.Table],
     ) -> None:
         self.identity = identity
-        self.connection = connect()
+        self.connection = connect(private=True)  # its own: the pseudonym function
         _register_pseudonym(self.connection, keys)
         for name, table in identity_tables.items():
             self.connection.register(f"staged_{name}", table)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from patient_journey.contracts import BUCKET
+from patient_journey.engine import use_spill_folder
 from patient_journey.errors import ConfigurationError
 from patient_journey.flattened import Refreshed, flattened, refresh
 from patient_journey.identity import KeyMaker
@@ -88,7 +89,7 @@ from patient_journey.sources.records import (
     candidate_files,
 )
 from patient_journey.sources.source import ExtractJob, unknown_source_settings
-from patient_journey.staging import FIELD_ERROR, SUPERSEDED, use_spill_folder
+from patient_journey.staging import FIELD_ERROR, SUPERSEDED
 from patient_journey.storage import FileInfo, Storage, check_zones, listed_files
 
 SOURCES = tuple(PLUGINS)

@@ -24,9 +24,9 @@ placeholders for what this module fills in from ``catalog/instruments`` via
 
 from __future__ import annotations
 
-import duckdb
 import pyarrow as pa
 
+from patient_journey.engine import connect
 from patient_journey.scoring import SCORES_SCHEMA, Catalog, load_catalog, score_responses
 
 # Staged PROM table -> whether only rows whose instrument is a catalog id are PROMs (REDCap:
@@ -45,7 +45,7 @@ def score_table(table: pa.Table, catalog: Catalog, catalog_forms_only: bool) -> 
             "score_name": [instrument.primary_score.name for instrument in catalog.instruments.values()],
         }
     )
-    connection = duckdb.connect()
+    connection = connect()
     try:
         connection.register("staged", table)
         connection.register("primary_score", primary)
@@ -87,7 +87,7 @@ def redcap_forms_not_loaded(records: pa.Table, catalog: Catalog | None = None) -
     if records.num_rows == 0:
         return {}
     instruments = pa.table({"instrument": list((catalog or load_catalog()).instruments)})
-    connection = duckdb.connect()
+    connection = connect()
     try:
         connection.register("records", records.select(["entity", "payload"]))
         connection.register("instruments", instruments)

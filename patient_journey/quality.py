@@ -28,11 +28,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from patient_journey.engine import connect
 from patient_journey.errors import ExpectationSuiteError, QualityGateError
 
 if TYPE_CHECKING:
@@ -420,7 +420,7 @@ class SqlSuite:
         """Every expectation's outcome; the positions of the rows that break an error-severity
         row expectation that failed, with the rules they break; the failed error-severity table
         expectations."""
-        connection = duckdb.connect()
+        connection = connect()
         try:
             # Each row's position travels with it (windows return rows in any order), under a
             # name none of the table's columns has.

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from patient_journey.engine import connect
 from patient_journey.errors import ConfigurationError, SourceError
 from patient_journey.settings import shipped
 
@@ -322,7 +322,7 @@ def responses_from_long(long: pa.Table) -> pa.Table:
     missing = {"response_id", "instrument", "item_id", "value"} - set(long.column_names)
     if missing:
         raise SourceError(f"Long responses lack the columns {sorted(missing)}.")
-    connection = duckdb.connect()
+    connection = connect()
     try:
         connection.register("long_responses", long)
         items = [row[0] for row in connection.sql("SELECT DISTINCT item_id FROM long_responses").fetchall()]
@@ -521,7 +521,7 @@ def score_responses(responses: pa.Table, catalog: Catalog | None = None) -> pa.T
         raise SourceError(f"Responses have a column named {ROW_COLUMN!r}, which the scoring engine reserves.")
     catalog = catalog or load_catalog()
     numbered = responses.append_column(ROW_COLUMN, pa.array(range(responses.num_rows), type=pa.int64()))
-    connection = duckdb.connect()
+    connection = connect()
     try:
         connection.register("responses", numbered)
         for name, table in _definition_tables(catalog).items():

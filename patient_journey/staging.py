@@ -19,19 +19,15 @@ Each staged table is declared once, by the source that feeds it (``Source.staged
 
 from __future__ import annotations
 
-import atexit
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TypedDict
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from patient_journey.engine import connect
 from patient_journey.prom import score_prom_tables
 
 UNVERSIONED = "CAST(NULL AS TIMESTAMPTZ)"
@@ -156,43 +152,6 @@ LINEAGE = "source_uri, source_offset, run_id"
 # True for a record that is not current: a later version of its id, a deletion, or the same
 # record delivered again (same id and content) replaces it. The pipeline counts and drops these.
 SUPERSEDED = "_superseded"
-
-
-# What one SQL connection of the build may hold in memory before it writes to the spill folder.
-ENGINE_MEMORY_LIMIT = "1GB"
-_spill: dict[str, Path] = {}
-
-
-def use_spill_folder(folder: str | None) -> Path:
-    """The local folder where the build's SQL engine writes what exceeds its memory limit, and
-    where large tables are split in parts (``increments.FlattenedParts``): restricted data, kept
-    only while used. ``folder`` from the settings (JOURNEY_STORAGE__SPILL_DIR); None: a private
-    folder (mode 0700) under the system's temporary folder, made once per process and removed
-    at its exit. (DuckDB's own default is ``.tmp`` in the working directory.)"""
-    if folder:
-        path = Path(folder)
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    elif "default" in _spill:
-        path = _spill["default"]
-    else:
-        path = Path(tempfile.mkdtemp(prefix="patient-journey-spill-"))
-        atexit.register(shutil.rmtree, path, ignore_errors=True)
-        _spill["default"] = path
-    _spill["current"] = path
-    return path
-
-
-def spill_folder() -> Path:
-    return _spill.get("current") or use_spill_folder(None)
-
-
-def connect() -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection for the build: UTC, a memory limit, spilling to the spill folder."""
-    connection = duckdb.connect()
-    connection.execute("SET TimeZone = 'UTC'")
-    connection.execute(f"SET memory_limit = '{ENGINE_MEMORY_LIMIT}'")
-    connection.execute("SET temp_directory = $folder", {"folder": str(spill_folder())})
-    return connection
 
 
 def flatten_sql(spec: StagedTable, relation: str) -> str:
