@@ -121,18 +121,22 @@ def _position_columns(table: pa.Table | pa.RecordBatch, uri: str) -> list[pa.Arr
 
 
 def at_positions(table: pa.Table | pa.RecordBatch, positions: pa.Table, uri: str = "source_uri") -> pa.Array:
-    """Which rows of ``table`` are at one of ``positions`` (its URI column named ``uri``): a hash
-    semi-join on (URI, offset), not a comparison of the two joined as text (a second for a
-    store of 900,000 rows)."""
+    """Which rows of ``table`` are at one of ``positions`` (its URI column named ``uri``): the rows
+    of the positions' inputs first (a set lookup), then a hash semi-join on (URI, offset) of
+    those alone (joining every row: 1.7 s in the 96 calls of a 1% rerun's silver at M; comparing
+    the two as joined text cost a second for one 900,000-row store)."""
     if table.num_rows == 0 or positions.num_rows == 0:
         return pa.array(np.zeros(table.num_rows, dtype=bool))
-    mine = pa.table(
-        [*_position_columns(table, uri), pa.array(np.arange(table.num_rows), pa.int64())],
-        names=["u", "o", "_n"],
-    )
+    uris, offsets = _position_columns(table, uri)
     theirs = pa.table(_position_columns(positions, "source_uri"), names=["u", "o"])
+    inputs = pc.unique(theirs.column("u").combine_chunks())
+    near = pc.is_in(uris, value_set=inputs)
+    if not pc.any(near).as_py():
+        return pa.array(np.zeros(table.num_rows, dtype=bool))
+    numbers = pa.array(np.arange(table.num_rows), pa.int64())
+    mine = pa.table([uris, offsets, numbers], names=["u", "o", "_n"]).filter(near)
     hits = mine.join(theirs, keys=["u", "o"], join_type="left semi").column("_n")
-    return pc.is_in(mine.column("_n"), value_set=hits.combine_chunks())
+    return pc.is_in(numbers, value_set=hits.combine_chunks())
 
 
 def without(positions: pa.Table, others: pa.Table) -> pa.Table:

@@ -1243,7 +1243,7 @@ def build_gold(settings: JourneySettings, run_id: str) -> BuildReport:
 
 # Silver rows per unit of a gold build of every patient (``_bucket_units``): its memory is about
 # that of this many silver rows and the gold rows made of them.
-GOLD_UNIT_ROWS = 1_000_000
+GOLD_UNIT_ROWS = 500_000
 
 
 def _bucket_units(lake: Lake, buckets: int) -> list[set[int] | None]:
