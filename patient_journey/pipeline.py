@@ -986,12 +986,18 @@ class _Staging:
 
     def parts(self, names: list[str]) -> int:
         """In how many parts of its records a silver table's one staged table is built: more than
-        one only for a large table built whole that no identity relation reads whole and that
-        keeps no values across records."""
+        one only for a large table built whole that no identity relation reads whole, that
+        keeps no values across records, and whose suite checks rows one by one (a rule over
+        all rows, such as a unique column, sees the whole table)."""
         if len(names) != 1:
             return 1
         name = names[0]
-        if name in identity_inputs(IDENTITY) or self.specs[name].across_key or not self.whole(name):
+        if (
+            name in identity_inputs(IDENTITY)
+            or self.specs[name].across_key
+            or self.gate.across_rows("staged", name) != []
+            or not self.whole(name)
+        ):
             return 1
         return max(1, math.ceil((self.lake.row_count(flattened(name)) or 0) / STAGE_PART_ROWS))
 

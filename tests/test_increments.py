@@ -368,3 +368,39 @@ def test_a_build_in_parts_of_records_and_patient_buckets_loads_the_same(
     assert in_parts["tables"] == one_load["tables"]
     assert in_parts["counts"] == one_load["counts"]
     assert spill.is_dir() and not any(spill.iterdir())
+
+
+def test_a_table_whose_suite_has_a_rule_over_all_rows_is_not_split_in_parts(
+    cohort: GenerationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unique column is a rule over all rows: parts checked apart would miss a value repeated
+    across two of them, so such a table is built in one piece whatever its size."""
+    suites = tmp_path / "expectations"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "expectations", suites)
+    suite = suites / "staged" / "device_event.json"
+    document = json.loads(suite.read_text())
+    document["expectations"].append(
+        {
+            "type": "expect_column_values_to_be_unique",
+            "kwargs": {"column": "measurement_id"},
+            "meta": {"severity": "warn", "rule": "measurement_id_unique"},
+        }
+    )
+    suite.write_text(json.dumps(document))
+    settings = settings_for(tmp_path / "root", landing=cohort.out / "landing").model_copy(
+        update={"quality": QualitySettings(expectations_dir=suites)}
+    )
+    split: list[str] = []
+    made = pipeline.FlattenedParts
+
+    def counted(lake: Lake, spec: object, count: int) -> object:
+        split.append(spec.name)  # type: ignore[attr-defined]
+        return made(lake, spec, count)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "FlattenedParts", counted)
+    monkeypatch.setattr(pipeline, "STAGE_PART_ROWS", 40)
+    for source in pipeline.SOURCES:
+        pipeline.ingest(settings, source, "run-1")
+    report = pipeline.build_silver(settings, "run-1")
+    assert report.built and "device_event" not in split
+    assert "observation" in split  # row-by-row suites: split as before
