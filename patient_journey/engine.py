@@ -11,7 +11,8 @@ from pathlib import Path
 
 import duckdb
 
-# What one SQL connection of the build may hold in memory before it writes to the spill folder.
+# What the build's DuckDB database (and the linker's own) may hold in memory before it spills to
+# the spill folder; a query that cannot spill fails with an out-of-memory error past it.
 ENGINE_MEMORY_LIMIT = "1GB"
 _spill: dict[str, Path] = {}
 
