@@ -260,7 +260,9 @@ class FlattenedParts:
         version = lake.version(ref)
         if version is None:
             raise ValueError(f"{ref.label} does not exist")
-        connection = connect()
+        # A database of its own: these settings are the database's, and insertion order must
+        # hold for every other query of the build.
+        connection = connect(private=True)
         try:
             # Rows buffered per part before they are written (DuckDB's default, 524,288 rows per
             # part, held the whole of M's device events at once).

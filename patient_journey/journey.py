@@ -265,9 +265,12 @@ def build_journey(
     parts: Sequence[JourneyParts],
     skew_tolerance_seconds: int = 900,
     catalog: Catalog | None = None,
+    with_device_clock: bool = True,
 ) -> dict[str, pa.Table]:
     """Gold tables from the silver tables (all of them must be present, empty or not) and what
-    each source adds (``parts``: the plug-ins' ``journey``, in plug-in order)."""
+    each source adds (``parts``: the plug-ins' ``journey``, in plug-in order). Without
+    device_clock if not ``with_device_clock``: a build of some patients' rows makes it from
+    every patient's device events instead (``device_clock``)."""
     parts = [*parts, SHARED_PARTS]
     connection = connect()
     for name, table in silver.items():
@@ -285,8 +288,10 @@ def build_journey(
     events = _union([s for part in parts for s in part.events], EVENT_COLUMNS)
     events_table = connection.sql(EVENT_SQL.replace("{events}", events)).to_arrow_table()
     connection.close()
-    clock = device_clock(silver["device_event"], skew_tolerance_seconds)
-    return {"surgical_episode": episode, "journey_event": events_table, "device_clock": clock}
+    tables = {"surgical_episode": episode, "journey_event": events_table}
+    if with_device_clock:
+        tables["device_clock"] = device_clock(silver["device_event"], skew_tolerance_seconds)
+    return tables
 
 
 DEVICE_CLOCK_COLUMNS = ["device_type", "device_key", "event_time", "enqueued_time"]
